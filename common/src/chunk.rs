@@ -1,0 +1,242 @@
+//! The image's framing: a file head, then a sequence of checksummed chunks.
+//!
+//! ```text
+//! image  := file-head chunk*                         (the last chunk is End; no End = truncated)
+//! head   := "\x7fVOSIMG\n" version:u32 flags:u32      (16 bytes)
+//! chunk  := chunk-head payload
+//! chunk-head := magic:u32 kind:u32 seq:u64 len:u64 payload_hash:u64 head_hash:u64   (40 bytes, little endian)
+//! ```
+//! `seq` counts chunks from 0, so a lost or repeated chunk is caught; `head_hash` covers the first 32 bytes of
+//! the head and `payload_hash` the payload (xxh3). Everything is written and read strictly forward, so the same
+//! code works on a file, a pipe and a socket. A Pages payload is a run table followed by the runs' bytes:
+//! `nruns:u32 0:u32 (addr:u64 len:u64)*nruns data`. Metadata payloads are MessagePack (see `image`).
+//!
+//! This module is `no_std`: the restorer reads page chunks with it.
+
+use crate::sys::Errno;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+pub const FILE_MAGIC: [u8; 8] = *b"\x7fVOSIMG\n";
+/// Bumped on any incompatible change; a reader refuses other versions.
+pub const FORMAT_VERSION: u32 = 1;
+pub const FILE_HEAD_LEN: usize = 16;
+pub const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"VCHK");
+pub const CHUNK_HEAD_LEN: usize = 40;
+/// Largest payload a reader accepts; a larger length means a corrupt head.
+pub const MAX_PAYLOAD: u64 = 64 << 20;
+/// Page data per Pages chunk: small enough that hashing and writing see it in cache.
+pub const PAGES_PER_CHUNK: usize = 256;
+pub const MAX_RUNS: u32 = PAGES_PER_CHUNK as u32;
+pub const PAGE: usize = 4096;
+
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// MessagePack `image::ImageHeader`: host, job, format facts.
+    Header = 1,
+    /// MessagePack `image::ProcessImage`: one process's threads, memory map, fds, signals...
+    Process = 2,
+    /// Page data of the process before it.
+    Pages = 3,
+    /// MessagePack `image::ProcessSummary`: what was stored per region.
+    ProcessEnd = 4,
+    /// Last chunk: `chunks:u64`, the number of chunks before it.
+    End = 5,
+}
+
+impl Kind {
+    pub fn from_u32(v: u32) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Header,
+            2 => Kind::Process,
+            3 => Kind::Pages,
+            4 => Kind::ProcessEnd,
+            5 => Kind::End,
+            _ => return None,
+        })
+    }
+}
+
+/// Why an image is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageError {
+    /// The stream ended inside the named part.
+    Truncated(&'static str),
+    /// Not a vOS image at all.
+    NotAnImage,
+    /// A vOS image of another format version.
+    Version(u32),
+    /// A chunk head does not match its checksum (chunk number `seq` expected there).
+    HeadCorrupt { seq: u64 },
+    /// A chunk's payload does not match its checksum.
+    PayloadCorrupt { seq: u64 },
+    /// Chunks are missing or repeated.
+    Sequence { expected: u64, found: u64 },
+    /// A chunk of an unexpected kind.
+    UnexpectedKind { seq: u64, found: u32, wanted: &'static str },
+    /// A length or address out of bounds.
+    Malformed { seq: u64, what: &'static str },
+    Io(Errno),
+}
+
+impl core::fmt::Display for ImageError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ImageError::Truncated(what) => write!(f, "image is truncated (it ends inside the {what})"),
+            ImageError::NotAnImage => write!(f, "not a vOS image (bad magic)"),
+            ImageError::Version(v) => {
+                write!(f, "image format version {v} is not supported (this vrun reads version {FORMAT_VERSION})")
+            }
+            ImageError::HeadCorrupt { seq } => write!(f, "image is corrupt: chunk {seq} has a bad header checksum"),
+            ImageError::PayloadCorrupt { seq } => write!(f, "image is corrupt: chunk {seq} fails its checksum"),
+            ImageError::Sequence { expected, found } => {
+                write!(f, "image is corrupt: chunk {found} found where chunk {expected} belongs")
+            }
+            ImageError::UnexpectedKind { seq, found, wanted } => {
+                write!(f, "image is corrupt: chunk {seq} is of kind {found}, expected {wanted}")
+            }
+            ImageError::Malformed { seq, what } => write!(f, "image is corrupt: chunk {seq}: {what}"),
+            ImageError::Io(e) => write!(f, "reading the image failed: {e}"),
+        }
+    }
+}
+
+/// Encode the file head.
+pub fn file_head() -> [u8; FILE_HEAD_LEN] {
+    let mut b = [0u8; FILE_HEAD_LEN];
+    b[..8].copy_from_slice(&FILE_MAGIC);
+    b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b
+}
+
+/// Check a file head.
+pub fn check_file_head(b: &[u8; FILE_HEAD_LEN]) -> Result<(), ImageError> {
+    if b[..8] != FILE_MAGIC {
+        return Err(ImageError::NotAnImage);
+    }
+    let v = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    if v != FORMAT_VERSION {
+        return Err(ImageError::Version(v));
+    }
+    Ok(())
+}
+
+/// A decoded, verified chunk head.
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkHead {
+    pub kind: Kind,
+    pub seq: u64,
+    pub len: u64,
+    pub payload_hash: u64,
+}
+
+impl ChunkHead {
+    pub fn encode(&self) -> [u8; CHUNK_HEAD_LEN] {
+        let mut b = [0u8; CHUNK_HEAD_LEN];
+        b[0..4].copy_from_slice(&CHUNK_MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&(self.kind as u32).to_le_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.len.to_le_bytes());
+        b[24..32].copy_from_slice(&self.payload_hash.to_le_bytes());
+        let h = xxh3_64(&b[..32]);
+        b[32..40].copy_from_slice(&h.to_le_bytes());
+        b
+    }
+
+    /// Decode and verify a head that should be chunk number `expected_seq`.
+    pub fn decode(b: &[u8; CHUNK_HEAD_LEN], expected_seq: u64) -> Result<ChunkHead, ImageError> {
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        if u32_at(0) != CHUNK_MAGIC || u64_at(32) != xxh3_64(&b[..32]) {
+            return Err(ImageError::HeadCorrupt { seq: expected_seq });
+        }
+        let seq = u64_at(8);
+        if seq != expected_seq {
+            return Err(ImageError::Sequence { expected: expected_seq, found: seq });
+        }
+        let kind = Kind::from_u32(u32_at(4)).ok_or(ImageError::Malformed { seq, what: "unknown chunk kind" })?;
+        let len = u64_at(16);
+        if len > MAX_PAYLOAD {
+            return Err(ImageError::Malformed { seq, what: "payload length too large" });
+        }
+        Ok(ChunkHead { kind, seq, len, payload_hash: u64_at(24) })
+    }
+}
+
+/// One run of pages in a Pages chunk: `len` bytes at `addr`, both page aligned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageRun {
+    pub addr: u64,
+    pub len: u64,
+}
+
+pub const RUN_LEN: usize = 16;
+
+impl PageRun {
+    pub fn encode(&self) -> [u8; RUN_LEN] {
+        let mut b = [0u8; RUN_LEN];
+        b[..8].copy_from_slice(&self.addr.to_le_bytes());
+        b[8..].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+    pub fn decode(b: &[u8]) -> PageRun {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[..8]);
+        let addr = u64::from_le_bytes(a);
+        a.copy_from_slice(&b[8..16]);
+        PageRun { addr, len: u64::from_le_bytes(a) }
+    }
+}
+
+/// The payload hash of a Pages chunk, fed piece by piece.
+pub struct PayloadHasher(Xxh3);
+
+impl Default for PayloadHasher {
+    fn default() -> Self {
+        PayloadHasher(Xxh3::new())
+    }
+}
+
+impl PayloadHasher {
+    pub fn update(&mut self, b: &[u8]) {
+        self.0.update(b)
+    }
+    pub fn finish(&self) -> u64 {
+        self.0.digest()
+    }
+}
+
+/// Hash of a whole payload held in one buffer; equal to feeding it to a [`PayloadHasher`].
+pub fn payload_hash(b: &[u8]) -> u64 {
+    xxh3_64(b)
+}
+
+/// Something chunks are read from, strictly forward.
+pub trait Source {
+    /// Fill `buf` completely; `Err(None)` at end of stream before the first byte or inside the buffer.
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), Option<Errno>>;
+}
+
+/// Read and verify the next chunk head.
+pub fn read_head<S: Source>(src: &mut S, expected_seq: u64) -> Result<ChunkHead, ImageError> {
+    let mut b = [0u8; CHUNK_HEAD_LEN];
+    src.read_exact(&mut b).map_err(|e| e.map_or(ImageError::Truncated("chunk list"), ImageError::Io))?;
+    ChunkHead::decode(&b, expected_seq)
+}
+
+/// Read a file head from `src` and check it.
+pub fn read_file_head<S: Source>(src: &mut S) -> Result<(), ImageError> {
+    let mut b = [0u8; FILE_HEAD_LEN];
+    src.read_exact(&mut b).map_err(|e| e.map_or(ImageError::NotAnImage, ImageError::Io))?;
+    check_file_head(&b)
+}
+
+/// End chunk payload.
+pub fn end_payload(chunks_before: u64) -> [u8; 8] {
+    chunks_before.to_le_bytes()
+}

@@ -1,0 +1,295 @@
+//! The image's metadata: named-field MessagePack structures, so later versions can add fields.
+//!
+//! One place for each fact: the shim fills these at checkpoint, the launcher checks and plans from them, the
+//! shim's restart code reads them back, `vrun inspect` prints them.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// The first chunk: what made the image and on what host.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct ImageHeader {
+    pub vrun_version: String,
+    pub created_unix_ns: u64,
+    pub host: HostInfo,
+    pub job: JobInfo,
+    /// "request", "signal", "interval".
+    pub reason: String,
+    pub processes: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostInfo {
+    pub hostname: String,
+    pub arch: String,
+    pub kernel: String,
+    pub glibc: String,
+    pub cpu: CpuInfo,
+    pub vdso: VdsoInfo,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct CpuInfo {
+    pub vendor: String,
+    /// XCR0: the XSAVE features the OS enabled, hence what a thread's saved FPU state may contain.
+    pub xcr0: u64,
+    /// Bytes of XSAVE state for those features (CPUID 0xD.0 EBX).
+    pub xsave_size: u32,
+}
+
+/// Identity of the kernel's vDSO and the layout of the special mappings around it.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct VdsoInfo {
+    /// xxh3 of the vDSO's bytes.
+    pub hash: u64,
+    pub build_id: String,
+    pub vdso_len: u64,
+    pub vvar_len: u64,
+    pub vvar_vclock_len: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct JobInfo {
+    pub name: String,
+    pub argv: Vec<String>,
+    pub started_unix_ns: u64,
+}
+
+/// Identity of a file a job uses, checked again before restore.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileId {
+    pub path: String,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// GNU build-id of an ELF file (hex), when it has one.
+    pub build_id: Option<String>,
+}
+
+/// One process of the job.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct ProcessImage {
+    pub pid: i32,
+    pub ppid: i32,
+    pub comm: String,
+    pub argv: Vec<String>,
+    pub exe: FileId,
+    pub threads: Vec<ThreadImage>,
+    pub regions: Vec<Region>,
+    pub fds: Vec<FdImage>,
+    pub signals: SignalImage,
+    pub attrs: ProcessAttrs,
+    pub mm: MmImage,
+    pub shim: ShimImage,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct ThreadImage {
+    pub tid: i32,
+    pub comm: String,
+    /// TLS pointer (FS base).
+    pub fs_base: u64,
+    /// Stack pointer of the shim's saved frame: the thread resumes there at restore.
+    pub park_rsp: u64,
+    /// glibc's CLONE_CHILD_CLEARTID word (pthread_join waits on it).
+    pub clear_child_tid: u64,
+    pub robust_list: u64,
+    pub robust_len: u64,
+    pub rseq: Option<Rseq>,
+    /// Registers of the interrupted code (for `inspect`; the full state is in the signal frame on its stack).
+    pub rip: u64,
+    pub rsp: u64,
+    pub sigmask: u64,
+    pub altstack: Option<AltStack>,
+    /// Signals queued for this thread only (raw 128-byte siginfo).
+    pub pending: Vec<ByteBuf>,
+    pub xfeatures: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rseq {
+    pub area: u64,
+    pub len: u32,
+    pub sig: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AltStack {
+    pub sp: u64,
+    pub size: u64,
+    pub flags: i32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RegionKind {
+    #[default]
+    Anon,
+    Heap,
+    Stack,
+    File,
+    /// MAP_SHARED anonymous memory (or /dev/zero).
+    SharedAnon,
+    Vdso,
+    Vvar,
+    VvarVclock,
+}
+
+/// How a region's contents travel.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub enum Contents {
+    /// Touched pages follow in Pages chunks (private memory, COW copies of file pages).
+    #[default]
+    Pages,
+    /// Everything comes from the mapped file (shared file mappings).
+    File,
+    /// Nothing to store: the kernel provides it (vDSO) or it is never readable (guard).
+    Nothing,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct Region {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: u32,
+    pub shared: bool,
+    pub kind: RegionKind,
+    /// The name /proc/PID/maps shows (a path, "[heap]", "[anon:NAME]", ...).
+    pub name: String,
+    pub offset: u64,
+    pub file: Option<FileId>,
+    /// VmFlags of /proc/PID/smaps that restore must reproduce (see `VMF_*`).
+    pub vmflags: u32,
+    pub contents: Contents,
+}
+
+pub const VMF_GROWSDOWN: u32 = 1;
+pub const VMF_DONTFORK: u32 = 2;
+pub const VMF_WIPEONFORK: u32 = 4;
+pub const VMF_DONTDUMP: u32 = 8;
+pub const VMF_HUGEPAGE: u32 = 16;
+pub const VMF_NOHUGEPAGE: u32 = 32;
+pub const VMF_MERGEABLE: u32 = 64;
+pub const VMF_LOCKED: u32 = 128;
+
+/// What was stored of each region (written after the pages, so the writer can count).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct ProcessSummary {
+    pub regions: Vec<RegionSummary>,
+    pub bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default)]
+pub struct RegionSummary {
+    /// Pages stored in the image.
+    pub stored: u64,
+    /// Touched pages found to hold only zeros: not stored, restored as zero.
+    pub zero: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct FdImage {
+    pub fd: i32,
+    /// Access mode and status flags (O_RDWR, O_APPEND, O_NONBLOCK...), as fcntl(F_GETFL) has them.
+    pub flags: i32,
+    pub cloexec: bool,
+    pub pos: u64,
+    pub kind: FdKind,
+    /// An earlier fd of this process sharing the same open file description (dup'ed).
+    pub dup_of: Option<i32>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub enum FdKind {
+    #[default]
+    Unknown,
+    /// A regular file, reopened by path at its offset.
+    File { file: FileId },
+    Dir { path: String },
+    /// /dev/null, /dev/zero, /dev/urandom...: reopened by path.
+    Device { path: String },
+    /// A terminal: re-bound at restore to the terminal of `vrun restore` (`stream` 0, 1 or 2 says which).
+    Terminal { path: String, stream: u8 },
+    /// A pipe or socket to a process outside the job on a standard stream: re-bound to `vrun restore`'s own.
+    OutsideStream { what: String, stream: u8 },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct SignalImage {
+    /// Kernel dispositions of signals 1..=64, index = signal - 1.
+    pub actions: Vec<SigAction>,
+    /// Signals queued for the whole process (raw 128-byte siginfo).
+    pub pending: Vec<ByteBuf>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SigAction {
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct ProcessAttrs {
+    pub cwd: String,
+    pub umask: u32,
+    pub rlimits: Vec<Rlimit>,
+    pub hostname: String,
+    pub domainname: String,
+    /// The pid namespace's last allocated pid, so new pids continue where they would have.
+    pub ns_last_pid: i32,
+    /// CLOCK_MONOTONIC and CLOCK_BOOTTIME as the job saw them at the checkpoint instant.
+    pub monotonic_ns: u64,
+    pub boottime_ns: u64,
+    pub dumpable: i32,
+    pub pdeath_sig: i32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub cur: u64,
+    pub max: u64,
+}
+
+/// The mm fields the kernel keeps per process (PR_SET_MM_MAP restores them).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct MmImage {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    pub auxv: ByteBuf,
+}
+
+/// Where the shim's restart code is (the shim is mapped at the same address after restore).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct ShimImage {
+    pub restart_entry: u64,
+    pub restart_stack_top: u64,
+}
+
+/// What the launcher hands the shim's restart code (through the plan's blob).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct RestartSpec {
+    pub process: ProcessImage,
+    /// `vrun restore`'s stdin, stdout, stderr, moved to these fds.
+    pub stdio: [i32; 3],
+    /// Temporary fds the restart code must close when done.
+    pub close: Vec<i32>,
+    /// Control socket to the launcher.
+    pub ctl_fd: i32,
+    /// The launcher's control socket name, for later checkpoints.
+    pub sock: String,
+}

@@ -1,0 +1,143 @@
+//! The restorer's input: a flat, `#[repr(C)]` plan the launcher derives from a verified image.
+//!
+//! The restorer is freestanding (no allocator, no MessagePack), so the launcher does all parsing and checking and
+//! hands over only what to map where. Layout of the plan buffer: `PlanHead`, then `nmaps` `MapOp`s, then a blob
+//! area addressed by offsets (auxv bytes, vma names, and the shim's restart spec, opaque to the restorer).
+
+pub const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"VOSPLAN1");
+/// The restorer's own fixed address range; the shim keeps it reserved in every job so it is free in every image.
+pub const WINDOW_START: u64 = 0x2000_0000_0000;
+pub const WINDOW_LEN: u64 = 64 << 20;
+pub const WINDOW_END: u64 = WINDOW_START + WINDOW_LEN;
+/// Largest plan the restorer accepts (it reads it into its own bss).
+pub const MAX_PLAN: usize = 16 << 20;
+
+/// The kernel's `struct prctl_mm_map` (PR_SET_MM_MAP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrctlMmMap {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    pub auxv: u64,
+    pub auxv_size: u32,
+    pub exe_fd: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlanHead {
+    pub magic: u64,
+    pub nmaps: u32,
+    /// Image stream, positioned at this process's first Pages chunk.
+    pub image_fd: i32,
+    /// Control socket to the launcher; handed on to the shim.
+    pub ctl_fd: i32,
+    /// Executable for /proc/self/exe (-1: leave).
+    pub exe_fd: i32,
+    /// Sequence number of the first chunk the restorer reads.
+    pub first_seq: u64,
+    /// Where the vvar/vdso block goes (0: none), and where its vDSO text then lies (checked).
+    pub vdso_addr: u64,
+    pub vdso_text: u64,
+    pub mm: PrctlMmMap,
+    pub auxv_off: u64,
+    pub auxv_len: u64,
+    /// The shim's restart function, its stack, and its argument (blob offset and length).
+    pub restart_entry: u64,
+    pub restart_stack_top: u64,
+    pub blob_off: u64,
+    pub blob_len: u64,
+    pub total_len: u64,
+}
+
+/// Map nothing but reserve: the region gets no data and stays PROT_NONE-like as given by `prot`.
+pub const OP_FILL: u32 = 1;
+/// The region gets MAP_GROWSDOWN (a main stack).
+pub const OP_GROWSDOWN: u32 = 2;
+
+/// One region to recreate at its original address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MapOp {
+    pub addr: u64,
+    pub len: u64,
+    /// File offset (file mappings).
+    pub offset: u64,
+    /// Final protection (PROT_*); the region is writable while page data arrives.
+    pub prot: u32,
+    /// MAP_PRIVATE / MAP_SHARED / MAP_ANONYMOUS.
+    pub flags: u32,
+    /// File to map, -1 for anonymous.
+    pub fd: i32,
+    /// OP_* bits.
+    pub op: u32,
+    /// Anonymous vma name ("[anon:NAME]") in the blob, NUL-terminated; len 0 = none.
+    pub name_off: u64,
+    pub name_len: u64,
+    /// madvise() advice to apply after mapping, as bits of `ADVICE`.
+    pub advice: u32,
+    pub _pad: u32,
+}
+
+/// Advice bits for `MapOp::advice`, in order; bit i means madvise(ADVICE[i]).
+pub const ADVICE: [i32; 6] = [
+    libc::MADV_DONTFORK,
+    libc::MADV_WIPEONFORK,
+    libc::MADV_DONTDUMP,
+    libc::MADV_HUGEPAGE,
+    libc::MADV_NOHUGEPAGE,
+    libc::MADV_MERGEABLE,
+];
+
+pub const REPORT_MAGIC: u32 = u32::from_le_bytes(*b"VRPT");
+pub const REPORT_OK: u32 = 0;
+pub const REPORT_FAILED: u32 = 1;
+
+/// What the restorer tells the launcher once page data is in place (or why it gave up).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RestorerReport {
+    pub magic: u32,
+    pub status: u32,
+    /// The sequence number of the next chunk in the stream, which the launcher reads on.
+    pub next_seq: u64,
+    pub pages: u64,
+    pub msg: [u8; 240],
+}
+
+impl RestorerReport {
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: repr(C) plain data without padding holes that matter; read-only view.
+        unsafe { core::slice::from_raw_parts(self as *const Self as *const u8, core::mem::size_of::<Self>()) }
+    }
+    pub fn from_bytes(b: &[u8]) -> Option<RestorerReport> {
+        if b.len() != core::mem::size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: length checked; every bit pattern is a valid RestorerReport; read_unaligned copies.
+        let r: RestorerReport = unsafe { core::ptr::read_unaligned(b.as_ptr() as *const RestorerReport) };
+        (r.magic == REPORT_MAGIC).then_some(r)
+    }
+    pub fn message(&self) -> &str {
+        let n = self.msg.iter().position(|&c| c == 0).unwrap_or(self.msg.len());
+        core::str::from_utf8(&self.msg[..n]).unwrap_or("(unreadable message)")
+    }
+}
+
+/// View a plain-data value as bytes (for building the plan).
+///
+/// # Safety
+/// `T` must be `repr(C)` plain data.
+pub unsafe fn bytes_of<T>(v: &T) -> &[u8] {
+    // SAFETY: forwarded contract.
+    unsafe { core::slice::from_raw_parts(v as *const T as *const u8, core::mem::size_of::<T>()) }
+}

@@ -1,0 +1,48 @@
+//! `vrun checkpoint`: ask a job's supervisor for a checkpoint and wait for the answer.
+
+use crate::runtime;
+use anyhow::{Result, anyhow, bail};
+use std::time::Instant;
+use vos::proto::{self, Msg};
+
+pub struct Args {
+    pub name: Option<String>,
+    pub kill: bool,
+    /// A path, "-" for standard output, or None for the job's directory.
+    pub to: Option<String>,
+    pub quiet: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let job = runtime::find(a.name.as_deref())?;
+    let sock = proto::connect(&job.sock).map_err(|e| anyhow!("cannot reach the supervisor of job {}: {e}", job.name))?;
+    let to_stdout = a.to.as_deref() == Some("-");
+    let to = match a.to.as_deref() {
+        None | Some("-") => None,
+        Some(p) => Some(std::path::absolute(p)?.display().to_string()),
+    };
+    let start = Instant::now();
+    proto::send(sock, &Msg::Checkpoint { kill: a.kill, to, fd_attached: to_stdout }, to_stdout.then_some(1))
+        .map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
+    let answer = proto::recv(sock);
+    let _ = vos::sys::close(sock);
+    match answer {
+        Ok(Some((Msg::CheckpointDone { path, .. }, _))) => {
+            let ms = start.elapsed().as_millis();
+            match path {
+                Some(p) => {
+                    if !a.quiet {
+                        eprintln!("vrun: checkpoint of {} took {ms} ms", job.name);
+                    }
+                    println!("{p}");
+                }
+                None if !a.quiet => eprintln!("vrun: checkpoint of {} written to standard output in {ms} ms", job.name),
+                None => {}
+            }
+            Ok(())
+        }
+        Ok(Some((Msg::CheckpointFailed { why }, _))) => bail!("checkpoint of {} failed: {why}", job.name),
+        Ok(_) => bail!("the supervisor of {} went away", job.name),
+        Err(e) => bail!("talking to the supervisor: {e}"),
+    }
+}

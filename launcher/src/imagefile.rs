@@ -1,0 +1,216 @@
+//! Reading and writing image streams from the launcher (files, pipes, sockets): strictly forward, unbuffered,
+//! so the restorer can take over the very same fd at the first page chunk.
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::de::DeserializeOwned;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use vos::chunk::{self, ChunkHead, ImageError, Kind};
+use vos::image::{ImageHeader, ProcessImage, ProcessSummary};
+use vos::sys::Errno;
+
+pub const EXT: &str = "vimg";
+
+/// An image being read.
+pub struct Reader {
+    pub file: File,
+    /// Number of the next chunk.
+    pub seq: u64,
+    /// Where it comes from, for messages.
+    pub name: String,
+}
+
+struct Src<'a>(&'a mut File);
+
+impl chunk::Source for Src<'_> {
+    fn read_exact(&mut self, buf: &mut [u8]) -> std::result::Result<(), Option<Errno>> {
+        let mut n = 0;
+        while n < buf.len() {
+            match self.0.read(&mut buf[n..]) {
+                Ok(0) => return Err(None),
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Some(Errno(e.raw_os_error().unwrap_or(libc::EIO)))),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn img_err(e: ImageError) -> anyhow::Error {
+    anyhow!("{e}")
+}
+
+impl Reader {
+    /// Open an image: a file, a directory (its newest complete image), or "-" (standard input).
+    pub fn open(src: &str) -> Result<Reader> {
+        let (file, name) = if src == "-" {
+            // SAFETY: dup of our own stdin, owned by the File from here on.
+            let fd = unsafe { libc::dup(0) };
+            if fd < 0 {
+                bail!("cannot use standard input: {}", std::io::Error::last_os_error());
+            }
+            // SAFETY: fd was just created and is owned by nobody else.
+            (unsafe { File::from_raw_fd(fd) }, "standard input".to_string())
+        } else {
+            let p = Path::new(src);
+            let path = if p.is_dir() { newest_in(p)? } else { p.to_path_buf() };
+            let f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            (f, path.display().to_string())
+        };
+        let mut r = Reader { file, seq: 0, name };
+        r.check_end_first()?;
+        chunk::read_file_head(&mut Src(&mut r.file)).map_err(|e| anyhow!("{}: {e}", r.name))?;
+        Ok(r)
+    }
+
+    /// A seekable image must end with its End chunk; find truncation before anything else is read.
+    fn check_end_first(&mut self) -> Result<()> {
+        let Ok(len) = self.file.seek(SeekFrom::End(0)) else { return Ok(()) };
+        let tail = (chunk::CHUNK_HEAD_LEN + 8) as u64;
+        if len < (chunk::FILE_HEAD_LEN as u64) + tail {
+            self.file.seek(SeekFrom::Start(0))?;
+            let mut head = [0u8; chunk::FILE_HEAD_LEN];
+            if len < chunk::FILE_HEAD_LEN as u64 || self.file.read_exact(&mut head).is_err() {
+                bail!("{}: {}", self.name, ImageError::NotAnImage);
+            }
+            chunk::check_file_head(&head).map_err(|e| anyhow!("{}: {e}", self.name))?;
+            bail!("{}: {}", self.name, ImageError::Truncated("chunk list"));
+        }
+        self.file.seek(SeekFrom::Start(len - tail))?;
+        let mut b = [0u8; chunk::CHUNK_HEAD_LEN + 8];
+        self.file.read_exact(&mut b)?;
+        self.file.seek(SeekFrom::Start(0))?;
+        let mut head = [0u8; chunk::FILE_HEAD_LEN];
+        self.file.read_exact(&mut head)?;
+        chunk::check_file_head(&head).map_err(|e| anyhow!("{}: {e}", self.name))?;
+        self.file.seek(SeekFrom::Start(0))?;
+        let h: [u8; chunk::CHUNK_HEAD_LEN] = b[..chunk::CHUNK_HEAD_LEN].try_into().unwrap();
+        let seq = u64::from_le_bytes(h[8..16].try_into().unwrap());
+        match ChunkHead::decode(&h, seq) {
+            Ok(c) if c.kind == Kind::End && c.len == 8 && u64::from_le_bytes(b[40..48].try_into().unwrap()) == seq => Ok(()),
+            _ => bail!("{}: {}", self.name, ImageError::Truncated("last chunk (no end marker)")),
+        }
+    }
+
+    pub fn head(&mut self) -> Result<ChunkHead> {
+        chunk::read_head(&mut Src(&mut self.file), self.seq).map_err(|e| anyhow!("{}: {e}", self.name))
+    }
+
+    /// Read a chunk's payload and check it.
+    pub fn payload(&mut self, h: &ChunkHead) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; h.len as usize];
+        chunk::Source::read_exact(&mut Src(&mut self.file), &mut buf)
+            .map_err(|e| img_err(e.map_or(ImageError::Truncated("chunk payload"), ImageError::Io)))
+            .with_context(|| self.name.clone())?;
+        if chunk::payload_hash(&buf) != h.payload_hash {
+            bail!("{}: {}", self.name, ImageError::PayloadCorrupt { seq: h.seq });
+        }
+        self.seq += 1;
+        Ok(buf)
+    }
+
+    /// The next chunk, which must be of kind `kind`, decoded from MessagePack.
+    pub fn meta<T: DeserializeOwned>(&mut self, kind: Kind, what: &'static str) -> Result<T> {
+        let h = self.head()?;
+        if h.kind != kind {
+            bail!("{}: {}", self.name, ImageError::UnexpectedKind { seq: h.seq, found: h.kind as u32, wanted: what });
+        }
+        let p = self.payload(&h)?;
+        rmp_serde::from_slice(&p).map_err(|e| anyhow!("{}: {what} (chunk {}) cannot be decoded: {e}", self.name, h.seq))
+    }
+
+    pub fn header(&mut self) -> Result<ImageHeader> {
+        self.meta(Kind::Header, "the image header")
+    }
+
+    pub fn process(&mut self) -> Result<ProcessImage> {
+        self.meta(Kind::Process, "process metadata")
+    }
+
+    /// Skip over a process's page chunks (verifying them) and return its summary.
+    pub fn skip_pages(&mut self) -> Result<(ProcessSummary, u64)> {
+        let mut pages = 0u64;
+        loop {
+            let h = self.head()?;
+            match h.kind {
+                Kind::Pages => {
+                    let p = self.payload(&h)?;
+                    let n = u32::from_le_bytes(p[..4].try_into().unwrap()) as usize;
+                    pages += ((p.len() - 8 - n * chunk::RUN_LEN) / chunk::PAGE) as u64;
+                }
+                Kind::ProcessEnd => {
+                    let p = self.payload(&h)?;
+                    let s = rmp_serde::from_slice(&p).map_err(|e| anyhow!("{}: process summary: {e}", self.name))?;
+                    return Ok((s, pages));
+                }
+                k => bail!("{}: {}", self.name, ImageError::UnexpectedKind { seq: h.seq, found: k as u32, wanted: "page data" }),
+            }
+        }
+    }
+
+    /// The End chunk: nothing may be missing before it.
+    pub fn end(&mut self) -> Result<()> {
+        let h = self.head()?;
+        if h.kind != Kind::End {
+            bail!("{}: {}", self.name, ImageError::UnexpectedKind { seq: h.seq, found: h.kind as u32, wanted: "the end marker" });
+        }
+        let p = self.payload(&h)?;
+        if p.len() != 8 || u64::from_le_bytes(p[..8].try_into().unwrap()) != h.seq {
+            bail!("{}: {}", self.name, ImageError::Malformed { seq: h.seq, what: "end marker counts the wrong number of chunks" });
+        }
+        Ok(())
+    }
+
+    pub fn raw_fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+}
+
+/// The newest complete image in a directory (temporary and hidden files are never complete).
+pub fn newest_in(dir: &Path) -> Result<PathBuf> {
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !name.ends_with(&format!(".{EXT}")) {
+            continue;
+        }
+        let t = e.metadata()?.modified()?;
+        if best.as_ref().is_none_or(|(bt, bp)| t > *bt || (t == *bt && e.path() > *bp)) {
+            best = Some((t, e.path()));
+        }
+    }
+    best.map(|(_, p)| p).ok_or_else(|| anyhow!("no image (*.{EXT}) in {}", dir.display()))
+}
+
+/// Writes the launcher's parts of an image (file head, header, end) on the stream the shims write to.
+pub struct Writer {
+    pub file: File,
+}
+
+impl Writer {
+    pub fn new(fd: OwnedFd) -> Writer {
+        Writer { file: File::from(fd) }
+    }
+
+    pub fn start(&mut self, header: &ImageHeader) -> Result<u64> {
+        self.file.write_all(&chunk::file_head())?;
+        let payload = rmp_serde::to_vec_named(header)?;
+        self.chunk(Kind::Header, 0, &payload)?;
+        Ok(1)
+    }
+
+    pub fn chunk(&mut self, kind: Kind, seq: u64, payload: &[u8]) -> Result<()> {
+        let head = ChunkHead { kind, seq, len: payload.len() as u64, payload_hash: chunk::payload_hash(payload) };
+        self.file.write_all(&head.encode())?;
+        self.file.write_all(payload)?;
+        Ok(())
+    }
+
+    pub fn end(&mut self, seq: u64) -> Result<()> {
+        self.chunk(Kind::End, seq, &chunk::end_payload(seq))
+    }
+}

@@ -1,0 +1,271 @@
+//! vrun: run a program under vOS, checkpoint it, restore it, inspect its images.
+
+mod client;
+mod host;
+mod imagefile;
+mod inspect;
+mod ns;
+mod restore;
+mod runtime;
+mod supervisor;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const AFTER_HELP: &str = "\
+Trigger signals (changeable with --checkpoint-signal / --exit-signal):
+  SIGRTMAX-1  checkpoint the job and let it go on      (kill -s RTMAX-1 PID)
+  SIGRTMAX-2  checkpoint the job, then end it          (for schedulers: \"migrate me away\")
+The job never sees these signals; its own use of them is virtualized.
+
+Exit status: the job's own; 75 when the job was checkpointed and stopped (restore it to go on).
+
+Examples:
+  vrun --name calc --dir /tmp/imgs python3 long_job.py
+  vrun list
+  vrun checkpoint calc                      # prints the image's path
+  vrun checkpoint calc --kill               # image, then the job ends
+  vrun restore /tmp/imgs                    # the newest complete image in the directory
+  vrun checkpoint calc --kill --to - | ssh other vrun restore -
+  vrun inspect /tmp/imgs/calc-20261122-101500-1.vimg";
+
+#[derive(Parser)]
+#[command(name = "vrun", version, about = "Run unmodified Linux programs so they can be checkpointed, restored and moved",
+    after_help = AFTER_HELP, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// How a job is supervised (launch and restore alike).
+#[derive(Args, Clone)]
+struct JobArgs {
+    /// Name of the job (default: the program's name; made unique among running jobs)
+    #[arg(long)]
+    name: Option<String>,
+    /// Where checkpoint images go (default: the current directory)
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Take a checkpoint every SECS seconds, keeping the last --keep images
+    #[arg(long, value_name = "SECS")]
+    interval: Option<f64>,
+    /// How many periodic images to keep
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+    /// Signal that asks for a checkpoint (a number, RTMAX-n or RTMIN+n)
+    #[arg(long, value_name = "SIG", default_value = "RTMAX-1", value_parser = parse_signal)]
+    checkpoint_signal: i32,
+    /// Signal that asks for a checkpoint and then the job's end
+    #[arg(long, value_name = "SIG", default_value = "RTMAX-2", value_parser = parse_signal)]
+    exit_signal: i32,
+    /// Say nothing on stderr except errors
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    /// The program to run, and its arguments
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "PROGRAM [ARGS]")]
+    program: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run PROGRAM under vOS (the default when the first word is not a command)
+    Run(RunArgs),
+    /// List running jobs
+    List,
+    /// Checkpoint a running job; prints the image's path
+    #[command(after_help = "Examples:\n  vrun checkpoint calc\n  vrun checkpoint calc --kill --to /tmp/calc.vimg\n  vrun checkpoint calc --kill --to - | ssh other vrun restore -")]
+    Checkpoint {
+        /// The job (may be left out when only one runs)
+        name: Option<String>,
+        /// End the job once the image is safely written
+        #[arg(long)]
+        kill: bool,
+        /// Write the image to this file, or "-" for standard output (default: a new file in the job's --dir)
+        #[arg(long, value_name = "PATH|-")]
+        to: Option<String>,
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Restore a job from an image and supervise it in the foreground
+    #[command(after_help = "IMAGE is an image file, a directory (its newest complete image), or - (standard input).\n\nExamples:\n  vrun restore /tmp/imgs/calc-20261122-101500-1.vimg\n  vrun restore /tmp/imgs\n  ssh src vrun checkpoint calc --kill --to - | vrun restore -")]
+    Restore {
+        /// Image file, directory, or - for standard input
+        image: String,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Describe what an image holds (and verify it)
+    Inspect {
+        /// Image file, directory, or - for standard input
+        image: String,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_signal(s: &str) -> Result<i32, String> {
+    let t = s.trim_start_matches("SIG");
+    let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
+    let v = if let Some(n) = t.strip_prefix("RTMAX-") {
+        n.parse::<i32>().map(|n| max - n)
+    } else if let Some(n) = t.strip_prefix("RTMIN+") {
+        n.parse::<i32>().map(|n| min + n)
+    } else if t == "RTMAX" {
+        Ok(max)
+    } else {
+        t.parse::<i32>()
+    }
+    .map_err(|_| format!("not a signal: {s}"))?;
+    if v < min || v > max {
+        return Err(format!("{s}: use a real-time signal ({min}..{max}); ordinary signals belong to the app"));
+    }
+    Ok(v)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        None => launch(cli.run),
+        Some(Cmd::Run(a)) => launch(a),
+        Some(Cmd::List) => list(),
+        Some(Cmd::Checkpoint { name, kill, to, quiet }) => client::run(client::Args { name, kill, to, quiet }),
+        Some(Cmd::Restore { image, job }) => restore_cmd(image, job),
+        Some(Cmd::Inspect { image, json }) => inspect::run(&image, json),
+    };
+    if let Err(e) = r {
+        eprintln!("vrun: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The shim and the restorer live beside vrun.
+fn beside_me(file: &str) -> Result<PathBuf> {
+    let me = std::env::current_exe().context("locating vrun")?;
+    let p = me.parent().unwrap_or(Path::new(".")).join(file);
+    if !p.exists() {
+        bail!("{} is missing (it must be installed beside vrun)", p.display());
+    }
+    Ok(p)
+}
+
+fn interval(j: &JobArgs) -> Result<Option<Duration>> {
+    match j.interval {
+        Some(s) if s <= 0.0 || !s.is_finite() => bail!("--interval must be a positive number of seconds"),
+        Some(s) => Ok(Some(Duration::from_secs_f64(s))),
+        None => Ok(None),
+    }
+}
+
+fn options(j: &JobArgs, name: String) -> Result<supervisor::Options> {
+    Ok(supervisor::Options {
+        name,
+        dir: match &j.dir {
+            Some(d) => std::path::absolute(d)?,
+            None => std::env::current_dir()?,
+        },
+        interval: interval(j)?,
+        keep: j.keep.max(1),
+        signals: (j.checkpoint_signal, j.exit_signal),
+        quiet: j.quiet,
+    })
+}
+
+/// Find a program the way execvp would.
+fn which(prog: &str) -> Option<PathBuf> {
+    if prog.contains('/') {
+        return Some(PathBuf::from(prog));
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(if d.is_empty() { "." } else { d }).join(prog))
+        .find(|p| p.is_file())
+}
+
+/// The shim can only enter dynamically linked programs (or scripts, whose interpreter is one).
+fn check_dynamic(path: &Path) -> Result<()> {
+    let Ok(bytes) = std::fs::read(path) else { return Ok(()) };
+    if bytes.starts_with(b"#!") {
+        return Ok(());
+    }
+    if let Ok(elf) = goblin::elf::Elf::parse(&bytes) {
+        if elf.interpreter.is_none() {
+            bail!("{} is statically linked: vOS cannot enter it (it needs a dynamically linked program)", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn launch(a: RunArgs) -> Result<()> {
+    let prog = a.program.first().ok_or_else(|| anyhow!("no program given"))?.clone();
+    if let Some(p) = which(&prog) {
+        check_dynamic(&p)?;
+    }
+    let shim = beside_me("libvos_shim.so")?;
+    let base = Path::new(&prog).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(prog.clone());
+    let opts = options(&a.job, runtime::unique_name(a.job.name.as_deref().unwrap_or(&base)))?;
+    let listener = supervisor::listen(&opts.name)?;
+    let mut env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| !k.starts_with("VOS_")).collect();
+    let preload = match env.iter().find(|(k, _)| k == "LD_PRELOAD") {
+        Some((_, v)) if !v.is_empty() => format!("{}:{v}", shim.display()),
+        _ => shim.display().to_string(),
+    };
+    env.retain(|(k, _)| k != "LD_PRELOAD");
+    env.push(("LD_PRELOAD".into(), preload));
+    env.push((vos::env::SOCK.into(), listener.name.clone()));
+    env.push((vos::env::SHIM.into(), shim.display().to_string()));
+    env.push((vos::env::LOG.into(), runtime::log_path(&opts.name).display().to_string()));
+    env.push((vos::env::SIGNALS.into(), format!("{},{}", opts.signals.0, opts.signals.1)));
+    let env: Vec<CString> = env.iter().map(|(k, v)| CString::new(format!("{k}={v}"))).collect::<Result<_, _>>()?;
+    let argv: Vec<CString> = a.program.iter().map(|s| CString::new(s.as_str())).collect::<Result<_, _>>()?;
+    supervisor::block_signals()?;
+    let started_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
+    let started = match ns::start(ns::Child::Exec { argv, env }, ns::ClockOffsets::default()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vrun: {prog}: {e:#}");
+            std::process::exit(127);
+        }
+    };
+    supervisor::Supervisor::new(opts, listener, started, a.program.clone(), started_ns)?.run()
+}
+
+fn restore_cmd(image: String, j: JobArgs) -> Result<()> {
+    let restorer = beside_me("vos-restore")?;
+    let o = options(&j, String::new())?;
+    let args = restore::Args {
+        src: image,
+        name: j.name.clone(),
+        dir: Some(o.dir),
+        interval: o.interval,
+        keep: o.keep,
+        signals: o.signals,
+        quiet: o.quiet,
+    };
+    restore::run(args, restorer).map(|_| ())
+}
+
+fn list() -> Result<()> {
+    let jobs = runtime::list();
+    if jobs.is_empty() {
+        println!("no jobs running");
+        return Ok(());
+    }
+    println!("{:<16} {:>8} {:<20} PROGRAM", "NAME", "PID", "SINCE (UTC)");
+    for j in jobs {
+        println!("{:<16} {:>8} {:<20} {}", j.name, j.pid, supervisor::timestamp_of(j.since_unix), j.program.join(" "));
+    }
+    Ok(())
+}

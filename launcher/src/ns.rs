@@ -1,0 +1,257 @@
+//! The job's namespaces and its init.
+//!
+//! Every job runs in fresh pid, time, mount and UTS namespaces (plus a user namespace when not root): in its pid
+//! namespace the job's processes and threads get their original ids back at restore (clone3 set_tid), its time
+//! namespace lets CLOCK_MONOTONIC/BOOTTIME go on from the checkpoint instant, its UTS namespace keeps its
+//! hostname. Pid 1 is a small init of ours, not the app (pid 1 ignores signals it has no handler for): it
+//! mounts a /proc for the namespace, starts the app, reaps, and reports the app's wait status to the supervisor.
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sched::CloneFlags;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, fork};
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// What init starts.
+pub enum Child {
+    /// A program, with its environment.
+    Exec { argv: Vec<CString>, env: Vec<CString> },
+    /// The restorer, as process `pid`, with `fds` (source, number in the child) and nothing else open.
+    Restore { pid: i32, restorer: CString, plan_fd: i32, fds: Vec<(RawFd, i32)>, hostname: String },
+}
+
+/// A started job.
+pub struct Started {
+    /// Init, as this host numbers it.
+    pub init: Pid,
+    /// The job's main process, as this host numbers it.
+    pub app: Pid,
+    /// Delivers the main process's wait status (4 bytes) when it ends.
+    pub status: File,
+}
+
+/// Clock offsets for the job's time namespace, in nanoseconds.
+#[derive(Clone, Copy, Default)]
+pub struct ClockOffsets {
+    pub monotonic: i64,
+    pub boottime: i64,
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")
+}
+
+/// Enter new namespaces for our children and start init there, which starts `child`.
+pub fn start(child: Child, clocks: ClockOffsets) -> Result<Started> {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        enter_user_namespace()?;
+    }
+    nix::sched::unshare(CloneFlags::CLONE_NEWPID | CloneFlags::from_bits_retain(libc::CLONE_NEWTIME))
+        .map_err(|e| anyhow!("cannot create the job's pid and time namespaces: {e} (vOS needs root or user namespaces)"))?;
+    set_clock_offsets(clocks)?;
+    let (status_r, status_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    // SAFETY: the launcher is single-threaded here; the child only runs init's code.
+    match unsafe { fork() }.context("fork")? {
+        ForkResult::Child => {
+            drop(status_r);
+            drop(err_r);
+            let code = match init(child, status_w, err_w) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("vrun: init: {e:#}");
+                    1
+                }
+            };
+            // SAFETY: leave the forked child without running the launcher's destructors.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child: init_pid } => {
+            drop(status_w);
+            drop(err_w);
+            // The child's exec (or its failure) closes the error pipe; 4 bytes mean it failed with that errno.
+            let mut f = File::from(err_r);
+            let mut b = [0u8; 4];
+            let mut n = 0;
+            while n < 4 {
+                match f.read(&mut b[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if n == 4 {
+                let _ = nix::sys::signal::kill(init_pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = waitpid(init_pid, None);
+                let errno = i32::from_le_bytes(b);
+                return Err(anyhow!(std::io::Error::from_raw_os_error(errno)));
+            }
+            let app = child_of(init_pid)?;
+            Ok(Started { init: init_pid, app, status: File::from(status_r) })
+        }
+    }
+}
+
+/// The only child of init (the job's main process), as this host numbers it.
+fn child_of(init: Pid) -> Result<Pid> {
+    let path = format!("/proc/{init}/task/{init}/children");
+    for _ in 0..2000 {
+        let s = std::fs::read_to_string(&path).unwrap_or_default();
+        if let Some(p) = s.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            return Ok(Pid::from_raw(p));
+        }
+        if nix::sys::signal::kill(init, None).is_err() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    bail!("the job's first process did not start")
+}
+
+fn enter_user_namespace() -> Result<()> {
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    nix::sched::unshare(CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| anyhow!("cannot create a user namespace: {e}; vOS needs root or unprivileged user namespaces"))?;
+    std::fs::write("/proc/self/setgroups", "deny")?;
+    std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1"))?;
+    std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1"))?;
+    Ok(())
+}
+
+fn set_clock_offsets(c: ClockOffsets) -> Result<()> {
+    if c.monotonic == 0 && c.boottime == 0 {
+        return Ok(());
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).open("/proc/self/timens_offsets")?;
+    for (clock, off) in [(libc::CLOCK_MONOTONIC, c.monotonic), (libc::CLOCK_BOOTTIME, c.boottime)] {
+        let (s, ns) = (off.div_euclid(1_000_000_000), off.rem_euclid(1_000_000_000));
+        f.write_all(format!("{clock} {s} {ns}").as_bytes()).with_context(|| format!("setting the job's clock {clock} offset"))?;
+    }
+    Ok(())
+}
+
+/// Pid 1 of the job.
+fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS).context("unshare mount/uts namespaces")?;
+    use nix::mount::{MsFlags, mount};
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>).context("making / a slave mount")?;
+    mount(Some("proc"), "/proc", Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
+        .context("mounting /proc for the job's pid namespace")?;
+    // Nothing of the launcher's signal handling applies to init or the job.
+    let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&nix::sys::signal::SigSet::empty()), None);
+    let app = match child {
+        Child::Exec { argv, env } => {
+            // SAFETY: init is single-threaded.
+            match unsafe { fork() }? {
+                ForkResult::Child => exec_or_report(&argv[0], &argv, &env, &err),
+                ForkResult::Parent { child } => child,
+            }
+        }
+        Child::Restore { pid, restorer, plan_fd, fds, hostname } => {
+            if !hostname.is_empty() {
+                nix::unistd::sethostname(&hostname).context("setting the job's hostname")?;
+            }
+            let p = spawn_with_pid(pid, || {
+                arrange_fds(&fds, err.as_raw_fd());
+                raise_nofile();
+                let argv = [restorer.clone(), CString::new(plan_fd.to_string()).unwrap()];
+                exec_or_report(&restorer, &argv, &[], &err)
+            })?;
+            // The restored process holds them now; the launcher must see their far ends close with it.
+            for &(fd, _) in &fds {
+                // SAFETY: init's inherited copies, not used by init.
+                unsafe { libc::close(fd) };
+            }
+            p
+        }
+    };
+    drop(err);
+    let mut status = File::from(status);
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::Exited(p, code)) if p == app => {
+                let _ = status.write_all(&((code & 0xff) << 8).to_le_bytes());
+                return Ok(());
+            }
+            Ok(WaitStatus::Signaled(p, sig, core)) if p == app => {
+                let st = sig as i32 | if core { 0x80 } else { 0 };
+                let _ = status.write_all(&st.to_le_bytes());
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::ECHILD) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn exec_or_report(path: &CString, argv: &[CString], env: &[CString], err: &OwnedFd) -> ! {
+    let e = if path.as_bytes().contains(&b'/') {
+        nix::unistd::execve(path, argv, env).unwrap_err()
+    } else {
+        nix::unistd::execvpe(path, argv, env).unwrap_err()
+    };
+    let _ = nix::unistd::write(err, &(e as i32).to_le_bytes());
+    // SAFETY: leave the child without running destructors.
+    unsafe { libc::_exit(127) }
+}
+
+/// Start a process with exactly `pid` in the job's pid namespace.
+fn spawn_with_pid(pid: i32, child: impl FnOnce() -> std::convert::Infallible) -> Result<Pid> {
+    let tid = pid as u64;
+    let args = vos::sys::CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: &tid as *const u64 as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    // SAFETY: a fork-like clone3 (no CLONE_VM) from single-threaded init: the child gets its own copy of memory
+    // and returns from the syscall like fork's child.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const vos::sys::CloneArgs, std::mem::size_of::<vos::sys::CloneArgs>()) };
+    match r {
+        #[allow(unreachable_code)]
+        0 => match child() {},
+        r if r > 0 => Ok(Pid::from_raw(r as i32)),
+        _ => Err(anyhow!("clone3 with pid {pid}: {}", std::io::Error::last_os_error())),
+    }
+}
+
+/// Give the child exactly `fds` (source, target) plus `keep`, closing everything else.
+fn arrange_fds(fds: &[(RawFd, i32)], keep: RawFd) {
+    let top = fds.iter().map(|&(_, d)| d).chain([keep]).max().unwrap_or(0) + 1;
+    let moved: Vec<(RawFd, i32)> = fds
+        .iter()
+        // SAFETY: F_DUPFD of an fd we hold.
+        .map(|&(s, d)| (unsafe { libc::fcntl(s, libc::F_DUPFD_CLOEXEC, top) }, d))
+        .collect();
+    for &(s, d) in &moved {
+        // SAFETY: plain dup3 onto a number we want.
+        unsafe { libc::dup3(s, d, 0) };
+    }
+    let wanted: Vec<i32> = fds.iter().map(|&(_, d)| d).chain([keep]).collect();
+    if let Ok(rd) = std::fs::read_dir("/proc/self/fd") {
+        let open: Vec<i32> = rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+        for fd in open.into_iter().filter(|f| !wanted.contains(f)) {
+            // SAFETY: closing an fd this child does not want.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+fn raise_nofile() {
+    if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// Make an OwnedFd from a raw fd we own.
+pub fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: the caller passes an fd it owns and does not use otherwise.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}

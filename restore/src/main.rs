@@ -1,0 +1,207 @@
+//! vos-restore: the freestanding first stage of a restore.
+//!
+//! The launcher starts this program (static, no libc, linked inside `plan::WINDOW_*`, a range the shim keeps
+//! reserved in every job) as the process to restore, with the plan on an fd. It clears every mapping outside
+//! its window, rebuilds the image's address space at the original addresses from the plan and the page chunks
+//! (verifying every checksum), puts the vDSO and the kernel's mm fields back, and jumps into the shim's restart
+//! code, which rebuilds fds, signals and threads. Nothing of the app runs before the launcher says go.
+#![no_std]
+#![no_main]
+
+// The freestanding parts of vos-common, compiled in directly: as a dependency, Cargo would unify its features
+// with the std-using crates of the workspace and link std into this binary.
+#[path = "../../common/src/chunk.rs"]
+#[allow(dead_code)]
+mod chunk;
+#[path = "../../common/src/plan.rs"]
+#[allow(dead_code)]
+mod plan;
+#[path = "../../common/src/sys.rs"]
+#[allow(dead_code, unused_imports)]
+mod sys;
+
+mod memory;
+mod out;
+
+use core::sync::atomic::{AtomicBool, Ordering};
+use out::Msg;
+use plan::{MapOp, PlanHead, RestorerReport};
+
+const STACK_SIZE: usize = 256 << 10;
+
+#[repr(C, align(16))]
+struct Aligned<const N: usize>([u8; N]);
+
+static mut STACK: Aligned<STACK_SIZE> = Aligned([0; STACK_SIZE]);
+/// The plan, read whole; its blob stays here until the shim has copied it.
+static mut PLAN: Aligned<{ plan::MAX_PLAN }> = Aligned([0; plan::MAX_PLAN]);
+
+freestanding_start!(STACK, STACK_SIZE, rmain);
+
+static CTL: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(-1);
+static FAILING: AtomicBool = AtomicBool::new(false);
+
+/// Tell the launcher why the restore failed and end this process: the app never ran.
+pub fn fail(m: &Msg) -> ! {
+    if !FAILING.swap(true, Ordering::SeqCst) {
+        report(plan::REPORT_FAILED, 0, 0, m.as_str());
+    }
+    sys::exit_group(1)
+}
+
+fn report(status: u32, next_seq: u64, pages: u64, text: &str) {
+    let mut r = RestorerReport { magic: plan::REPORT_MAGIC, status, next_seq, pages, msg: [0; 240] };
+    let n = text.len().min(r.msg.len() - 1);
+    r.msg[..n].copy_from_slice(&text.as_bytes()[..n]);
+    let ctl = CTL.load(Ordering::Relaxed);
+    if ctl >= 0 {
+        let _ = sys::write(ctl, r.as_bytes());
+    } else {
+        let _ = sys::write(2, text.as_bytes());
+    }
+}
+
+extern "C" fn rmain(sp: *const usize) -> ! {
+    // Nothing may interrupt us: the app's handlers are not in place yet.
+    sys::sigprocmask(libc::SIG_SETMASK, Some(!0));
+    // SAFETY: the kernel put argc, then argv pointers, at the initial stack pointer.
+    let plan_fd = unsafe {
+        let argc = *sp;
+        if argc < 2 {
+            fail(&Msg::new("vos-restore: usage: vos-restore PLAN_FD (started by vrun restore only)"));
+        }
+        parse_fd(*(sp.add(2)) as *const u8)
+    };
+    // SAFETY: single-threaded; PLAN is only accessed here and through the shared view below.
+    let buf: &mut [u8] = unsafe { &mut *core::ptr::addr_of_mut!(PLAN.0) };
+    let len = read_all(plan_fd, buf);
+    let _ = sys::close(plan_fd);
+    if len < core::mem::size_of::<PlanHead>() {
+        fail(&Msg::new("vos-restore: plan too short"));
+    }
+    // SAFETY: length checked; PlanHead is plain data; read_unaligned copies.
+    let head: PlanHead = unsafe { core::ptr::read_unaligned(buf.as_ptr() as *const PlanHead) };
+    if head.magic != plan::PLAN_MAGIC || head.total_len as usize != len {
+        fail(&Msg::new("vos-restore: bad plan"));
+    }
+    CTL.store(head.ctl_fd, Ordering::Relaxed);
+    let ops_off = core::mem::size_of::<PlanHead>();
+    let ops_len = head.nmaps as usize * core::mem::size_of::<MapOp>();
+    if ops_off + ops_len > len || (head.blob_off + head.blob_len) as usize > len
+        || (head.auxv_off + head.auxv_len) as usize > len
+    {
+        fail(&Msg::new("vos-restore: plan out of bounds"));
+    }
+    // SAFETY: bounds checked above; MapOp is plain data with alignment 8 and PLAN is 16-aligned, ops_off is 8-aligned.
+    let ops: &[MapOp] = unsafe {
+        core::slice::from_raw_parts(buf.as_ptr().add(ops_off) as *const MapOp, head.nmaps as usize)
+    };
+
+    memory::make_self_anonymous();
+    memory::clear_address_space();
+    memory::map_regions(ops, buf);
+    let (next_seq, pages) = memory::read_pages(head.image_fd, head.first_seq, ops);
+    memory::protect_regions(ops);
+    if head.vdso_addr != 0 {
+        memory::map_vdso(head.vdso_addr, head.vdso_text);
+    }
+    let mut mm = head.mm;
+    mm.auxv = buf.as_ptr() as u64 + head.auxv_off;
+    mm.auxv_size = head.auxv_len as u32;
+    memory::set_mm(&mut mm);
+
+    for op in ops.iter().filter(|o| o.fd >= 0) {
+        let _ = sys::close(op.fd);
+    }
+    let _ = sys::close(head.image_fd);
+    if head.exe_fd >= 0 {
+        let _ = sys::close(head.exe_fd);
+    }
+    report(plan::REPORT_OK, next_seq, pages, "");
+    let blob = buf.as_ptr() as usize + head.blob_off as usize;
+    // SAFETY: the shim is mapped back at the address recorded at checkpoint; restart_entry is its
+    // `extern "C" fn(blob, len, ctl) -> !` and restart_stack_top the top of its dedicated restart stack.
+    unsafe { sys::jump(head.restart_entry as usize, head.restart_stack_top as usize, blob, head.blob_len as usize, head.ctl_fd as usize) }
+}
+
+fn parse_fd(mut p: *const u8) -> i32 {
+    let mut v: i32 = 0;
+    // SAFETY: argv strings are NUL-terminated.
+    unsafe {
+        while *p != 0 {
+            if !(*p).is_ascii_digit() {
+                fail(&Msg::new("vos-restore: bad fd argument"));
+            }
+            v = v * 10 + (*p - b'0') as i32;
+            p = p.add(1);
+        }
+    }
+    v
+}
+
+fn read_all(fd: i32, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match sys::read(fd, &mut buf[n..]) {
+            Ok(0) => return n,
+            Ok(k) => n += k,
+            Err(sys::Errno::EINTR) => {}
+            Err(e) => fail(Msg::new("vos-restore: reading the plan: ").errno(e)),
+        }
+    }
+    fail(&Msg::new("vos-restore: plan too large"))
+}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    fail(&Msg::new("vos-restore: internal error (panic)"))
+}
+
+/// The precompiled libcore refers to the unwinder's personality routine; with panic=abort it is never called.
+#[unsafe(no_mangle)]
+pub extern "C" fn rust_eh_personality() {}
+
+// The freestanding binary needs its own memory primitives; `rep movsb/stosb` is fast on every CPU with ERMS.
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees valid, non-overlapping ranges.
+    unsafe { core::arch::asm!("rep movsb", inout("rcx") n => _, inout("rdi") d => _, inout("rsi") s => _, options(nostack)) };
+    d
+}
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    if (d as usize) <= (s as usize) || (d as usize) >= (s as usize) + n {
+        // SAFETY: forward copy is safe when the destination does not start inside the source.
+        return unsafe { memcpy(d, s, n) };
+    }
+    let mut i = n;
+    while i > 0 {
+        i -= 1;
+        // SAFETY: within the caller's ranges.
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+    }
+    d
+}
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees a valid range.
+    unsafe { core::arch::asm!("rep stosb", inout("rcx") n => _, inout("rdi") d => _, in("al") c as u8, options(nostack)) };
+    d
+}
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    for i in 0..n {
+        // SAFETY: within the caller's ranges.
+        let (x, y) = unsafe { (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i))) };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+    }
+    0
+}
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: forwarded.
+    unsafe { memcmp(a, b, n) }
+}

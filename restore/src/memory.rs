@@ -1,0 +1,254 @@
+//! Memory: rebuild the image's address space at the original addresses.
+
+use crate::fail;
+use crate::out::Msg;
+use crate::chunk::{self, ImageError, Kind, PageRun, PayloadHasher, Source};
+use crate::plan::{self, MapOp};
+use crate::sys::{self, Errno};
+
+/// Highest user address on x86-64 with 4-level page tables.
+const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+
+unsafe extern "C" {
+    static __ehdr_start: u8;
+}
+
+/// Replace this program's file-backed segments by anonymous copies at the same addresses, so that no mapping of
+/// the restorer's file remains: the kernel refuses to change /proc/self/exe while the old exe is mapped.
+pub fn make_self_anonymous() {
+    // SAFETY: __ehdr_start is the linker-provided address of our own ELF header, mapped by the kernel.
+    let base = core::ptr::addr_of!(__ehdr_start) as usize;
+    // SAFETY: the ELF header and program headers of a loaded executable are mapped and readable.
+    let (phoff, phnum) = unsafe {
+        let eh = core::ptr::read_volatile(base as *const libc::Elf64_Ehdr);
+        (eh.e_phoff as usize, eh.e_phnum as usize)
+    };
+    for i in 0..phnum {
+        // SAFETY: within the program header table, mapped as part of the first segment.
+        let ph = unsafe {
+            core::ptr::read_volatile((base + phoff + i * core::mem::size_of::<libc::Elf64_Phdr>()) as *const libc::Elf64_Phdr)
+        };
+        if ph.p_type != libc::PT_LOAD || ph.p_filesz == 0 {
+            continue;
+        }
+        let start = ph.p_vaddr as usize & !(chunk::PAGE - 1);
+        let end = (ph.p_vaddr + ph.p_filesz) as usize;
+        let end = (end + chunk::PAGE - 1) & !(chunk::PAGE - 1);
+        let len = end - start;
+        let mut prot = 0;
+        if ph.p_flags & libc::PF_R != 0 {
+            prot |= libc::PROT_READ;
+        }
+        if ph.p_flags & libc::PF_W != 0 {
+            prot |= libc::PROT_WRITE;
+        }
+        if ph.p_flags & libc::PF_X != 0 {
+            prot |= libc::PROT_EXEC;
+        }
+        // SAFETY: a fresh private anonymous mapping somewhere free; we copy our segment into it, give it the same
+        // protection and move it over the original. The bytes at every address stay identical, so the code running
+        // this (possibly in the segment being replaced) continues undisturbed.
+        unsafe {
+            let tmp = sys::mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+                .unwrap_or_else(|e| fail(Msg::new("vos-restore: mmap: ").errno(e)));
+            core::ptr::copy_nonoverlapping(start as *const u8, tmp as *mut u8, len);
+            sys::mprotect(tmp, len, prot).unwrap_or_else(|e| fail(Msg::new("vos-restore: mprotect: ").errno(e)));
+            sys::mremap(tmp, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, start)
+                .unwrap_or_else(|e| fail(Msg::new("vos-restore: mremap self: ").errno(e)));
+        }
+    }
+}
+
+/// Unmap everything outside the restorer's window: the kernel's stack, vDSO and vvar included.
+pub fn clear_address_space() {
+    // SAFETY: nothing outside the window is used any more: our code, data, stack and plan live inside it.
+    unsafe {
+        let _ = sys::munmap(0, plan::WINDOW_START as usize);
+        let _ = sys::munmap(plan::WINDOW_END as usize, (TASK_SIZE - plan::WINDOW_END) as usize);
+    }
+}
+
+fn overlaps_window(op: &MapOp) -> bool {
+    op.addr < plan::WINDOW_END && op.addr + op.len > plan::WINDOW_START
+}
+
+/// Map every region at its address; regions that receive page data stay writable until `protect_regions`.
+pub fn map_regions(ops: &[MapOp], plan_buf: &[u8]) {
+    for op in ops {
+        if overlaps_window(op) {
+            fail(Msg::new("vos-restore: region ").hex(op.addr).push(" overlaps the restorer's window"));
+        }
+        let prot = if op.op & plan::OP_FILL != 0 { libc::PROT_READ | libc::PROT_WRITE } else { op.prot as i32 };
+        let mut flags = op.flags as i32 | libc::MAP_FIXED_NOREPLACE;
+        if op.op & plan::OP_GROWSDOWN != 0 {
+            flags |= libc::MAP_GROWSDOWN;
+        }
+        // SAFETY: the address space outside our window is empty; MAP_FIXED_NOREPLACE refuses to replace anything.
+        let r = unsafe { sys::mmap(op.addr as usize, op.len as usize, prot, flags, op.fd, op.offset) };
+        match r {
+            Ok(a) if a as u64 == op.addr => {}
+            Ok(_) => fail(Msg::new("vos-restore: region ").hex(op.addr).push(" landed elsewhere")),
+            Err(e) => fail(Msg::new("vos-restore: mapping ").hex(op.addr).push("+").hex(op.len).push(": ").errno(e)),
+        }
+        if op.name_len > 0 {
+            let name = plan_buf.as_ptr() as usize + op.name_off as usize;
+            const PR_SET_VMA: i32 = 0x53564d41;
+            // Naming is cosmetic ([anon:NAME] in /proc/PID/maps); a kernel without it just shows no name.
+            let _ = sys::prctl(PR_SET_VMA, 0, op.addr as usize, op.len as usize, name);
+        }
+        for (i, advice) in plan::ADVICE.iter().enumerate() {
+            if op.advice & (1 << i) != 0 {
+                // SAFETY: advice from the original region; none of these discard contents. Advice is a hint: a
+                // kernel that does not take it (no KSM, say) changes no behaviour the app can see.
+                let _ = unsafe { sys::madvise(op.addr as usize, op.len as usize, *advice) };
+            }
+        }
+    }
+}
+
+/// Give every filled region its final protection.
+pub fn protect_regions(ops: &[MapOp]) {
+    for op in ops.iter().filter(|o| o.op & plan::OP_FILL != 0) {
+        if op.prot as i32 != libc::PROT_READ | libc::PROT_WRITE {
+            // SAFETY: our own fresh mapping; no one else runs yet.
+            if let Err(e) = unsafe { sys::mprotect(op.addr as usize, op.len as usize, op.prot as i32) } {
+                fail(Msg::new("vos-restore: mprotect ").hex(op.addr).push(": ").errno(e));
+            }
+        }
+    }
+}
+
+struct Fd(i32);
+
+impl Source for Fd {
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), Option<Errno>> {
+        // SAFETY: buf is a valid writable slice.
+        unsafe { read_exact_raw(self.0, buf.as_mut_ptr(), buf.len()) }
+    }
+}
+
+/// # Safety
+/// `ptr..ptr+len` must be writable.
+unsafe fn read_exact_raw(fd: i32, ptr: *mut u8, len: usize) -> Result<(), Option<Errno>> {
+    let mut n = 0;
+    while n < len {
+        // SAFETY: forwarded contract.
+        match unsafe { sys::read_raw(fd, ptr.add(n), len - n) } {
+            Ok(0) => return Err(None),
+            Ok(k) => n += k,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(Some(e)),
+        }
+    }
+    Ok(())
+}
+
+fn image_fail(e: ImageError) -> ! {
+    let mut m = Msg::new("");
+    let _ = core::fmt::write(&mut m, format_args!("{e}"));
+    fail(&m)
+}
+
+/// The op that covers `run` entirely and takes page data, if any (ops are sorted by address).
+fn fill_target(ops: &[MapOp], run: &PageRun) -> bool {
+    let i = ops.partition_point(|o| o.addr + o.len <= run.addr);
+    ops.get(i).is_some_and(|o| {
+        o.op & plan::OP_FILL != 0 && o.addr <= run.addr && run.addr + run.len <= o.addr + o.len
+    })
+}
+
+/// Read this process's Pages chunks (and its closing ProcessEnd chunk) straight into place, verifying each.
+/// Returns the next chunk number and the number of pages read.
+pub fn read_pages(fd: i32, first_seq: u64, ops: &[MapOp]) -> (u64, u64) {
+    let mut src = Fd(fd);
+    let mut seq = first_seq;
+    let mut pages = 0u64;
+    let mut runs = [PageRun::default(); chunk::MAX_RUNS as usize];
+    let mut table = [0u8; chunk::RUN_LEN * chunk::MAX_RUNS as usize];
+    loop {
+        let head = chunk::read_head(&mut src, seq).unwrap_or_else(|e| image_fail(e));
+        match head.kind {
+            Kind::Pages => {}
+            Kind::ProcessEnd => {
+                // Only `inspect` reads the summary; check it and skip it.
+                let mut h = PayloadHasher::default();
+                let mut left = head.len as usize;
+                while left > 0 {
+                    let n = left.min(table.len());
+                    src.read_exact(&mut table[..n]).unwrap_or_else(|e| image_fail(read_err(e)));
+                    h.update(&table[..n]);
+                    left -= n;
+                }
+                if h.finish() != head.payload_hash {
+                    image_fail(ImageError::PayloadCorrupt { seq });
+                }
+                return (seq + 1, pages);
+            }
+            _ => image_fail(ImageError::UnexpectedKind { seq, found: head.kind as u32, wanted: "page data" }),
+        }
+        let mut h = PayloadHasher::default();
+        let mut count = [0u8; 8];
+        src.read_exact(&mut count).unwrap_or_else(|e| image_fail(read_err(e)));
+        h.update(&count);
+        let nruns = u32::from_le_bytes([count[0], count[1], count[2], count[3]]);
+        if nruns > chunk::MAX_RUNS || 8 + nruns as u64 * chunk::RUN_LEN as u64 > head.len {
+            image_fail(ImageError::Malformed { seq, what: "bad run table" });
+        }
+        let tlen = nruns as usize * chunk::RUN_LEN;
+        src.read_exact(&mut table[..tlen]).unwrap_or_else(|e| image_fail(read_err(e)));
+        h.update(&table[..tlen]);
+        let mut data = 0u64;
+        for (i, run) in runs.iter_mut().take(nruns as usize).enumerate() {
+            *run = PageRun::decode(&table[i * chunk::RUN_LEN..]);
+            let aligned = run.addr % chunk::PAGE as u64 == 0 && run.len % chunk::PAGE as u64 == 0 && run.len > 0;
+            if !aligned || !fill_target(ops, run) {
+                image_fail(ImageError::Malformed { seq, what: "page run outside the process's memory" });
+            }
+            data += run.len;
+        }
+        if 8 + tlen as u64 + data != head.len {
+            image_fail(ImageError::Malformed { seq, what: "page data length" });
+        }
+        for run in &runs[..nruns as usize] {
+            // SAFETY: fill_target checked the run lies inside a region we mapped writable.
+            unsafe {
+                read_exact_raw(fd, run.addr as *mut u8, run.len as usize).unwrap_or_else(|e| image_fail(read_err(e)));
+                h.update(core::slice::from_raw_parts(run.addr as *const u8, run.len as usize));
+            }
+            pages += run.len / chunk::PAGE as u64;
+        }
+        if h.finish() != head.payload_hash {
+            image_fail(ImageError::PayloadCorrupt { seq });
+        }
+        seq += 1;
+    }
+}
+
+fn read_err(e: Option<Errno>) -> ImageError {
+    e.map_or(ImageError::Truncated("page data"), ImageError::Io)
+}
+
+/// Map the vvar/vdso block where the image had it; glibc holds pointers into the vDSO.
+pub fn map_vdso(addr: u64, text: u64) {
+    if let Err(e) = sys::arch_prctl(sys::ARCH_MAP_VDSO_64, addr as usize) {
+        fail(Msg::new("vos-restore: mapping the vDSO at ").hex(addr).push(": ").errno(e));
+    }
+    // The kernel takes the address as a hint only: check the vDSO's ELF header is where the image needs it.
+    let mut vec = [0u8; 1];
+    // SAFETY: mincore only reports residency; it fails with ENOMEM if nothing is mapped there.
+    let mapped = unsafe { sys::syscall6(libc::SYS_mincore, text as usize, 4096, vec.as_mut_ptr() as usize, 0, 0, 0) } == 0;
+    // SAFETY: read only after mincore confirmed a mapping at `text`; the vDSO text is readable.
+    if !mapped || unsafe { core::ptr::read_volatile(text as *const [u8; 4]) } != *b"\x7fELF" {
+        fail(Msg::new("vos-restore: the kernel put the vDSO elsewhere than ").hex(text));
+    }
+}
+
+/// Restore the kernel's per-process mm fields: brk, argv/env bounds, auxv, and /proc/self/exe.
+pub fn set_mm(mm: &mut plan::PrctlMmMap) {
+    const PR_SET_MM: i32 = 35;
+    const PR_SET_MM_MAP: usize = 14;
+    let r = sys::prctl(PR_SET_MM, PR_SET_MM_MAP, mm as *mut plan::PrctlMmMap as usize, core::mem::size_of::<plan::PrctlMmMap>(), 0);
+    if let Err(e) = r {
+        fail(Msg::new("vos-restore: PR_SET_MM_MAP (brk, argv, auxv, exe): ").errno(e));
+    }
+}

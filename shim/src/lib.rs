@@ -1,0 +1,74 @@
+//! libvos_shim.so: loaded into every process of a job with LD_PRELOAD.
+//!
+//! It stays out of the app's way: no thread, no fd, no hook on a hot path (open, read, write, malloc and
+//! clock_gettime run untouched). What it does:
+//! - reserves the restorer's address window, so every image leaves it free;
+//! - owns two signals (checkpoint, checkpoint-and-exit), virtualizing the app's own use of them (`signals`);
+//! - keeps sleeping calls transparent across a checkpoint (`interrupts`);
+//! - on a trigger, runs a checkpoint from inside (`checkpoint`): parks every thread in a signal handler
+//!   (`threads`), captures memory, files, signals and process state (one module each) and writes the image;
+//! - after a restore, its restart code (`restart`) rebuilds what the restorer left to it and resumes the threads.
+//!
+//! Standards: panic = abort; raw syscalls for its own I/O (`vos::sys`); its own allocator (`arena`); errno
+//! preserved by every hook; nothing printed on the app's fds (`log` writes to the job's log file).
+
+extern crate alloc;
+
+mod checkpoint;
+mod files;
+mod global;
+mod interrupts;
+mod log;
+mod memory;
+mod process;
+mod procfs;
+mod real;
+mod restart;
+mod signals;
+mod threads;
+mod writer;
+
+mod arena;
+
+#[global_allocator]
+static ALLOC: arena::ShimAlloc = arena::ShimAlloc;
+
+use core::sync::atomic::Ordering;
+use vos::plan;
+use vos::sys;
+
+/// Runs in every process that loads the shim, before the program's main.
+#[ctor::ctor]
+unsafe fn init() {
+    global::load_config();
+    real::resolve();
+    reserve_window();
+    signals::install();
+    threads::init_rseq_info();
+    global::READY.store(true, Ordering::Release);
+}
+
+/// Keep the restorer's window free: it must be unused in every image so the restorer can run there.
+fn reserve_window() {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; PROT_NONE memory costs nothing.
+    let r = unsafe {
+        sys::mmap(
+            plan::WINDOW_START as usize,
+            plan::WINDOW_LEN as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    match r {
+        Ok(a) if a as u64 == plan::WINDOW_START => global::WINDOW_RESERVED.store(true, Ordering::Relaxed),
+        Ok(a) => {
+            // An old kernel ignoring MAP_FIXED_NOREPLACE put it elsewhere: give it back.
+            // SAFETY: the mapping we just made.
+            let _ = unsafe { sys::munmap(a, plan::WINDOW_LEN as usize) };
+            log::line(format_args!("cannot reserve the restorer window; checkpoints will check it is free"));
+        }
+        Err(e) => log::line(format_args!("cannot reserve the restorer window ({e}); checkpoints will check it is free")),
+    }
+}

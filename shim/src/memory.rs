@@ -1,0 +1,499 @@
+//! Memory: the address space as /proc/self/smaps shows it, and the pages that must travel.
+//!
+//! Which pages are stored: in private memory, the touched ones (PAGEMAP_SCAN: present or swapped) that are not
+//! the shared zero page; of those, anonymous pages full of zeros are skipped (they come back as fresh zero
+//! pages); in private file mappings only the pages copied on write (the rest is the file's, mapped again at
+//! restore after an identity check). Shared file mappings keep their data in the file. The restorer undoes it
+//! (restore/src/memory.rs).
+
+use crate::procfs;
+use crate::writer::Writer;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use vos::chunk::{self, PageRun};
+use vos::image::*;
+use vos::plan;
+use vos::sys::{self, Errno};
+
+const PAGE: usize = chunk::PAGE;
+
+/// One line of /proc/self/smaps, with its VmFlags.
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    pub prot: u32,
+    pub shared: bool,
+    pub offset: u64,
+    pub dev: (u32, u32),
+    pub inode: u64,
+    pub name: String,
+    pub vmflags: u32,
+}
+
+pub fn read_vmas() -> Result<Vec<Vma>, String> {
+    let text = procfs::read_string("/proc/self/smaps").map_err(|e| format!("reading /proc/self/smaps: {e}"))?;
+    let mut out: Vec<Vma> = Vec::new();
+    for line in text.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(v) = out.last_mut() {
+                v.vmflags = parse_vmflags(flags);
+            }
+            continue;
+        }
+        if let Some(v) = parse_header(line) {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+fn parse_header(line: &str) -> Option<Vma> {
+    let mut rest = line;
+    let mut field = || {
+        let t = rest.trim_start();
+        let end = t.find(' ').unwrap_or(t.len());
+        let (f, r) = t.split_at(end);
+        rest = r;
+        f
+    };
+    let range = field();
+    let (a, b) = range.split_once('-')?;
+    let start = procfs::parse_hex(a.as_bytes())?;
+    let end = procfs::parse_hex(b.as_bytes())?;
+    let perms = field().as_bytes();
+    if perms.len() != 4 {
+        return None;
+    }
+    let offset = procfs::parse_hex(field().as_bytes())?;
+    let (ma, mi) = field().split_once(':')?;
+    let dev = (procfs::parse_hex(ma.as_bytes())? as u32, procfs::parse_hex(mi.as_bytes())? as u32);
+    let inode = procfs::parse_dec(field().as_bytes())?;
+    let mut prot = 0;
+    if perms[0] == b'r' {
+        prot |= libc::PROT_READ as u32;
+    }
+    if perms[1] == b'w' {
+        prot |= libc::PROT_WRITE as u32;
+    }
+    if perms[2] == b'x' {
+        prot |= libc::PROT_EXEC as u32;
+    }
+    Some(Vma { start, end, prot, shared: perms[3] == b's', offset, dev, inode, name: rest.trim().into(), vmflags: 0 })
+}
+
+fn parse_vmflags(s: &str) -> u32 {
+    s.split_whitespace()
+        .map(|f| match f {
+            "gd" => VMF_GROWSDOWN,
+            "dc" => VMF_DONTFORK,
+            "wf" => VMF_WIPEONFORK,
+            "dd" => VMF_DONTDUMP,
+            "hg" => VMF_HUGEPAGE,
+            "nh" => VMF_NOHUGEPAGE,
+            "mg" => VMF_MERGEABLE,
+            "lo" => VMF_LOCKED,
+            _ => 0,
+        })
+        .fold(0, |a, b| a | b)
+}
+
+fn makedev(major: u32, minor: u32) -> u64 {
+    let (ma, mi) = (major as u64, minor as u64);
+    ((ma & 0xfff) << 8) | (mi & 0xff) | ((mi & !0xff) << 12) | ((ma & !0xfff) << 32)
+}
+
+/// Identify a file the process maps or has open, checking that the path still names that very file.
+pub fn file_id(path: &str, dev: u64, ino: u64) -> Result<FileId, String> {
+    let st = sys::stat(&procfs::cpath(path)).map_err(|e| format!("{path}: {e}"))?;
+    if st.st_dev != dev || st.st_ino != ino {
+        return Err(format!("{path} was replaced by another file since it was opened"));
+    }
+    Ok(FileId {
+        path: path.into(),
+        dev,
+        ino,
+        size: st.st_size as u64,
+        mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+        build_id: None,
+    })
+}
+
+/// Turn the address space into image regions; refuse what cannot be restored yet, naming it.
+/// `skip` says which mappings belong to the shim itself (its restorer window, its session arena).
+pub fn capture(vmas: &[Vma], skip: &dyn Fn(u64, u64) -> bool) -> Result<Vec<Region>, String> {
+    let mut out = Vec::with_capacity(vmas.len());
+    for v in vmas {
+        if skip(v.start, v.end) || v.name == "[vsyscall]" {
+            continue;
+        }
+        if v.start < plan::WINDOW_END && v.end > plan::WINDOW_START {
+            return Err(format!(
+                "memory at {:#x}-{:#x} ({}) lies in the restorer's window {:#x}-{:#x}",
+                v.start, v.end, v.name, plan::WINDOW_START, plan::WINDOW_END
+            ));
+        }
+        let mut r = Region {
+            start: v.start,
+            end: v.end,
+            prot: v.prot,
+            shared: v.shared,
+            kind: RegionKind::Anon,
+            name: v.name.clone(),
+            offset: 0,
+            file: None,
+            vmflags: v.vmflags,
+            contents: Contents::Pages,
+        };
+        let what = || format!("memory at {:#x}-{:#x} ({})", v.start, v.end, v.name);
+        match v.name.as_str() {
+            "[vdso]" => (r.kind, r.contents) = (RegionKind::Vdso, Contents::Nothing),
+            "[vvar]" => (r.kind, r.contents) = (RegionKind::Vvar, Contents::Nothing),
+            "[vvar_vclock]" => (r.kind, r.contents) = (RegionKind::VvarVclock, Contents::Nothing),
+            "[heap]" => r.kind = RegionKind::Heap,
+            "[stack]" => r.kind = RegionKind::Stack,
+            n if n.is_empty() || n.starts_with("[anon:") => {
+                r.kind = if v.shared { RegionKind::SharedAnon } else { RegionKind::Anon }
+            }
+            n if n.starts_with("[anon_shmem:") || (n == "/dev/zero (deleted)" && v.shared) => {
+                r.kind = RegionKind::SharedAnon
+            }
+            n if n.starts_with("/memfd:") => return Err(format!("{}: memfd memory is not supported yet", what())),
+            n if n.starts_with("/SYSV") => return Err(format!("{}: System V shared memory is not supported yet", what())),
+            n if n.ends_with(" (deleted)") => {
+                return Err(format!("{}: the mapped file was deleted; deleted files are not supported yet", what()));
+            }
+            n if n.starts_with('/') => {
+                let id = file_id(n, makedev(v.dev.0, v.dev.1), v.inode).map_err(|e| format!("{}: {e}", what()))?;
+                let st = sys::stat(&procfs::cpath(n)).map_err(|e| format!("{}: {e}", what()))?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    return Err(format!("{}: mappings of devices are not supported", what()));
+                }
+                r.kind = RegionKind::File;
+                r.offset = v.offset;
+                r.file = Some(id);
+                if v.shared {
+                    r.contents = Contents::File;
+                }
+            }
+            _ => return Err(format!("{}: this kind of mapping is not supported", what())),
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+// ---- page scanning ---------------------------------------------------------------------------------------------
+
+const PAGEMAP_SCAN: u64 = 0xc060_6610;
+const PAGE_IS_FILE: u64 = 1 << 2;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
+const PAGE_IS_PFNZERO: u64 = 1 << 5;
+
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// Finds the pages of a region worth storing.
+pub struct Scanner {
+    pagemap: i32,
+    use_scan: bool,
+}
+
+impl Scanner {
+    pub fn open() -> Result<Scanner, String> {
+        let pagemap = sys::open(b"/proc/self/pagemap\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+        Ok(Scanner { pagemap, use_scan: true })
+    }
+
+    /// Call `f(start, end)` for each range of pages that hold data of their own: touched, not the shared zero
+    /// page, and (for file mappings) copied on write.
+    fn ranges(&mut self, r: &Region, f: &mut dyn FnMut(u64, u64) -> Result<(), String>) -> Result<(), String> {
+        if r.kind == RegionKind::SharedAnon {
+            return self.resident(r, f);
+        }
+        let (mut mask, mut inverted) = (PAGE_IS_PFNZERO, PAGE_IS_PFNZERO);
+        if r.kind == RegionKind::File {
+            mask |= PAGE_IS_FILE;
+            inverted |= PAGE_IS_FILE;
+        }
+        if self.use_scan {
+            let mut vec = [PageRegion::default(); 512];
+            let mut start = r.start;
+            while start < r.end {
+                let mut arg = PmScanArg {
+                    size: core::mem::size_of::<PmScanArg>() as u64,
+                    start,
+                    end: r.end,
+                    vec: vec.as_mut_ptr() as u64,
+                    vec_len: vec.len() as u64,
+                    category_inverted: inverted,
+                    category_mask: mask,
+                    category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                    return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                    ..Default::default()
+                };
+                match sys::ioctl(self.pagemap, PAGEMAP_SCAN, &mut arg as *mut PmScanArg as usize) {
+                    Ok(n) => {
+                        for pr in &vec[..n] {
+                            f(pr.start, pr.end)?;
+                        }
+                        if arg.walk_end <= start {
+                            break;
+                        }
+                        start = arg.walk_end;
+                    }
+                    Err(e) if start == r.start && (e.0 == libc::ENOTTY || e.0 == libc::EINVAL) => {
+                        self.use_scan = false;
+                        return self.ranges(r, f);
+                    }
+                    Err(e) => return Err(format!("PAGEMAP_SCAN at {start:#x}: {e}")),
+                }
+            }
+            return Ok(());
+        }
+        self.pagemap_ranges(r, f)
+    }
+
+    /// Fallback for kernels without PAGEMAP_SCAN: read the 64-bit pagemap entries.
+    fn pagemap_ranges(&mut self, r: &Region, f: &mut dyn FnMut(u64, u64) -> Result<(), String>) -> Result<(), String> {
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        const FILE: u64 = 1 << 61;
+        let mut buf = alloc::vec![0u64; 8192];
+        let mut addr = r.start;
+        let mut run: Option<u64> = None;
+        while addr < r.end {
+            let n = (((r.end - addr) as usize) / PAGE).min(buf.len());
+            // SAFETY: viewing the u64 buffer as bytes for pread.
+            let bytes = unsafe { core::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, n * 8) };
+            let got = sys::pread(self.pagemap, bytes, (addr / PAGE as u64) * 8).map_err(|e| format!("pagemap: {e}"))? / 8;
+            if got == 0 {
+                break;
+            }
+            for (k, e) in buf[..got].iter().enumerate() {
+                let a = addr + (k * PAGE) as u64;
+                let own = e & (PRESENT | SWAPPED) != 0 && !(r.kind == RegionKind::File && e & FILE != 0);
+                match (own, run) {
+                    (true, None) => run = Some(a),
+                    (false, Some(s)) => {
+                        f(s, a)?;
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            addr += (got * PAGE) as u64;
+        }
+        if let Some(s) = run {
+            f(s, addr)?;
+        }
+        Ok(())
+    }
+
+    /// Shared memory: pages present in the shared object, whether or not this process touched them.
+    fn resident(&mut self, r: &Region, f: &mut dyn FnMut(u64, u64) -> Result<(), String>) -> Result<(), String> {
+        let pages = ((r.end - r.start) as usize) / PAGE;
+        let mut vec = alloc::vec![0u8; pages];
+        // SAFETY: vec has one byte per page of the range.
+        let rc = unsafe { sys::syscall6(libc::SYS_mincore, r.start as usize, (r.end - r.start) as usize, vec.as_mut_ptr() as usize, 0, 0, 0) };
+        if rc != 0 {
+            return Err(format!("mincore at {:#x}: {}", r.start, Errno(-rc as i32)));
+        }
+        let mut run: Option<u64> = None;
+        for (k, v) in vec.iter().enumerate() {
+            let a = r.start + (k * PAGE) as u64;
+            match (v & 1 != 0, run) {
+                (true, None) => run = Some(a),
+                (false, Some(s)) => {
+                    f(s, a)?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = run {
+            f(s, r.end)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Scanner {
+    fn drop(&mut self) {
+        let _ = sys::close(self.pagemap);
+    }
+}
+
+fn is_zero(page: *const u8) -> bool {
+    // SAFETY: page points at PAGE readable bytes.
+    let words = unsafe { core::slice::from_raw_parts(page as *const u64, PAGE / 8) };
+    words[0] == 0 && words.iter().all(|&w| w == 0)
+}
+
+/// Collects pages into Pages chunks of up to PAGES_PER_CHUNK pages.
+struct Batch {
+    runs: Vec<PageRun>,
+    iov: Vec<libc::iovec>,
+    pages: usize,
+    /// Copies of pages the process cannot read itself (PROT_NONE, write-only), read through /proc/self/mem.
+    bounce: Vec<u8>,
+    bounce_used: usize,
+    /// Start of the region the last run belongs to: runs never span regions (the restorer checks each run
+    /// lies in one region).
+    region: u64,
+}
+
+impl Batch {
+    fn add(&mut self, w: &mut Writer, mem: i32, region: u64, readable: bool, addr: u64, len: u64) -> Result<(), String> {
+        let mut a = addr;
+        while a < addr + len {
+            if self.pages == chunk::PAGES_PER_CHUNK || self.runs.len() == chunk::MAX_RUNS as usize {
+                self.flush(w)?;
+            }
+            let room = (chunk::PAGES_PER_CHUNK - self.pages) as u64 * PAGE as u64;
+            let n = room.min(addr + len - a);
+            let src = if readable {
+                a as *mut libc::c_void
+            } else {
+                let dst = &mut self.bounce[self.bounce_used..self.bounce_used + n as usize];
+                sys::pread(mem, dst, a).map_err(|e| format!("reading memory at {a:#x} through /proc/self/mem: {e}"))?;
+                self.bounce_used += n as usize;
+                dst.as_mut_ptr() as *mut libc::c_void
+            };
+            match (self.runs.last_mut(), self.iov.last_mut()) {
+                (Some(r), Some(v))
+                    if r.addr + r.len == a && readable && region == self.region && v.iov_base as u64 + v.iov_len as u64 == a =>
+                {
+                    r.len += n;
+                    v.iov_len += n as usize;
+                }
+                _ => {
+                    self.runs.push(PageRun { addr: a, len: n });
+                    self.region = region;
+                    self.iov.push(libc::iovec { iov_base: src, iov_len: n as usize });
+                }
+            }
+            self.pages += (n as usize) / PAGE;
+            a += n;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, w: &mut Writer) -> Result<(), String> {
+        if !self.runs.is_empty() {
+            w.pages(&self.runs, &self.iov).map_err(|e| format!("writing the image: {e}"))?;
+        }
+        self.runs.clear();
+        self.iov.clear();
+        self.pages = 0;
+        self.bounce_used = 0;
+        Ok(())
+    }
+}
+
+/// Write the Pages chunks of every region; `exclude` lists shim-private ranges whose contents never travel
+/// (the coordinator's own stack). Returns what was stored per region.
+pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)]) -> Result<ProcessSummary, String> {
+    let mut scanner = Scanner::open()?;
+    let mem = sys::open(b"/proc/self/mem\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/self/mem: {e}"))?;
+    let mut batch = Batch {
+        runs: Vec::with_capacity(chunk::MAX_RUNS as usize),
+        iov: Vec::with_capacity(chunk::MAX_RUNS as usize),
+        pages: 0,
+        bounce: alloc::vec![0u8; chunk::PAGES_PER_CHUNK * PAGE],
+        bounce_used: 0,
+        region: 0,
+    };
+    let mut summary = ProcessSummary { regions: Vec::with_capacity(regions.len()), bytes: 0 };
+    let start_bytes = w.bytes;
+    let result = (|| {
+        for r in regions {
+            let mut s = RegionSummary::default();
+            if r.contents == Contents::Pages {
+                let readable = r.prot & libc::PROT_READ as u32 != 0;
+                let anon = r.kind != RegionKind::File;
+                scanner.ranges(r, &mut |start, end| {
+                    for (a, b) in subtract(start, end, exclude) {
+                        let mut p = a;
+                        while p < b {
+                            // Zero pages of anonymous memory need not travel; a zero page copied from a file
+                            // must (the file holds something else there).
+                            if anon && readable && is_zero(p as *const u8) {
+                                s.zero += 1;
+                                p += PAGE as u64;
+                                continue;
+                            }
+                            let mut q = p + PAGE as u64;
+                            while q < b && !(anon && readable && is_zero(q as *const u8)) {
+                                q += PAGE as u64;
+                            }
+                            batch.add(w, mem, r.start, readable, p, q - p)?;
+                            s.stored += (q - p) / PAGE as u64;
+                            p = q;
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+            summary.regions.push(s);
+        }
+        batch.flush(w)
+    })();
+    let _ = sys::close(mem);
+    result?;
+    summary.bytes = w.bytes - start_bytes;
+    Ok(summary)
+}
+
+/// [start, end) minus the whole pages of the excluded ranges.
+fn subtract(start: u64, end: u64, exclude: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = alloc::vec![(start, end)];
+    let page = PAGE as u64;
+    for &(xs, xe) in exclude {
+        let (xs, xe) = (xs.next_multiple_of(page), xe / page * page);
+        if xs >= xe {
+            continue;
+        }
+        out = out
+            .into_iter()
+            .flat_map(|(a, b)| {
+                if xe <= a || xs >= b {
+                    alloc::vec![(a, b)]
+                } else {
+                    let mut v = Vec::new();
+                    if a < xs {
+                        v.push((a, xs));
+                    }
+                    if xe < b {
+                        v.push((xe, b));
+                    }
+                    v
+                }
+            })
+            .collect();
+    }
+    out
+}

@@ -1,0 +1,111 @@
+//! The second stage of a restore, in the restored process itself.
+//!
+//! The restorer (restore/) has rebuilt memory, the vDSO and the mm fields, then jumps to `entry` on a stack of the
+//! shim's own. Now the shim's code and data are back, and this code rebuilds the rest with each resource
+//! module's `restore`: fds, process attributes, signal dispositions, threads. It reports to the launcher and
+//! waits for its go (the launcher first checks the end of the image), then releases the threads and becomes
+//! the main thread again.
+
+use crate::checkpoint::COORDINATOR;
+use crate::global::{CONFIG, Global};
+use crate::{arena, files, process, signals, threads};
+use alloc::format;
+use alloc::string::String;
+use core::sync::atomic::Ordering;
+use vos::image::RestartSpec;
+use vos::plan;
+use vos::proto::{self, Msg};
+use vos::sys;
+
+const STACK_SIZE: usize = 256 << 10;
+
+#[repr(C, align(16))]
+struct Stack([u8; STACK_SIZE]);
+
+static STACK: Global<Stack> = Global::new(Stack([0; STACK_SIZE]));
+
+pub fn stack_range() -> (u64, u64) {
+    // SAFETY: only the address is taken.
+    let s = unsafe { STACK.get().0.as_ptr() } as u64;
+    (s, s + STACK_SIZE as u64)
+}
+
+pub fn stack_top() -> u64 {
+    stack_range().1
+}
+
+fn fail(ctl: i32, why: String) -> ! {
+    let _ = proto::send(ctl, &Msg::RestoreFailed { why }, None);
+    sys::exit_group(1)
+}
+
+/// Entered from the restorer, on STACK, with every signal blocked and no other thread.
+///
+/// # Safety
+/// Only the restorer calls this, with `blob` pointing at `len` bytes of a MessagePack RestartSpec.
+pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
+    // The image was taken mid-checkpoint: forget that session's arena (its memory did not travel).
+    arena::forget_session();
+    arena::begin_session();
+    // SAFETY: per contract.
+    let bytes = unsafe { core::slice::from_raw_parts(blob, len) };
+    let spec: RestartSpec = match rmp_serde::from_slice(bytes) {
+        Ok(s) => s,
+        Err(e) => fail(ctl, format!("decoding the restart spec: {e}")),
+    };
+    let pid = sys::getpid();
+    let Some(main) = spec.process.threads.iter().find(|t| t.tid == pid) else {
+        fail(ctl, format!("no main thread {pid} in the image"))
+    };
+    // The restart code runs as the main thread: give it the main thread's TLS first.
+    let _ = sys::arch_prctl(sys::ARCH_SET_FS, main.fs_base as usize);
+    let main_state = match rebuild(&spec) {
+        Ok(()) => threads::main_state(main).unwrap_or_else(|e| fail(ctl, e)),
+        Err(e) => fail(ctl, e),
+    };
+    if proto::send(ctl, &Msg::Ready, None).is_err() {
+        sys::exit_group(1);
+    }
+    match proto::recv(ctl) {
+        Ok(Some((Msg::Go, _))) => {}
+        _ => sys::exit_group(1),
+    }
+    signals::requeue_shared(&spec.process.signals.pending);
+    threads::release_all();
+    let _ = proto::send(ctl, &Msg::Running, None);
+    let _ = sys::close(ctl);
+    // The restorer is done: its window goes back to being a reservation.
+    // SAFETY: nothing runs from the window any more (this is the shim's stack; the spec was copied out).
+    let _ = unsafe {
+        sys::mmap(
+            plan::WINDOW_START as usize,
+            plan::WINDOW_LEN as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    arena::end_session();
+    COORDINATOR.store(0, Ordering::Release);
+    threads::resume_main(main_state)
+}
+
+fn rebuild(spec: &RestartSpec) -> Result<(), String> {
+    let p = &spec.process;
+    let sock = spec.sock.clone();
+    // SAFETY: nothing else of the shim runs in this process yet.
+    arena::permanent(|| unsafe { CONFIG.get().sock = String::from(sock.as_str()) });
+    files::restore(&p.fds, &spec.stdio)?;
+    process::restore(&p.attrs)?;
+    signals::restore(&p.signals)?;
+    threads::recreate(&p.threads)?;
+    for &fd in spec.stdio.iter().chain(spec.close.iter()) {
+        if !p.fds.iter().any(|f| f.fd == fd) {
+            let _ = sys::close(fd);
+        }
+    }
+    process::restore_limits(&p.attrs)?;
+    process::restore_last_pid(&p.attrs);
+    Ok(())
+}

@@ -1,0 +1,405 @@
+//! Threads: parking every thread of the process at a checkpoint, and recreating them at restore.
+//!
+//! To park a thread, the coordinator queues the shim's signal to it with its slot number. The thread's handler
+//! records what only the thread itself can read (TLS pointer, robust list, clear-tid address, its own pending
+//! signals), then calls `sys::save_and_call`, which pushes the callee-saved registers and records the stack
+//! pointer before it waits. The kernel's signal frame, on the thread's own stack, already holds everything
+//! else: all registers, FPU/AVX state, signal mask, alternate stack. At restore a thread is recreated with
+//! clone3 (same tid, same TLS, same clear-tid word), re-registers its robust list and rseq area, and continues
+//! that saved frame with `sys::resume_and_call`; when released it returns from the handler and the kernel's
+//! sigreturn puts the interrupted state back. No register format of our own, no glibc internals patched.
+
+use crate::global::Global;
+use crate::{procfs, signals};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicI32, AtomicIsize, AtomicU32, AtomicUsize, Ordering};
+use libc::c_void;
+use serde_bytes::ByteBuf;
+use vos::image::{AltStack, Rseq, ThreadImage};
+use vos::sys::{self, SigInfo};
+
+pub const MAX_THREADS: usize = 2048;
+const MAX_PENDING: usize = 16;
+
+const FREE: u32 = 0;
+const ASKED: u32 = 1;
+const PARKED: u32 = 2;
+
+/// What a parked thread leaves for the coordinator and for its own resumption.
+#[repr(C)]
+pub struct Slot {
+    tid: AtomicI32,
+    state: AtomicU32,
+    /// RELEASE's value when the thread parked; it waits until RELEASE moves on.
+    release_at: AtomicU32,
+    park_rsp: usize,
+    fs_base: usize,
+    uc: usize,
+    clear_child_tid: usize,
+    robust: usize,
+    robust_len: usize,
+    npending: usize,
+    pending: [SigInfo; MAX_PENDING],
+}
+
+impl Slot {
+    const EMPTY: Slot = Slot {
+        tid: AtomicI32::new(0),
+        state: AtomicU32::new(FREE),
+        release_at: AtomicU32::new(0),
+        park_rsp: 0,
+        fs_base: 0,
+        uc: 0,
+        clear_child_tid: 0,
+        robust: 0,
+        robust_len: 0,
+        npending: 0,
+        pending: [[0; 128]; MAX_PENDING],
+    };
+}
+
+/// Slot i belongs to the thread the coordinator asked with index i; only that thread writes its fields
+/// (other than tid/state, set by the coordinator before asking).
+static SLOTS: Global<[Slot; MAX_THREADS]> = Global::new([Slot::EMPTY; MAX_THREADS]);
+/// Number of threads parked (futex word the coordinator waits on).
+static PARKED_COUNT: AtomicU32 = AtomicU32::new(0);
+/// Release generation (futex word parked threads wait on).
+static RELEASE: AtomicU32 = AtomicU32::new(0);
+/// Recreated threads that have moved onto their own stacks (restore).
+static ON_STACK: AtomicU32 = AtomicU32::new(0);
+/// glibc's rseq registration: offset from the thread pointer and size (0: glibc did not register).
+static RSEQ_OFFSET: AtomicIsize = AtomicIsize::new(0);
+static RSEQ_SIZE: AtomicUsize = AtomicUsize::new(0);
+const RSEQ_SIG: u32 = 0x5305_3053;
+
+fn slot(i: usize) -> &'static mut Slot {
+    // SAFETY: slots are partitioned by index between the coordinator (before asking) and the owning thread.
+    unsafe { &mut SLOTS.get()[i] }
+}
+
+/// Learn where glibc keeps each thread's rseq area (constructor).
+pub fn init_rseq_info() {
+    // SAFETY: dlsym with NUL-terminated names; the symbols are glibc's exported variables (2.35+).
+    unsafe {
+        let off = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()) as *const isize;
+        let size = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()) as *const u32;
+        if !off.is_null() && !size.is_null() && *size > 0 {
+            RSEQ_OFFSET.store(*off, Ordering::Relaxed);
+            RSEQ_SIZE.store(*size as usize, Ordering::Relaxed);
+        }
+    }
+}
+
+// ---- parking (in each thread's signal handler) ---------------------------------------------------------------
+
+/// Called from the signal handler of a thread asked to park. Returns when the coordinator (or the restart
+/// code, after a restore) releases the thread.
+pub fn park(i: usize, uc: *mut c_void) {
+    if i >= MAX_THREADS {
+        return;
+    }
+    let s = slot(i);
+    if s.tid.load(Ordering::Acquire) != sys::gettid() || s.state.load(Ordering::Acquire) != ASKED {
+        return; // a stale request
+    }
+    s.uc = uc as usize;
+    s.fs_base = sys::get_fs_base();
+    let mut ctid: usize = 0;
+    const PR_GET_TID_ADDRESS: i32 = 40;
+    let _ = sys::prctl(PR_GET_TID_ADDRESS, &mut ctid as *mut usize as usize, 0, 0, 0);
+    s.clear_child_tid = ctid;
+    (s.robust, s.robust_len) = sys::get_robust_list().unwrap_or((0, 0));
+    s.npending = signals::drain_private(&mut s.pending);
+    s.release_at.store(RELEASE.load(Ordering::Acquire), Ordering::Release);
+    // SAFETY: park_rsp belongs to this slot; park_wait does not unwind.
+    unsafe { sys::save_and_call(&mut s.park_rsp, park_wait, i) };
+    // Released (here, or in a restored process): the thread's own signals go back in its queue.
+    let n = s.npending;
+    s.npending = 0;
+    signals::requeue_private(&s.pending[..n]);
+}
+
+extern "C" fn park_wait(i: usize) {
+    let s = slot(i);
+    s.state.store(PARKED, Ordering::Release);
+    PARKED_COUNT.fetch_add(1, Ordering::AcqRel);
+    let _ = sys::futex_wake(&PARKED_COUNT, 1);
+    wait_release(s.release_at.load(Ordering::Acquire));
+}
+
+fn wait_release(at: u32) {
+    while RELEASE.load(Ordering::Acquire) == at {
+        let _ = sys::futex_wait(&RELEASE, at, None);
+    }
+}
+
+// ---- the coordinator's side ------------------------------------------------------------------------------------
+
+/// The threads parked by `park_all`, by slot.
+pub struct Parked {
+    pub slots: Vec<usize>,
+}
+
+fn ask(i: usize, tid: i32) -> bool {
+    let s = slot(i);
+    s.tid.store(tid, Ordering::Release);
+    s.state.store(ASKED, Ordering::Release);
+    let mut info: SigInfo = [0; 128];
+    let sig = crate::global::SIG_CHECKPOINT.load(Ordering::Relaxed);
+    info[0..4].copy_from_slice(&sig.to_ne_bytes());
+    info[8..12].copy_from_slice(&libc::SI_QUEUE.to_ne_bytes());
+    info[16..20].copy_from_slice(&sys::getpid().to_ne_bytes());
+    // SAFETY: getuid has no preconditions.
+    info[20..24].copy_from_slice(&unsafe { libc::getuid() }.to_ne_bytes());
+    info[24..32].copy_from_slice(&(signals::PARK_TAG | i as u64).to_ne_bytes());
+    match sys::rt_tgsigqueueinfo(sys::getpid(), tid, sig, &info) {
+        Ok(_) => true,
+        Err(_) => {
+            s.state.store(FREE, Ordering::Release);
+            false
+        }
+    }
+}
+
+/// Park every thread of the process except the caller. On failure every thread is released again.
+pub fn park_all(timeout_ns: u64) -> Result<Parked, String> {
+    let me = sys::gettid();
+    PARKED_COUNT.store(0, Ordering::Release);
+    let mut asked: Vec<(i32, usize)> = Vec::new();
+    let start = sys::now_ns(libc::CLOCK_MONOTONIC);
+    loop {
+        let tids = procfs::list_numbers("/proc/self/task").map_err(|e| format!("listing threads: {e}"))?;
+        // Threads that exited before parking are dropped; new ones (created meanwhile) are asked too.
+        asked.retain(|(tid, i)| {
+            let alive = tids.contains(tid);
+            if !alive && slot(*i).state.load(Ordering::Acquire) == ASKED {
+                slot(*i).state.store(FREE, Ordering::Release);
+            }
+            alive || slot(*i).state.load(Ordering::Acquire) == PARKED
+        });
+        for &tid in tids.iter().filter(|&&t| t != me) {
+            if asked.iter().any(|(t, _)| *t == tid) {
+                continue;
+            }
+            let i = asked.len();
+            if i >= MAX_THREADS {
+                release_all();
+                return Err(format!("more than {MAX_THREADS} threads"));
+            }
+            if ask(i, tid) {
+                asked.push((tid, i));
+            }
+        }
+        let parked = asked.iter().filter(|(_, i)| slot(*i).state.load(Ordering::Acquire) == PARKED).count();
+        if parked == asked.len() && asked.iter().all(|(t, _)| tids.contains(t)) {
+            let again = procfs::list_numbers("/proc/self/task").map_err(|e| format!("listing threads: {e}"))?;
+            if again == tids {
+                return Ok(Parked { slots: asked.iter().map(|&(_, i)| i).collect() });
+            }
+            continue;
+        }
+        if sys::now_ns(libc::CLOCK_MONOTONIC) - start > timeout_ns {
+            let stuck: Vec<String> = asked
+                .iter()
+                .filter(|(_, i)| slot(*i).state.load(Ordering::Acquire) != PARKED)
+                .map(|(t, _)| format!("{t} ({})", comm(*t)))
+                .collect();
+            release_all();
+            return Err(format!(
+                "thread {} did not stop within {} s (it may be stopped, stuck in the kernel, or blocking signal {} with a raw syscall)",
+                stuck.join(", "),
+                timeout_ns / 1_000_000_000,
+                crate::global::SIG_CHECKPOINT.load(Ordering::Relaxed)
+            ));
+        }
+        let seen = PARKED_COUNT.load(Ordering::Acquire);
+        let _ = sys::futex_wait(&PARKED_COUNT, seen, Some(10_000_000));
+    }
+}
+
+/// Let every parked thread go on.
+pub fn release_all() {
+    RELEASE.fetch_add(1, Ordering::AcqRel);
+    let _ = sys::futex_wake(&RELEASE, i32::MAX as u32);
+}
+
+fn comm(tid: i32) -> String {
+    procfs::read_string(&format!("/proc/self/task/{tid}/comm")).map(|s| s.trim_end().into()).unwrap_or_default()
+}
+
+/// Describe the parked threads; refuse threads the shim cannot recreate.
+pub fn capture(p: &Parked) -> Result<Vec<ThreadImage>, String> {
+    let pid = sys::getpid();
+    let rseq_size = RSEQ_SIZE.load(Ordering::Relaxed);
+    let mut out: Vec<ThreadImage> = Vec::new();
+    for &i in &p.slots {
+        let s = slot(i);
+        let tid = s.tid.load(Ordering::Acquire);
+        if s.fs_base == 0 || out.iter().any(|t| t.fs_base == s.fs_base as u64) {
+            return Err(format!(
+                "thread {tid} ({}) was made by a raw clone() without its own TLS, not by pthread_create: not supported",
+                comm(tid)
+            ));
+        }
+        // SAFETY: uc points at the kernel's ucontext on the parked thread's stack, which stays put while parked.
+        let uc = unsafe { &*(s.uc as *const libc::ucontext_t) };
+        let mask = {
+            // SAFETY: the first 8 bytes of the kernel sigset are signals 1..64.
+            unsafe { *(&uc.uc_sigmask as *const libc::sigset_t as *const u64) }
+        };
+        let xfeatures = if uc.uc_mcontext.fpregs.is_null() {
+            0
+        } else {
+            // SAFETY: fpregs points at the 512-byte FXSAVE area of the frame; bytes 464..512 are the software
+            // reserved words, with the XSAVE feature mask at offset 472.
+            unsafe { core::ptr::read_unaligned((uc.uc_mcontext.fpregs as *const u8).add(472) as *const u64) }
+        };
+        let st = uc.uc_stack;
+        out.push(ThreadImage {
+            tid,
+            comm: comm(tid),
+            fs_base: s.fs_base as u64,
+            park_rsp: s.park_rsp as u64,
+            clear_child_tid: s.clear_child_tid as u64,
+            robust_list: s.robust as u64,
+            robust_len: s.robust_len as u64,
+            rseq: (rseq_size > 0).then(|| Rseq {
+                area: (s.fs_base as isize + RSEQ_OFFSET.load(Ordering::Relaxed)) as u64,
+                len: rseq_size.max(32) as u32,
+                sig: RSEQ_SIG,
+            }),
+            rip: uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64,
+            rsp: uc.uc_mcontext.gregs[libc::REG_RSP as usize] as u64,
+            sigmask: mask,
+            altstack: (st.ss_flags & libc::SS_DISABLE == 0)
+                .then(|| AltStack { sp: st.ss_sp as u64, size: st.ss_size as u64, flags: st.ss_flags }),
+            pending: s.pending[..s.npending].iter().map(|p| ByteBuf::from(p.to_vec())).collect(),
+            xfeatures,
+        });
+    }
+    if !out.iter().any(|t| t.tid == pid) {
+        return Err("the main thread has exited (pthread_exit from main): not supported".into());
+    }
+    Ok(out)
+}
+
+// ---- restore ---------------------------------------------------------------------------------------------------
+
+fn slot_of(tid: i32) -> Option<usize> {
+    (0..MAX_THREADS).find(|&i| slot(i).tid.load(Ordering::Relaxed) == tid && slot(i).state.load(Ordering::Relaxed) == PARKED)
+}
+
+/// Per-thread kernel state that clone3 does not set (robust list, rseq area, name), in plain data so the main
+/// thread can carry it past the end of the restart session.
+#[derive(Clone, Copy)]
+pub struct KernelState {
+    robust: usize,
+    robust_len: usize,
+    rseq: Option<Rseq>,
+    comm: [u8; 16],
+    clear_child_tid: usize,
+    park_rsp: usize,
+    slot: usize,
+}
+
+impl KernelState {
+    fn of(t: &ThreadImage, slot: usize) -> KernelState {
+        let mut comm = [0u8; 16];
+        let n = t.comm.len().min(15);
+        comm[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
+        KernelState {
+            robust: t.robust_list as usize,
+            robust_len: t.robust_len as usize,
+            rseq: t.rseq,
+            comm,
+            clear_child_tid: t.clear_child_tid as usize,
+            park_rsp: t.park_rsp as usize,
+            slot,
+        }
+    }
+
+    fn apply(&self) {
+        if self.robust != 0 {
+            let _ = sys::set_robust_list(self.robust, self.robust_len);
+        }
+        if let Some(r) = self.rseq {
+            let _ = sys::rseq(r.area as usize, r.len, 0, r.sig);
+        }
+        let _ = sys::prctl(libc::PR_SET_NAME, self.comm.as_ptr() as usize, 0, 0, 0);
+    }
+}
+
+extern "C" fn reborn(arg: usize) -> ! {
+    // SAFETY: arg is the KernelState the restart code allocated for this thread; it stays allocated until the
+    // thread is on its own stack.
+    let k = unsafe { *(arg as *const KernelState) };
+    k.apply();
+    // SAFETY: park_rsp is the frame this thread saved when it parked; its stack is restored and unused.
+    unsafe { sys::resume_and_call(k.park_rsp, reborn_on_stack, k.slot) }
+}
+
+extern "C" fn reborn_on_stack(i: usize) {
+    ON_STACK.fetch_add(1, Ordering::AcqRel);
+    let _ = sys::futex_wake(&ON_STACK, 1);
+    wait_release(slot(i).release_at.load(Ordering::Acquire));
+}
+
+/// Recreate every thread except the main one (the caller is the process's first thread, tid = pid); each
+/// waits, parked again, for `release_all`. Returns when all are on their own stacks.
+pub fn recreate(threads: &[ThreadImage]) -> Result<(), String> {
+    let pid = sys::getpid();
+    ON_STACK.store(0, Ordering::Release);
+    let mut n = 0;
+    for t in threads.iter().filter(|t| t.tid != pid) {
+        let i = slot_of(t.tid).ok_or_else(|| format!("thread {}: no parked frame in the image", t.tid))?;
+        const SCRATCH: usize = 32 << 10;
+        let stack = alloc::vec![0u8; SCRATCH].leak();
+        let k = alloc::boxed::Box::leak(alloc::boxed::Box::new(KernelState::of(t, i)));
+        let tid = t.tid as u64;
+        let args = sys::CloneArgs {
+            flags: sys::THREAD_FLAGS,
+            child_tid: t.clear_child_tid,
+            stack: stack.as_mut_ptr() as u64,
+            stack_size: SCRATCH as u64,
+            tls: t.fs_base,
+            set_tid: &tid as *const u64 as u64,
+            set_tid_size: 1,
+            ..Default::default()
+        };
+        // SAFETY: the stack and KernelState stay allocated until ON_STACK shows the thread left them.
+        unsafe { sys::clone3_thread(&args, reborn, k as *const KernelState as usize) }
+            .map_err(|e| format!("recreating thread {}: clone3: {e}", t.tid))?;
+        n += 1;
+    }
+    let start = sys::now_ns(libc::CLOCK_MONOTONIC);
+    loop {
+        let seen = ON_STACK.load(Ordering::Acquire);
+        if seen == n {
+            return Ok(());
+        }
+        if sys::now_ns(libc::CLOCK_MONOTONIC) - start > 10_000_000_000 {
+            return Err(format!("only {seen} of {n} recreated threads started"));
+        }
+        let _ = sys::futex_wait(&ON_STACK, seen, Some(10_000_000));
+    }
+}
+
+/// The main thread's state, to be carried past the end of the restart session.
+pub fn main_state(main: &ThreadImage) -> Result<KernelState, String> {
+    let i = slot_of(main.tid).ok_or_else(|| format!("main thread {}: no parked frame in the image", main.tid))?;
+    Ok(KernelState::of(main, i))
+}
+
+/// Become the main thread again: its kernel state, then its saved frame.
+pub fn resume_main(k: KernelState) -> ! {
+    let _ = sys::set_tid_address(k.clear_child_tid);
+    k.apply();
+    // SAFETY: the main thread's saved frame, intact in the restored stack.
+    unsafe { sys::resume_and_call(k.park_rsp, main_on_stack, k.slot) }
+}
+
+extern "C" fn main_on_stack(i: usize) {
+    wait_release(slot(i).release_at.load(Ordering::Acquire));
+}
