@@ -78,7 +78,6 @@ pub struct Supervisor {
     argv: Vec<String>,
     started_unix_ns: u64,
     sigfd: SignalFd,
-    seq: u64,
     checkpointed_and_stopped: Option<String>,
 }
 
@@ -100,7 +99,7 @@ pub fn block_signals() -> Result<()> {
 impl Supervisor {
     pub fn new(opts: Options, listener: Listener, job: Started, argv: Vec<String>, started_unix_ns: u64) -> Result<Supervisor> {
         let sigfd = SignalFd::with_flags(&handled(), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
-        let s = Supervisor { opts, listener, job, argv, started_unix_ns, sigfd, seq: 0, checkpointed_and_stopped: None };
+        let s = Supervisor { opts, listener, job, argv, started_unix_ns, sigfd, checkpointed_and_stopped: None };
         runtime::register(&runtime::Entry {
             name: s.opts.name.clone(),
             supervisor: std::process::id() as i32,
@@ -368,9 +367,17 @@ impl Supervisor {
             Dest::Fd(fd) => return Ok((fd.try_clone()?, None, None)),
             Dest::Path(p) => p.clone(),
             Dest::Dir => {
-                self.seq += 1;
                 std::fs::create_dir_all(&self.opts.dir).with_context(|| format!("creating {}", self.opts.dir.display()))?;
-                self.opts.dir.join(format!("{}-{}-{}.{EXT}", self.opts.name, timestamp(), self.seq))
+                let stamp = timestamp();
+                let mut n = 0;
+                loop {
+                    let suffix = if n == 0 { String::new() } else { format!("-{n}") };
+                    let p = self.opts.dir.join(format!("{}-{stamp}{suffix}.{EXT}", self.opts.name));
+                    if !p.exists() {
+                        break p;
+                    }
+                    n += 1;
+                }
             }
         };
         let dir = fin.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -451,10 +458,11 @@ fn peer_allowed(conn: &OwnedFd) -> bool {
     }
 }
 
-/// UTC "YYYYmmdd-HHMMSS" (image file names).
+/// UTC "YYYYmmdd-HHMMSS.mmm" (image file names).
 pub fn timestamp() -> String {
-    let (y, m, d, hh, mm, ss) = civil((nanos() / 1_000_000_000) as i64);
-    format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}")
+    let n = nanos();
+    let (y, m, d, hh, mm, ss) = civil((n / 1_000_000_000) as i64);
+    format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}.{:03}", n / 1_000_000 % 1000)
 }
 
 /// UTC "YYYY-mm-dd HH:MM:SS" of a Unix time.

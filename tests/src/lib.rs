@@ -1,1 +1,233 @@
+//! Helpers for vOS's end-to-end tests: run real programs under `vrun`, checkpoint, restore, and read what they
+//! printed. The binaries under test are the workspace's release build (`cargo build --release` first), or those
+//! in $VOS_BIN.
 
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Where vrun, libvos_shim.so and vos-restore are.
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("VOS_BIN").map(PathBuf::from).unwrap_or_else(|| repo().join("target/release"))
+}
+
+pub fn vrun() -> Command {
+    let p = bin_dir().join("vrun");
+    assert!(p.exists(), "{} missing: run `cargo build --release` first", p.display());
+    let mut c = Command::new(p);
+    c.stdin(Stdio::null());
+    use std::os::unix::process::CommandExt;
+    // SAFETY: close_range only closes fds in the child before exec; a job must not inherit the test
+    // runner's stray fds (the checkpoint would rightly refuse them).
+    unsafe {
+        c.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    c
+}
+
+/// A scratch directory for one test, removed when the test passes.
+pub struct Work {
+    pub dir: PathBuf,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Work {
+    pub fn new(test: &str) -> Work {
+        let dir = std::env::temp_dir().join(format!("vos-test-{test}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Work { dir }
+    }
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.dir.join(f)
+    }
+    pub fn s(&self, f: &str) -> String {
+        self.path(f).display().to_string()
+    }
+    /// A job name unique to this test run.
+    pub fn name(&self, base: &str) -> String {
+        format!("{base}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("test files kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// Compile tests/programs/NAME.c (once per test binary run) and return the executable.
+pub fn gcc(name: &str) -> PathBuf {
+    let src = repo().join("tests/programs").join(format!("{name}.c"));
+    let outdir = repo().join("target/vos-test-programs");
+    fs::create_dir_all(&outdir).unwrap();
+    let out = outdir.join(name);
+    let fresh = |o: &Path| {
+        let (Ok(a), Ok(b)) = (fs::metadata(o), fs::metadata(&src)) else { return false };
+        a.modified().unwrap() >= b.modified().unwrap()
+    };
+    if !fresh(&out) {
+        let tmp = outdir.join(format!(".{name}.{}", std::process::id()));
+        let st = Command::new("gcc").args(["-O2", "-g", "-pthread", "-o"]).arg(&tmp).arg(&src).status().expect("gcc");
+        assert!(st.success(), "gcc {name}.c failed");
+        fs::rename(&tmp, &out).unwrap();
+    }
+    out
+}
+
+/// A `vrun` process (a launched or restored job, in the foreground).
+pub struct Running {
+    pub child: Option<Child>,
+    pub name: String,
+}
+
+fn spawn(mut c: Command, name: &str, stdout: &Path, stderr: &Path) -> Running {
+    let out = fs::OpenOptions::new().create(true).append(true).open(stdout).unwrap();
+    let err = fs::OpenOptions::new().create(true).append(true).open(stderr).unwrap();
+    c.stdout(out).stderr(err);
+    Running { child: Some(c.spawn().expect("spawning vrun")), name: name.into() }
+}
+
+/// Start `argv` under vrun as job `name`, images to the work dir; its stdout appends to `stdout`.
+pub fn launch(w: &Work, name: &str, argv: &[&str], stdout: &Path) -> Running {
+    let mut c = vrun();
+    c.args(["--name", name, "--dir"]).arg(&w.dir).arg("--").args(argv);
+    spawn(c, name, stdout, &w.path("vrun.err"))
+}
+
+/// Restore `image` as job `name`.
+pub fn restore(w: &Work, name: &str, image: &str, stdout: &Path) -> Running {
+    let mut c = vrun();
+    c.args(["restore", "--name", name, "--dir"]).arg(&w.dir).arg(image);
+    spawn(c, name, stdout, &w.path("vrun.err"))
+}
+
+impl Running {
+    /// `vrun checkpoint NAME [--kill]`: the image's path.
+    pub fn checkpoint(&self, kill: bool) -> String {
+        let mut c = vrun();
+        c.args(["checkpoint", &self.name]);
+        if kill {
+            c.arg("--kill");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "vrun checkpoint {} failed: {}", self.name, String::from_utf8_lossy(&o.stderr));
+        let path = String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or_default().to_string();
+        assert!(Path::new(&path).exists(), "checkpoint printed {path:?}, which does not exist");
+        path
+    }
+
+    /// Checkpoint and stop the job; `vrun` must exit with 75.
+    pub fn checkpoint_kill(mut self) -> String {
+        let p = self.checkpoint(true);
+        let st = self.wait(Duration::from_secs(20));
+        assert_eq!(st.code(), Some(75), "vrun after checkpoint --kill: {st:?}");
+        p
+    }
+
+    pub fn pid(&self) -> i32 {
+        let j = fs::read_to_string(format!("/run/vos/{}.json", self.name)).unwrap_or_default();
+        let key = "\"pid\":";
+        j.find(key).and_then(|i| j[i + key.len()..].trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        let c = self.child.as_mut().unwrap();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                self.child = None;
+                return st;
+            }
+            if start.elapsed() > timeout {
+                panic!("job {} did not end within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = self.pid();
+            if pid > 0 {
+                // SAFETY: kill has no memory effects.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Wait until `pred` holds for the file's contents; returns them.
+pub fn wait_for(path: &Path, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        if pred(&s) {
+            return s;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out waiting for {what} in {}; it holds:\n{}", path.display(), tail(&s, 20));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(n)..].join("\n")
+}
+
+/// The highest N of the lines "step N ..." in `s`.
+pub fn last_step(s: &str) -> i64 {
+    s.lines().filter_map(step_of).max().unwrap_or(-1)
+}
+
+pub fn step_of(l: &str) -> Option<i64> {
+    l.strip_prefix("step ")?.split_whitespace().next()?.parse().ok()
+}
+
+/// Wait until the program printed step `n` or beyond.
+pub fn wait_step(path: &Path, n: i64) -> String {
+    wait_for(path, &format!("step {n}"), Duration::from_secs(60), |s| last_step(s) >= n || s.contains("MISMATCH") || s.contains("BROKEN"))
+}
+
+/// Every "step N" line appears exactly once, in order 0..total, followed by "done"; no error lines.
+pub fn assert_steps(s: &str, total: i64) {
+    let steps: Vec<i64> = s.lines().filter_map(step_of).collect();
+    let bad: Vec<&str> = s.lines().filter(|l| step_of(l).is_none() && *l != "done" && !l.starts_with("usr2") && !l.starts_with("total")).collect();
+    assert!(bad.is_empty(), "unexpected lines: {bad:?}");
+    let expect: Vec<i64> = (0..total).collect();
+    if steps != expect {
+        let first_bad = steps.iter().zip(&expect).position(|(a, b)| a != b).unwrap_or(steps.len().min(expect.len()));
+        panic!("steps are not 0..{total} exactly once: first difference at index {first_bad}: {:?}", &steps[first_bad.saturating_sub(3)..(first_bad + 3).min(steps.len())]);
+    }
+    assert_eq!(s.lines().last(), Some("done"), "the program did not finish");
+}
+
+/// Run vrun with arguments and return (status, stdout, stderr).
+pub fn run_vrun(args: &[&str]) -> (ExitStatus, String, String) {
+    let o = vrun().args(args).output().unwrap();
+    (o.status, String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
