@@ -45,7 +45,7 @@ pub struct Listener {
 
 pub fn listen(job: &str) -> Result<Listener> {
     let name = format!("vos/{}/{job}/{}/{:x}", nix::unistd::getuid(), std::process::id(), nanos() & 0xffff_ffff);
-    let fd = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+    let fd = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
     let addr = UnixAddr::new_abstract(name.as_bytes())?;
     socket::bind(fd.as_raw_fd(), &addr).context("binding the control socket")?;
     socket::listen(&fd, socket::Backlog::new(16)?)?;
@@ -256,8 +256,18 @@ impl Supervisor {
             if left.is_zero() {
                 bail!("the job did not answer the checkpoint signal within 10 s (is the program dynamically linked, and did it keep LD_PRELOAD?)");
             }
-            let mut fds = [PollFd::new(self.listener.fd.as_fd(), PollFlags::POLLIN)];
-            poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX))?;
+            let mut fds = [
+                PollFd::new(self.listener.fd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.job.status.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX)) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => bail!("poll: {e}"),
+            }
+            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                bail!("the job ended");
+            }
             let Ok(fd) = socket::accept4(self.listener.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) else { continue };
             let conn = crate::ns::owned(fd);
             if !peer_allowed(&conn) {

@@ -36,6 +36,8 @@ const PARK_TIMEOUT_NS: u64 = 10_000_000_000;
 
 /// A trigger signal arrived (in a signal handler): start a coordinator unless one runs.
 pub fn trigger(sig: i32) {
+    // This very handler may have interrupted a sleeping call of the app: let the hook retry it.
+    interrupts::GEN.fetch_add(1, Ordering::AcqRel);
     if COORDINATOR.compare_exchange(0, -1, Ordering::AcqRel, Ordering::Acquire).is_err() {
         return;
     }
