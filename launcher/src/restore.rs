@@ -32,7 +32,19 @@ pub struct Args {
     pub quiet: bool,
 }
 
+/// With VOS_TIMING set, `vrun restore` reports how long each phase took (on stderr).
+struct Phases(Option<std::time::Instant>);
+
+impl Phases {
+    fn mark(&mut self, what: &str) {
+        if let Some(t) = self.0 {
+            eprintln!("vrun: restore: {what} at {:.1} ms", t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+}
+
 pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
+    let mut phases = Phases(std::env::var_os("VOS_TIMING").map(|_| std::time::Instant::now()));
     let mut r = Reader::open(&a.src)?;
     let header = r.header()?;
     if header.processes != 1 {
@@ -90,7 +102,9 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
         fds,
         hostname: process.attrs.hostname.clone(),
     };
+    phases.mark("image checked and planned");
     let started = ns::start(child, clocks)?;
+    phases.mark("restorer started");
     drop(ctl_child);
     drop(memfd);
     drop(plan.files);
@@ -105,6 +119,7 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
 
     // The restorer reports once memory is back (or why it failed).
     let report = wait_report(c).map_err(fail)?;
+    phases.mark("memory restored");
     r.seq = report.next_seq;
     match proto::recv(c) {
         Ok(Some((Msg::Ready, _))) => {}
@@ -113,12 +128,14 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
         Ok(None) | Err(_) => return Err(fail(anyhow!("restoring {} failed: the restored process ended", r.name))),
     }
     // Only a whole image may run.
+    phases.mark("threads and fds restored");
     r.end().map_err(fail)?;
     proto::send(c, &Msg::Go, None).map_err(|e| fail(anyhow!("talking to the restored job: {e}")))?;
     match proto::recv(c) {
         Ok(Some((Msg::Running, _))) => {}
         _ => return Err(fail(anyhow!("the restored job did not start"))),
     }
+    phases.mark("running");
     drop(ctl_parent);
     drop(r);
     let opts = Options {

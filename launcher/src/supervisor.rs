@@ -314,6 +314,13 @@ impl Supervisor {
     }
 
     fn run_protocol(&mut self, c: i32, req: &Request, out: OwnedFd, tmp: Option<&Path>, fin: Option<&Path>) -> Result<Option<String>> {
+        let t0 = Instant::now();
+        let timing = std::env::var_os("VOS_TIMING").is_some();
+        let mark = |what: &str| {
+            if timing {
+                eprintln!("vrun: checkpoint: {what} at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
+            }
+        };
         let cancel = |why: String| -> anyhow::Error {
             let _ = proto::send(c, &Msg::Cancel { why: why.clone() }, None);
             anyhow!(why)
@@ -344,13 +351,20 @@ impl Supervisor {
             Msg::Quiesced { error: Some(e) } => bail!("{e}"),
             m => return Err(cancel(format!("unexpected message from the job: {m:?}"))),
         }
+        mark("quiesced and captured");
         proto::send(c, &Msg::Dump { first_seq }, None).map_err(|e| anyhow!("talking to the job: {e}"))?;
         let next_seq = match recv(c)? {
             Msg::Dumped { error: None, next_seq, .. } => next_seq,
             Msg::Dumped { error: Some(e), .. } => bail!("{e}"),
             m => return Err(cancel(format!("unexpected message from the job: {m:?}"))),
         };
+        mark("written");
         w.end(next_seq).map_err(|e| cancel(format!("writing the image: {e}")))?;
+        // A job that goes on may do so now: its image is complete, and a failure to make it durable below
+        // loses nothing (the image is not put in place). A job that ends waits until its image is safe.
+        if !req.kill {
+            proto::send(c, &Msg::Finish { exit: false }, None).map_err(|e| anyhow!("talking to the job: {e}"))?;
+        }
         let path = match (tmp, fin) {
             (Some(t), Some(f)) => {
                 commit(&w.file, t, f).map_err(|e| cancel(format!("{e:#}")))?;
@@ -359,8 +373,9 @@ impl Supervisor {
             _ => None,
         };
         drop(w);
-        proto::send(c, &Msg::Finish { exit: req.kill }, None).map_err(|e| anyhow!("talking to the job: {e}"))?;
+        mark("synced and renamed");
         if req.kill {
+            proto::send(c, &Msg::Finish { exit: true }, None).map_err(|e| anyhow!("talking to the job: {e}"))?;
             self.checkpointed_and_stopped = Some(path.clone().unwrap_or_else(|| "the requester's output".into()));
         } else {
             match recv(c)? {
@@ -368,6 +383,7 @@ impl Supervisor {
                 m => bail!("unexpected message from the job: {m:?}"),
             }
         }
+        mark("done");
         Ok(path)
     }
 

@@ -13,6 +13,9 @@
 #[path = "../../common/src/chunk.rs"]
 #[allow(dead_code)]
 mod chunk;
+#[path = "../../common/src/hashring.rs"]
+#[allow(dead_code)]
+mod hashring;
 #[path = "../../common/src/plan.rs"]
 #[allow(dead_code)]
 mod plan;

@@ -4,7 +4,10 @@ use crate::fail;
 use crate::out::Msg;
 use crate::chunk::{self, ImageError, Kind, PageRun, PayloadHasher, Source};
 use crate::plan::{self, MapOp};
+use crate::hashring::Ring;
 use crate::sys::{self, Errno};
+
+const MADV_POPULATE_WRITE: i32 = 23;
 
 /// Highest user address on x86-64 with 4-level page tables.
 const TASK_SIZE: u64 = 0x7fff_ffff_f000;
@@ -157,26 +160,36 @@ fn fill_target(ops: &[MapOp], run: &PageRun) -> bool {
     })
 }
 
-/// Read this process's Pages chunks (and its closing ProcessEnd chunk) straight into place, verifying each.
-/// Returns the next chunk number and the number of pages read.
+/// Checks page chunks on a second thread while the next ones are read.
+static RING: Ring = Ring::new();
+
+/// Read this process's Pages chunks (and its closing ProcessEnd chunk) straight into place; a second thread
+/// verifies each chunk's checksum meanwhile. Returns the next chunk number and the pages read.
 pub fn read_pages(fd: i32, first_seq: u64, ops: &[MapOp]) -> (u64, u64) {
     let mut src = Fd(fd);
     let mut seq = first_seq;
     let mut pages = 0u64;
-    let mut runs = [PageRun::default(); chunk::MAX_RUNS as usize];
-    let mut table = [0u8; chunk::RUN_LEN * chunk::MAX_RUNS as usize];
+    RING.start(true);
     loop {
+        if let Some(bad) = RING.bad() {
+            RING.finish();
+            image_fail(ImageError::PayloadCorrupt { seq: bad });
+        }
         let head = chunk::read_head(&mut src, seq).unwrap_or_else(|e| image_fail(e));
         match head.kind {
             Kind::Pages => {}
             Kind::ProcessEnd => {
+                if let Some(bad) = RING.finish() {
+                    image_fail(ImageError::PayloadCorrupt { seq: bad });
+                }
                 // Only `inspect` reads the summary; check it and skip it.
                 let mut h = PayloadHasher::default();
+                let mut buf = [0u8; 4096];
                 let mut left = head.len as usize;
                 while left > 0 {
-                    let n = left.min(table.len());
-                    src.read_exact(&mut table[..n]).unwrap_or_else(|e| image_fail(read_err(e)));
-                    h.update(&table[..n]);
+                    let n = left.min(buf.len());
+                    src.read_exact(&mut buf[..n]).unwrap_or_else(|e| image_fail(read_err(e)));
+                    h.update(&buf[..n]);
                     left -= n;
                 }
                 if h.finish() != head.payload_hash {
@@ -186,40 +199,39 @@ pub fn read_pages(fd: i32, first_seq: u64, ops: &[MapOp]) -> (u64, u64) {
             }
             _ => image_fail(ImageError::UnexpectedKind { seq, found: head.kind as u32, wanted: "page data" }),
         }
-        let mut h = PayloadHasher::default();
-        let mut count = [0u8; 8];
-        src.read_exact(&mut count).unwrap_or_else(|e| image_fail(read_err(e)));
-        h.update(&count);
-        let nruns = u32::from_le_bytes([count[0], count[1], count[2], count[3]]);
+        let job = RING.slot();
+        job.seq = seq;
+        job.expected = head.payload_hash;
+        src.read_exact(&mut job.table[..8]).unwrap_or_else(|e| image_fail(read_err(e)));
+        let nruns = u32::from_le_bytes([job.table[0], job.table[1], job.table[2], job.table[3]]);
         if nruns > chunk::MAX_RUNS || 8 + nruns as u64 * chunk::RUN_LEN as u64 > head.len {
             image_fail(ImageError::Malformed { seq, what: "bad run table" });
         }
-        let tlen = nruns as usize * chunk::RUN_LEN;
-        src.read_exact(&mut table[..tlen]).unwrap_or_else(|e| image_fail(read_err(e)));
-        h.update(&table[..tlen]);
-        let mut data = 0u64;
-        for (i, run) in runs.iter_mut().take(nruns as usize).enumerate() {
-            *run = PageRun::decode(&table[i * chunk::RUN_LEN..]);
+        job.nruns = nruns as usize;
+        job.tlen = 8 + job.nruns * chunk::RUN_LEN;
+        src.read_exact(&mut job.table[8..job.tlen]).unwrap_or_else(|e| image_fail(read_err(e)));
+        for i in 0..job.nruns {
+            let run = PageRun::decode(&job.table[8 + i * chunk::RUN_LEN..]);
             let aligned = run.addr % chunk::PAGE as u64 == 0 && run.len % chunk::PAGE as u64 == 0 && run.len > 0;
-            if !aligned || !fill_target(ops, run) {
+            if !aligned || !fill_target(ops, &run) {
                 image_fail(ImageError::Malformed { seq, what: "page run outside the process's memory" });
             }
-            data += run.len;
+            job.runs[i] = run;
+            job.src[i] = run.addr;
         }
-        if 8 + tlen as u64 + data != head.len {
+        if job.len() != head.len {
             image_fail(ImageError::Malformed { seq, what: "page data length" });
         }
-        for run in &runs[..nruns as usize] {
-            // SAFETY: fill_target checked the run lies inside a region we mapped writable.
+        for run in &job.runs[..job.nruns] {
+            // SAFETY: fill_target checked the run lies inside a region we mapped writable. Populating first is
+            // much faster than letting read() fault every page in from inside the kernel.
             unsafe {
+                let _ = sys::madvise(run.addr as usize, run.len as usize, MADV_POPULATE_WRITE);
                 read_exact_raw(fd, run.addr as *mut u8, run.len as usize).unwrap_or_else(|e| image_fail(read_err(e)));
-                h.update(core::slice::from_raw_parts(run.addr as *const u8, run.len as usize));
             }
             pages += run.len / chunk::PAGE as u64;
         }
-        if h.finish() != head.payload_hash {
-            image_fail(ImageError::PayloadCorrupt { seq });
-        }
+        RING.submit();
         seq += 1;
     }
 }

@@ -14,6 +14,8 @@ use vos::sys;
 const CHUNK: usize = 16 << 20;
 const MAX_CHUNKS: usize = 256;
 
+/// Page aligned: the session arena's bookkeeping changes while an image is written, so it is left out whole.
+#[repr(C, align(4096))]
 struct Arena {
     lock: AtomicBool,
     cur: AtomicUsize,
@@ -126,6 +128,12 @@ pub fn forget_session() {
     SESSION.end.store(0, Ordering::Relaxed);
     SESSION.lock.store(false, Ordering::Release);
     IN_SESSION.store(false, Ordering::SeqCst);
+}
+
+/// Where the session arena's bookkeeping lives (left out of images; `forget_session` resets it after restore).
+pub fn session_state() -> (u64, u64) {
+    let s = &SESSION as *const Arena as u64;
+    (s, s + core::mem::size_of::<Arena>() as u64)
 }
 
 /// Address ranges of the session arena (left out of images).

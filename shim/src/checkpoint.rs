@@ -252,7 +252,7 @@ fn only_process() -> Result<(), String> {
 fn write(w: &mut Writer, image: &ProcessImage) -> Result<(), String> {
     let meta = rmp_serde::to_vec_named(image).map_err(|e| format!("encoding the process metadata: {e}"))?;
     w.chunk(Kind::Process, &meta).map_err(|e| format!("writing the image: {e}"))?;
-    let summary: ProcessSummary = memory::write_pages(w, &image.regions, &[stack_range(), restart::stack_range()])?;
+    let summary: ProcessSummary = memory::write_pages(w, &image.regions, &[stack_range(), restart::stack_range(), memory::ring_range(), arena::session_state()])?;
     let s = rmp_serde::to_vec_named(&summary).map_err(|e| format!("encoding the summary: {e}"))?;
     w.chunk(Kind::ProcessEnd, &s).map_err(|e| format!("writing the image: {e}"))?;
     Ok(())

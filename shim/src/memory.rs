@@ -12,6 +12,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use vos::chunk::{self, PageRun};
+use vos::hashring::{self, Ring};
 use vos::image::*;
 use vos::plan;
 use vos::sys::{self, Errno};
@@ -353,13 +354,25 @@ fn is_zero(page: *const u8) -> bool {
     words[0] == 0 && words.iter().all(|&w| w == 0)
 }
 
-/// Collects pages into Pages chunks of up to PAGES_PER_CHUNK pages.
+/// Hashes page chunks on a second thread while the coordinator writes the previous ones.
+static RING: Ring = Ring::new();
+
+/// The hashing ring (left out of images: it changes while they are written).
+pub fn ring_range() -> (u64, u64) {
+    RING.range()
+}
+
+/// Collects pages into Pages chunks of up to PAGES_PER_CHUNK pages, hands each to the hashing thread, and
+/// writes chunks in order as their hashes come back.
 struct Batch {
     runs: Vec<PageRun>,
-    iov: Vec<libc::iovec>,
+    /// Where each run's bytes are: in place, or in a bounce buffer.
+    src: Vec<u64>,
     pages: usize,
-    /// Copies of pages the process cannot read itself (PROT_NONE, write-only), read through /proc/self/mem.
-    bounce: Vec<u8>,
+    /// Copies of pages the process cannot read itself (PROT_NONE, write-only), read through /proc/self/mem;
+    /// one buffer more than the ring has slots, so the one being filled is never in flight.
+    bounce: Vec<Vec<u8>>,
+    cur: usize,
     bounce_used: usize,
     /// Start of the region the last run belongs to: runs never span regions (the restorer checks each run
     /// lies in one region).
@@ -376,24 +389,22 @@ impl Batch {
             let room = (chunk::PAGES_PER_CHUNK - self.pages) as u64 * PAGE as u64;
             let n = room.min(addr + len - a);
             let src = if readable {
-                a as *mut libc::c_void
+                a
             } else {
-                let dst = &mut self.bounce[self.bounce_used..self.bounce_used + n as usize];
+                if self.bounce.is_empty() {
+                    self.bounce = (0..hashring::SLOTS + 1).map(|_| alloc::vec![0u8; chunk::PAGES_PER_CHUNK * PAGE]).collect();
+                }
+                let dst = &mut self.bounce[self.cur][self.bounce_used..self.bounce_used + n as usize];
                 sys::pread(mem, dst, a).map_err(|e| format!("reading memory at {a:#x} through /proc/self/mem: {e}"))?;
                 self.bounce_used += n as usize;
-                dst.as_mut_ptr() as *mut libc::c_void
+                dst.as_ptr() as u64
             };
-            match (self.runs.last_mut(), self.iov.last_mut()) {
-                (Some(r), Some(v))
-                    if r.addr + r.len == a && readable && region == self.region && v.iov_base as u64 + v.iov_len as u64 == a =>
-                {
-                    r.len += n;
-                    v.iov_len += n as usize;
-                }
+            match (self.runs.last_mut(), self.src.last()) {
+                (Some(r), Some(&s)) if r.addr + r.len == a && region == self.region && s + r.len == src => r.len += n,
                 _ => {
                     self.runs.push(PageRun { addr: a, len: n });
+                    self.src.push(src);
                     self.region = region;
-                    self.iov.push(libc::iovec { iov_base: src, iov_len: n as usize });
                 }
             }
             self.pages += (n as usize) / PAGE;
@@ -402,16 +413,42 @@ impl Batch {
         Ok(())
     }
 
+    /// Queue the collected pages as a chunk; write finished chunks while the ring is full.
     fn flush(&mut self, w: &mut Writer) -> Result<(), String> {
         if !self.runs.is_empty() {
-            w.pages(&self.runs, &self.iov).map_err(|e| format!("writing the image: {e}"))?;
+            while RING.in_flight() as usize >= hashring::SLOTS {
+                write_oldest(w)?;
+            }
+            let job = RING.slot();
+            job.set_runs(&self.runs, &self.src);
+            job.expected = hashring::NONE;
+            RING.submit();
         }
         self.runs.clear();
-        self.iov.clear();
+        self.src.clear();
         self.pages = 0;
+        if self.bounce_used > 0 {
+            self.cur = (self.cur + 1) % self.bounce.len();
+        }
         self.bounce_used = 0;
         Ok(())
     }
+
+    /// Write everything still queued.
+    fn drain(&mut self, w: &mut Writer) -> Result<(), String> {
+        self.flush(w)?;
+        while RING.in_flight() > 0 {
+            write_oldest(w)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_oldest(w: &mut Writer) -> Result<(), String> {
+    let job = RING.oldest_hashed();
+    let r = w.pages(job).map_err(|e| format!("writing the image: {e}"));
+    RING.release();
+    r
 }
 
 /// Write the Pages chunks of every region; `exclude` lists shim-private ranges whose contents never travel
@@ -421,14 +458,16 @@ pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)]) -
     let mem = sys::open(b"/proc/self/mem\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/self/mem: {e}"))?;
     let mut batch = Batch {
         runs: Vec::with_capacity(chunk::MAX_RUNS as usize),
-        iov: Vec::with_capacity(chunk::MAX_RUNS as usize),
+        src: Vec::with_capacity(chunk::MAX_RUNS as usize),
         pages: 0,
-        bounce: alloc::vec![0u8; chunk::PAGES_PER_CHUNK * PAGE],
+        bounce: Vec::new(),
+        cur: 0,
         bounce_used: 0,
         region: 0,
     };
     let mut summary = ProcessSummary { regions: Vec::with_capacity(regions.len()), bytes: 0 };
     let start_bytes = w.bytes;
+    RING.start(false);
     let result = (|| {
         for r in regions {
             let mut s = RegionSummary::default();
@@ -460,8 +499,14 @@ pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)]) -
             }
             summary.regions.push(s);
         }
-        batch.flush(w)
+        batch.drain(w)
     })();
+    // Whatever happened, the hashing thread ends before the app may run again.
+    while RING.in_flight() > 0 {
+        let _ = RING.oldest_hashed();
+        RING.release();
+    }
+    RING.finish();
     let _ = sys::close(mem);
     result?;
     summary.bytes = w.bytes - start_bytes;

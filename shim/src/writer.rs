@@ -1,6 +1,7 @@
 //! Writing image chunks to an fd (file, pipe or socket) with raw syscalls.
 
-use vos::chunk::{self, ChunkHead, Kind, PageRun, PayloadHasher};
+use vos::chunk::{self, ChunkHead, Kind};
+use vos::hashring::Job;
 use vos::sys::{self, Errno};
 
 pub struct Writer {
@@ -8,11 +9,31 @@ pub struct Writer {
     /// Number of the next chunk.
     pub seq: u64,
     pub bytes: u64,
+    /// For a regular file: bytes written since writeback was last started.
+    unsynced: Option<u64>,
 }
+
+/// Start writing back every this many bytes, so the final fsync finds little left to do.
+const WRITEBACK_EVERY: u64 = 16 << 20;
 
 impl Writer {
     pub fn new(fd: i32, first_seq: u64) -> Writer {
-        Writer { fd, seq: first_seq, bytes: 0 }
+        let regular = sys::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+        Writer { fd, seq: first_seq, bytes: 0, unsynced: regular.then_some(0) }
+    }
+
+    fn wrote(&mut self, n: u64) {
+        self.bytes += n;
+        if let Some(u) = self.unsynced.as_mut() {
+            *u += n;
+            if *u >= WRITEBACK_EVERY {
+                let end = sys::lseek(self.fd, 0, libc::SEEK_CUR).unwrap_or(0);
+                const SYNC_FILE_RANGE_WRITE: usize = 2;
+                // SAFETY: sync_file_range only starts writeback of the file's dirty pages.
+                unsafe { sys::syscall6(libc::SYS_sync_file_range, self.fd as usize, (end - *u) as usize, *u as usize, SYNC_FILE_RANGE_WRITE, 0, 0) };
+                *u = 0;
+            }
+        }
     }
 
     /// A metadata chunk.
@@ -24,26 +45,16 @@ impl Writer {
         Ok(())
     }
 
-    /// A Pages chunk: the run table, then `data`, which holds exactly the runs' bytes in order.
-    pub fn pages(&mut self, runs: &[PageRun], data: &[libc::iovec]) -> Result<(), Errno> {
-        let mut table = [0u8; 8 + chunk::RUN_LEN * chunk::MAX_RUNS as usize];
-        table[..4].copy_from_slice(&(runs.len() as u32).to_le_bytes());
-        for (i, r) in runs.iter().enumerate() {
-            table[8 + i * chunk::RUN_LEN..8 + (i + 1) * chunk::RUN_LEN].copy_from_slice(&r.encode());
-        }
-        let tlen = 8 + runs.len() * chunk::RUN_LEN;
-        let mut h = PayloadHasher::default();
-        h.update(&table[..tlen]);
-        let mut len = tlen as u64;
-        for v in data {
-            // SAFETY: each iovec describes readable memory (the caller's pages or bounce buffer).
-            h.update(unsafe { core::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
-            len += v.iov_len as u64;
-        }
-        let head = ChunkHead { kind: Kind::Pages, seq: self.seq, len, payload_hash: h.finish() };
+    /// A Pages chunk whose payload hash the hashing thread computed.
+    pub fn pages(&mut self, job: &Job) -> Result<(), Errno> {
+        let head = ChunkHead { kind: Kind::Pages, seq: self.seq, len: job.len(), payload_hash: job.hash };
         self.write_all(&head.encode())?;
-        self.write_all(&table[..tlen])?;
-        self.writev_all(data)?;
+        self.write_all(&job.table[..job.tlen])?;
+        let mut iov = [libc::iovec { iov_base: core::ptr::null_mut(), iov_len: 0 }; chunk::MAX_RUNS as usize];
+        for i in 0..job.nruns {
+            iov[i] = libc::iovec { iov_base: job.src[i] as *mut libc::c_void, iov_len: job.runs[i].len as usize };
+        }
+        self.writev_all(&iov[..job.nruns])?;
         self.seq += 1;
         Ok(())
     }
@@ -53,7 +64,7 @@ impl Writer {
             match sys::write(self.fd, b) {
                 Ok(n) => {
                     b = &b[n..];
-                    self.bytes += n as u64;
+                    self.wrote(n as u64);
                 }
                 Err(Errno::EINTR) => {}
                 Err(e) => return Err(e),
@@ -81,7 +92,7 @@ impl Writer {
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(e),
             };
-            self.bytes += n as u64;
+            self.wrote(n as u64);
             // Step over what was written.
             let mut j = 0;
             while j < k && n >= batch[j].iov_len {

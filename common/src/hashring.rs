@@ -1,0 +1,255 @@
+//! Hashing page chunks on a second thread, so that checksums cost no wall time on a machine with two cores.
+//!
+//! The checkpoint writer (in the shim) fills a job with a chunk's run table and pages, the hashing thread computes
+//! the chunk's payload hash, and the writer writes the chunk once its hash is known. The restorer fills a job
+//! after reading a chunk into place; the hashing thread compares with the hash the image claims. Jobs go
+//! through a small ring, in order. `no_std`: used by the shim and by the freestanding restorer.
+
+use crate::chunk::{self, PageRun, PayloadHasher};
+use crate::sys;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+pub const SLOTS: usize = 4;
+const TABLE: usize = 8 + chunk::RUN_LEN * chunk::MAX_RUNS as usize;
+pub const STACK: usize = 64 << 10;
+/// `Job::expected` when there is nothing to compare with.
+pub const NONE: u64 = u64::MAX;
+
+/// One Pages chunk: its run table (hashed first), then each run's bytes, which lie at `src[i]` (the run's own
+/// address, or a copy for pages the writer cannot read in place).
+pub struct Job {
+    pub seq: u64,
+    pub tlen: usize,
+    pub table: [u8; TABLE],
+    pub nruns: usize,
+    pub runs: [PageRun; chunk::MAX_RUNS as usize],
+    pub src: [u64; chunk::MAX_RUNS as usize],
+    /// The hash the image claims (restore), or NONE (checkpoint).
+    pub expected: u64,
+    /// The hash computed.
+    pub hash: u64,
+}
+
+impl Job {
+    const EMPTY: Job = Job {
+        seq: 0,
+        tlen: 0,
+        table: [0; TABLE],
+        nruns: 0,
+        runs: [PageRun { addr: 0, len: 0 }; chunk::MAX_RUNS as usize],
+        src: [0; chunk::MAX_RUNS as usize],
+        expected: NONE,
+        hash: 0,
+    };
+
+    /// Set the runs (their bytes in place) and build the table from them.
+    pub fn set_runs(&mut self, runs: &[PageRun], src: &[u64]) {
+        self.nruns = runs.len();
+        self.table[..8].copy_from_slice(&(runs.len() as u64 & 0xffff_ffff).to_le_bytes());
+        for (i, r) in runs.iter().enumerate() {
+            self.runs[i] = *r;
+            self.src[i] = src[i];
+            self.table[8 + i * chunk::RUN_LEN..8 + (i + 1) * chunk::RUN_LEN].copy_from_slice(&r.encode());
+        }
+        self.tlen = 8 + runs.len() * chunk::RUN_LEN;
+    }
+
+    /// The payload length: table plus data.
+    pub fn len(&self) -> u64 {
+        self.tlen as u64 + self.runs[..self.nruns].iter().map(|r| r.len).sum::<u64>()
+    }
+
+    fn compute(&mut self) {
+        let mut h = PayloadHasher::default();
+        h.update(&self.table[..self.tlen]);
+        for i in 0..self.nruns {
+            // SAFETY: the producer put the run's bytes at src[i] and keeps them there until the job is released.
+            h.update(unsafe { core::slice::from_raw_parts(self.src[i] as *const u8, self.runs[i].len as usize) });
+        }
+        self.hash = h.finish();
+    }
+}
+
+#[repr(C, align(16))]
+pub struct Stack(pub [u8; STACK]);
+
+/// The ring and its hashing thread. Lives in a static of its user. Page aligned, so a checkpoint can leave it
+/// out of the image whole: it changes while the image is written.
+#[repr(C, align(4096))]
+pub struct Ring {
+    slots: UnsafeCell<[Job; SLOTS]>,
+    stack: UnsafeCell<Stack>,
+    /// Jobs submitted, hashed, and released (whose slot may be filled again); futex words.
+    produced: AtomicU32,
+    hashed: AtomicU32,
+    released: AtomicU32,
+    stop: AtomicU32,
+    /// The hashing thread's tid while it runs (the kernel clears it when the thread ends).
+    tid: AtomicU32,
+    /// The first job whose hash differs from `expected` (u64::MAX: none).
+    bad: AtomicU64,
+    /// Release each job as soon as it is hashed (the restorer has nothing to write).
+    auto_release: AtomicU32,
+}
+
+// SAFETY: the slots are handed between producer and hashing thread by the produced/hashed/released counters.
+unsafe impl Sync for Ring {}
+
+impl Ring {
+    pub const fn new() -> Ring {
+        Ring {
+            slots: UnsafeCell::new([Job::EMPTY; SLOTS]),
+            stack: UnsafeCell::new(Stack([0; STACK])),
+            produced: AtomicU32::new(0),
+            hashed: AtomicU32::new(0),
+            released: AtomicU32::new(0),
+            stop: AtomicU32::new(0),
+            tid: AtomicU32::new(0),
+            bad: AtomicU64::new(u64::MAX),
+            auto_release: AtomicU32::new(0),
+        }
+    }
+
+    /// The whole ring, its thread's stack included (to leave out of images).
+    pub fn range(&self) -> (u64, u64) {
+        let s = self as *const Ring as u64;
+        (s, s + core::mem::size_of::<Ring>() as u64)
+    }
+
+    fn job(&self, i: u32) -> &mut Job {
+        // SAFETY: callers only touch the slot the counters give them.
+        unsafe { &mut (*self.slots.get())[i as usize % SLOTS] }
+    }
+
+    /// Reset the counters and start the hashing thread. Without a thread (clone3 refused), jobs are hashed
+    /// inline by `submit`.
+    pub fn start(&'static self, auto_release: bool) {
+        self.produced.store(0, Ordering::Release);
+        self.hashed.store(0, Ordering::Release);
+        self.released.store(0, Ordering::Release);
+        self.stop.store(0, Ordering::Release);
+        self.bad.store(u64::MAX, Ordering::Release);
+        self.auto_release.store(auto_release as u32, Ordering::Release);
+        let args = sys::CloneArgs {
+            flags: (libc::CLONE_VM | libc::CLONE_FS | libc::CLONE_FILES | libc::CLONE_SIGHAND | libc::CLONE_THREAD
+                | libc::CLONE_SYSVSEM | libc::CLONE_PARENT_SETTID | libc::CLONE_CHILD_CLEARTID) as u64,
+            parent_tid: self.tid.as_ptr() as u64,
+            child_tid: self.tid.as_ptr() as u64,
+            stack: self.stack.get() as u64,
+            stack_size: STACK as u64,
+            ..Default::default()
+        };
+        // SAFETY: the stack belongs to this ring's thread, which only runs `worker` on this static ring. It
+        // inherits the caller's signal mask and TLS pointer and uses neither.
+        if unsafe { sys::clone3_thread(&args, worker, self as *const Ring as usize) }.is_err() {
+            self.tid.store(0, Ordering::Release);
+        }
+    }
+
+    fn wait(word: &AtomicU32, cond: impl Fn() -> bool) {
+        loop {
+            let seen = word.load(Ordering::Acquire);
+            if cond() {
+                return;
+            }
+            let _ = sys::futex_wait(word, seen, None);
+        }
+    }
+
+    /// The next slot to fill (waits while the ring is full).
+    pub fn slot(&self) -> &mut Job {
+        let p = self.produced.load(Ordering::Acquire);
+        Self::wait(&self.released, || p - self.released.load(Ordering::Acquire) < SLOTS as u32);
+        self.job(p)
+    }
+
+    /// Hand the slot filled after `slot` over for hashing; returns its number.
+    pub fn submit(&self) -> u32 {
+        let p = self.produced.load(Ordering::Acquire);
+        if self.tid.load(Ordering::Acquire) == 0 {
+            self.process(p);
+            self.produced.fetch_add(1, Ordering::AcqRel);
+            return p;
+        }
+        self.produced.fetch_add(1, Ordering::AcqRel);
+        let _ = sys::futex_wake(&self.produced, 1);
+        p
+    }
+
+    fn process(&self, i: u32) {
+        let j = self.job(i);
+        j.compute();
+        if j.expected != NONE && j.hash != j.expected {
+            self.bad.fetch_min(j.seq, Ordering::AcqRel);
+        }
+        self.hashed.fetch_add(1, Ordering::AcqRel);
+        let _ = sys::futex_wake(&self.hashed, 1);
+        if self.auto_release.load(Ordering::Acquire) != 0 {
+            self.released.fetch_add(1, Ordering::AcqRel);
+            let _ = sys::futex_wake(&self.released, 1);
+        }
+    }
+
+    /// Number of jobs submitted and not yet released.
+    pub fn in_flight(&self) -> u32 {
+        self.produced.load(Ordering::Acquire) - self.released.load(Ordering::Acquire)
+    }
+
+    /// The oldest unreleased job, once hashed.
+    pub fn oldest_hashed(&self) -> &mut Job {
+        let r = self.released.load(Ordering::Acquire);
+        Self::wait(&self.hashed, || self.hashed.load(Ordering::Acquire) > r);
+        self.job(r)
+    }
+
+    /// Free the oldest job's slot.
+    pub fn release(&self) {
+        self.released.fetch_add(1, Ordering::AcqRel);
+        let _ = sys::futex_wake(&self.released, 1);
+    }
+
+    /// The first job found not to match its expected hash, so far.
+    pub fn bad(&self) -> Option<u64> {
+        let b = self.bad.load(Ordering::Acquire);
+        (b != u64::MAX).then_some(b)
+    }
+
+    /// Wait for every job to be hashed, stop the thread and wait for it to end; the first bad job, if any.
+    pub fn finish(&self) -> Option<u64> {
+        let p = self.produced.load(Ordering::Acquire);
+        Self::wait(&self.hashed, || self.hashed.load(Ordering::Acquire) >= p);
+        self.stop.store(1, Ordering::Release);
+        let _ = sys::futex_wake(&self.produced, 1);
+        loop {
+            let t = self.tid.load(Ordering::Acquire);
+            if t == 0 {
+                break;
+            }
+            let _ = sys::futex_wait(&self.tid, t, None);
+        }
+        self.bad()
+    }
+}
+
+impl Default for Ring {
+    fn default() -> Self {
+        Ring::new()
+    }
+}
+
+extern "C" fn worker(ring: usize) -> ! {
+    // SAFETY: `start` passes a pointer to a static Ring.
+    let ring = unsafe { &*(ring as *const Ring) };
+    loop {
+        let (p, h) = (ring.produced.load(Ordering::Acquire), ring.hashed.load(Ordering::Acquire));
+        if h == p {
+            if ring.stop.load(Ordering::Acquire) != 0 {
+                sys::exit_thread(0);
+            }
+            let _ = sys::futex_wait(&ring.produced, p, None);
+            continue;
+        }
+        ring.process(h);
+    }
+}
