@@ -240,3 +240,42 @@ pub fn read_file_head<S: Source>(src: &mut S) -> Result<(), ImageError> {
 pub fn end_payload(chunks_before: u64) -> [u8; 8] {
     chunks_before.to_le_bytes()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_round_trip_and_corruption() {
+        let h = ChunkHead { kind: Kind::Pages, seq: 7, len: 4096, payload_hash: 0x1234 };
+        let b = h.encode();
+        let d = ChunkHead::decode(&b, 7).unwrap();
+        assert_eq!((d.kind, d.seq, d.len, d.payload_hash), (Kind::Pages, 7, 4096, 0x1234));
+        assert_eq!(ChunkHead::decode(&b, 8).unwrap_err(), ImageError::Sequence { expected: 8, found: 7 });
+        for i in 0..CHUNK_HEAD_LEN {
+            let mut c = b;
+            c[i] ^= 1;
+            assert!(ChunkHead::decode(&c, 7).is_err(), "flip at byte {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn file_head() {
+        assert!(check_file_head(&super::file_head()).is_ok());
+        let mut b = super::file_head();
+        b[8] = 2;
+        assert_eq!(check_file_head(&b), Err(ImageError::Version(2)));
+        b[0] = 0;
+        assert_eq!(check_file_head(&b), Err(ImageError::NotAnImage));
+    }
+
+    #[test]
+    fn streaming_hash_equals_whole() {
+        let data: [u8; 10000] = core::array::from_fn(|i| (i * 7) as u8);
+        let mut h = PayloadHasher::default();
+        for part in data.chunks(333) {
+            h.update(part);
+        }
+        assert_eq!(h.finish(), payload_hash(&data));
+    }
+}

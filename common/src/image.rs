@@ -247,6 +247,15 @@ pub struct ProcessAttrs {
     pub boottime_ns: u64,
     pub dumpable: i32,
     pub pdeath_sig: i32,
+    /// Capability sets (effective, permitted, inheritable): restored exactly, whatever vOS needed meanwhile.
+    pub caps: Caps,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Caps {
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -141,3 +141,16 @@ pub unsafe fn bytes_of<T>(v: &T) -> &[u8] {
     // SAFETY: forwarded contract.
     unsafe { core::slice::from_raw_parts(v as *const T as *const u8, core::mem::size_of::<T>()) }
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::format;
+
+    /// The restorer is linked at WINDOW_START (restore/build.rs); both must agree.
+    #[test]
+    fn restorer_links_inside_the_window() {
+        let build = include_str!("../../restore/build.rs");
+        assert!(build.contains(&format!("--image-base={:#x}", super::WINDOW_START)));
+    }
+}

@@ -159,6 +159,7 @@ fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
             let p = spawn_with_pid(pid, || {
                 arrange_fds(&fds, err.as_raw_fd());
                 raise_nofile();
+                lend_restore_caps();
                 let argv = [restorer.clone(), CString::new(plan_fd.to_string()).unwrap()];
                 exec_or_report(&restorer, &argv, &[], &err)
             })?;
@@ -240,6 +241,42 @@ fn arrange_fds(fds: &[(RawFd, i32)], keep: RawFd) {
         for fd in open.into_iter().filter(|f| !wanted.contains(f)) {
             // SAFETY: closing an fd this child does not want.
             unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// Without root, the restorer and the shim's restart code run as the job's own (unprivileged) user, which
+/// loses init's capabilities at exec. Lend them, as ambient capabilities, the few that restoring needs
+/// (exact thread ids, /proc/self/exe, namespace pid counter); the restart code gives them back, thread by thread,
+/// before the job runs again.
+fn lend_restore_caps() {
+    if nix::unistd::geteuid().is_root() && nix::unistd::getuid().is_root() {
+        return;
+    }
+    const CAPS: [u32; 3] = [40 /* CHECKPOINT_RESTORE */, 21 /* SYS_ADMIN */, 24 /* SYS_RESOURCE */];
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut h = Header { version: 0x2008_0522, pid: 0 };
+    let mut d = [Data::default(); 2];
+    // SAFETY: capget/capset with a version 3 header and two data words.
+    unsafe {
+        libc::syscall(libc::SYS_capget, &mut h as *mut Header, d.as_mut_ptr());
+        for c in CAPS {
+            d[(c / 32) as usize].inheritable |= 1 << (c % 32);
+        }
+        libc::syscall(libc::SYS_capset, &h as *const Header, d.as_ptr());
+        for c in CAPS {
+            libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, c as libc::c_ulong, 0, 0);
         }
     }
 }

@@ -6,7 +6,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use serde_bytes::ByteBuf;
-use vos::image::{MmImage, ProcessAttrs, Rlimit};
+use vos::image::{Caps, MmImage, ProcessAttrs, Rlimit};
 use vos::sys;
 
 pub fn capture() -> Result<ProcessAttrs, String> {
@@ -27,6 +27,8 @@ pub fn capture() -> Result<ProcessAttrs, String> {
         let v: Vec<u8> = b.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
         String::from_utf8_lossy(&v).into_owned()
     };
+    let hex = |k: &str| procfs::field(&status, k).and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0);
+    let caps = Caps { effective: hex("CapEff"), permitted: hex("CapPrm"), inheritable: hex("CapInh") };
     let ns_last_pid = procfs::read_string("/proc/sys/kernel/ns_last_pid").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
     Ok(ProcessAttrs {
         cwd: procfs::readlink("/proc/self/cwd").map_err(|e| format!("cwd: {e}"))?,
@@ -43,6 +45,7 @@ pub fn capture() -> Result<ProcessAttrs, String> {
             let _ = sys::prctl(libc::PR_GET_PDEATHSIG, &mut s as *mut i32 as usize, 0, 0, 0);
             s
         },
+        caps,
     })
 }
 
@@ -106,4 +109,31 @@ pub fn restore_last_pid(a: &ProcessAttrs) {
         let _ = sys::write(fd, s.as_bytes());
         let _ = sys::close(fd);
     }
+}
+
+/// Set the calling thread's capabilities (each thread has its own: every restored thread calls this).
+pub fn set_caps(c: &Caps) -> Result<(), sys::Errno> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let h = Header { version: VERSION_3, pid: 0 };
+    let lo = |v: u64| v as u32;
+    let hi = |v: u64| (v >> 32) as u32;
+    let d = [
+        Data { effective: lo(c.effective), permitted: lo(c.permitted), inheritable: lo(c.inheritable) },
+        Data { effective: hi(c.effective), permitted: hi(c.permitted), inheritable: hi(c.inheritable) },
+    ];
+    // SAFETY: header and two data words, as capset(2) version 3 expects.
+    let r = unsafe { sys::syscall6(libc::SYS_capset, &h as *const Header as usize, d.as_ptr() as usize, 0, 0, 0, 0) };
+    if r < 0 { Err(sys::Errno(-r as i32)) } else { Ok(()) }
 }

@@ -60,7 +60,7 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
     // The restart code runs as the main thread: give it the main thread's TLS first.
     let _ = sys::arch_prctl(sys::ARCH_SET_FS, main.fs_base as usize);
     let main_state = match rebuild(&spec) {
-        Ok(()) => threads::main_state(main).unwrap_or_else(|e| fail(ctl, e)),
+        Ok(()) => threads::main_state(main, spec.process.attrs.caps).unwrap_or_else(|e| fail(ctl, e)),
         Err(e) => fail(ctl, e),
     };
     if proto::send(ctl, &Msg::Ready, None).is_err() {
@@ -99,7 +99,7 @@ fn rebuild(spec: &RestartSpec) -> Result<(), String> {
     files::restore(&p.fds, &spec.stdio)?;
     process::restore(&p.attrs)?;
     signals::restore(&p.signals)?;
-    threads::recreate(&p.threads)?;
+    threads::recreate(&p.threads, p.attrs.caps)?;
     for &fd in spec.stdio.iter().chain(spec.close.iter()) {
         if !p.fds.iter().any(|f| f.fd == fd) {
             let _ = sys::close(fd);

@@ -302,10 +302,12 @@ pub struct KernelState {
     clear_child_tid: usize,
     park_rsp: usize,
     slot: usize,
+    /// The job's own capabilities: a restore may have lent it more, which each thread gives back.
+    caps: vos::image::Caps,
 }
 
 impl KernelState {
-    fn of(t: &ThreadImage, slot: usize) -> KernelState {
+    fn of(t: &ThreadImage, slot: usize, caps: vos::image::Caps) -> KernelState {
         let mut comm = [0u8; 16];
         let n = t.comm.len().min(15);
         comm[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
@@ -317,6 +319,7 @@ impl KernelState {
             clear_child_tid: t.clear_child_tid as usize,
             park_rsp: t.park_rsp as usize,
             slot,
+            caps,
         }
     }
 
@@ -328,6 +331,10 @@ impl KernelState {
             let _ = sys::rseq(r.area as usize, r.len, 0, r.sig);
         }
         let _ = sys::prctl(libc::PR_SET_NAME, self.comm.as_ptr() as usize, 0, 0, 0);
+        if crate::process::set_caps(&self.caps).is_err() {
+            // Never run the app with more privilege than it had.
+            sys::exit_group(126);
+        }
     }
 }
 
@@ -348,7 +355,7 @@ extern "C" fn reborn_on_stack(i: usize) {
 
 /// Recreate every thread except the main one (the caller is the process's first thread, tid = pid); each
 /// waits, parked again, for `release_all`. Returns when all are on their own stacks.
-pub fn recreate(threads: &[ThreadImage]) -> Result<(), String> {
+pub fn recreate(threads: &[ThreadImage], caps: vos::image::Caps) -> Result<(), String> {
     let pid = sys::getpid();
     ON_STACK.store(0, Ordering::Release);
     let mut n = 0;
@@ -356,7 +363,7 @@ pub fn recreate(threads: &[ThreadImage]) -> Result<(), String> {
         let i = slot_of(t.tid).ok_or_else(|| format!("thread {}: no parked frame in the image", t.tid))?;
         const SCRATCH: usize = 32 << 10;
         let stack = alloc::vec![0u8; SCRATCH].leak();
-        let k = alloc::boxed::Box::leak(alloc::boxed::Box::new(KernelState::of(t, i)));
+        let k = alloc::boxed::Box::leak(alloc::boxed::Box::new(KernelState::of(t, i, caps)));
         let tid = t.tid as u64;
         let args = sys::CloneArgs {
             flags: sys::THREAD_FLAGS,
@@ -387,9 +394,9 @@ pub fn recreate(threads: &[ThreadImage]) -> Result<(), String> {
 }
 
 /// The main thread's state, to be carried past the end of the restart session.
-pub fn main_state(main: &ThreadImage) -> Result<KernelState, String> {
+pub fn main_state(main: &ThreadImage, caps: vos::image::Caps) -> Result<KernelState, String> {
     let i = slot_of(main.tid).ok_or_else(|| format!("main thread {}: no parked frame in the image", main.tid))?;
-    Ok(KernelState::of(main, i))
+    Ok(KernelState::of(main, i, caps))
 }
 
 /// Become the main thread again: its kernel state, then its saved frame.

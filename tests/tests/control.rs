@@ -155,3 +155,58 @@ fn restored_copy_runs_beside_the_original() {
     assert_eq!(bsteps, (first..60).collect::<Vec<_>>());
     assert_eq!(b.lines().last(), Some("done"));
 }
+
+/// Without root: the job runs in a user namespace of its own; checkpoint and restore work the same, and the
+/// restored job has exactly the capabilities it had (none).
+#[test]
+fn unprivileged_user() {
+    let w = Work::new("unpriv");
+    // Everything the unprivileged user runs must be readable by it: copy it to a world-readable place.
+    let bin = w.path("bin");
+    fs::create_dir_all(&bin).unwrap();
+    for f in ["vrun", "libvos_shim.so", "vos-restore"] {
+        fs::copy(bin_dir().join(f), bin.join(f)).unwrap();
+    }
+    fs::copy(gcc("heaplog"), bin.join("heaplog")).unwrap();
+    let script = w.path("run.sh");
+    fs::write(
+        &script,
+        r#"#!/bin/bash
+set -e
+for fd in /proc/$$/fd/*; do fd=${fd##*/}; [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null || true; done
+exec 2>> "$1/err.txt"
+cd "$1"; V="$1/bin/vrun"; export XDG_RUNTIME_DIR="$1/rt"; mkdir -p "$XDG_RUNTIME_DIR"
+"$V" --name np --dir "$1" -- "$1/bin/heaplog" 4 "$1/log.txt" 80 > "$1/out.txt" 2> "$1/err.txt" &
+until grep -q "step 5" "$1/out.txt" 2>/dev/null; do sleep 0.05; done
+img=$("$V" checkpoint np --kill)
+wait || true
+"$V" restore --name np2 "$img" 2>> "$1/err.txt" &
+until [ -e "$XDG_RUNTIME_DIR/vos/np2.json" ]; do sleep 0.02; done
+pid=$(grep -o '"pid": [0-9]*' "$XDG_RUNTIME_DIR/vos/np2.json" | grep -o '[0-9]*$')
+grep -E '^Cap(Eff|Prm|Inh|Amb)' /proc/$pid/status > "$1/caps.txt"
+wait
+"#,
+    )
+    .unwrap();
+    let dirs = |mode| {
+        use std::os::unix::fs::PermissionsExt;
+        for p in [&w.dir, &bin] {
+            fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+        }
+        for f in fs::read_dir(&bin).unwrap().flatten().map(|e| e.path()).chain([script.clone()]) {
+            fs::set_permissions(f, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    };
+    dirs(0o777);
+    let st = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&script)
+        .arg(&w.dir)
+        .status()
+        .expect("setpriv");
+    let out = fs::read_to_string(w.path("out.txt")).unwrap_or_default();
+    assert!(st.success(), "as nobody: {st:?}\n{}\n{out}", fs::read_to_string(w.path("err.txt")).unwrap_or_default());
+    assert_steps(&out, 80);
+    let caps = fs::read_to_string(w.path("caps.txt")).unwrap();
+    assert!(caps.lines().all(|l| l.ends_with("0000000000000000")), "the restored job holds capabilities:\n{caps}");
+}
