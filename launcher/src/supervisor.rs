@@ -211,15 +211,24 @@ impl Supervisor {
         }
     }
 
-    fn on_connection(&mut self) {
-        let Ok(fd) = socket::accept4(self.listener.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) else { return };
+    /// Accept a connection from our own user and read its first message.
+    fn accept(&self) -> Option<(OwnedFd, Msg, Option<i32>)> {
+        let fd = socket::accept4(self.listener.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC).ok()?;
         let conn = crate::ns::owned(fd);
         if !peer_allowed(&conn) {
-            return;
+            return None;
         }
         set_timeout(&conn, Duration::from_secs(10));
         match proto::recv(conn.as_raw_fd()) {
-            Ok(Some((Msg::Checkpoint { kill, to, fd_attached }, fd))) => {
+            Ok(Some((m, fd))) => Some((conn, m, fd)),
+            _ => None,
+        }
+    }
+
+    fn on_connection(&mut self) {
+        let Some((conn, msg, fd)) = self.accept() else { return };
+        match msg {
+            Msg::Checkpoint { kill, to, fd_attached } => {
                 let dest = match (to, fd_attached, fd) {
                     (_, true, Some(fd)) => Dest::Fd(crate::ns::owned(fd)),
                     (Some(p), _, _) => Dest::Path(PathBuf::from(p)),
@@ -233,7 +242,7 @@ impl Supervisor {
                 };
                 let _ = proto::send(conn.as_raw_fd(), &answer, None);
             }
-            Ok(Some((Msg::Hello { pid, trigger }, _))) => {
+            Msg::Hello { pid, trigger } => {
                 // A trigger signal from outside (kill -s RTMAX-1): a checkpoint to the job's directory.
                 let Trigger::Signal { sig } = trigger else { return };
                 let kill = sig == self.opts.signals.1;
@@ -268,15 +277,9 @@ impl Supervisor {
             if fds[1].revents().is_some_and(|r| !r.is_empty()) {
                 bail!("the job ended");
             }
-            let Ok(fd) = socket::accept4(self.listener.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) else { continue };
-            let conn = crate::ns::owned(fd);
-            if !peer_allowed(&conn) {
-                continue;
-            }
-            set_timeout(&conn, Duration::from_secs(10));
-            match proto::recv(conn.as_raw_fd()) {
-                Ok(Some((Msg::Hello { pid, .. }, _))) => return Ok((conn, pid)),
-                Ok(Some((Msg::Checkpoint { .. }, _))) => {
+            match self.accept() {
+                Some((conn, Msg::Hello { pid, .. }, _)) => return Ok((conn, pid)),
+                Some((conn, Msg::Checkpoint { .. }, _)) => {
                     let _ = proto::send(conn.as_raw_fd(), &Msg::CheckpointFailed { why: "another checkpoint is running".into() }, None);
                 }
                 _ => {}

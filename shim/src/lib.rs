@@ -50,18 +50,7 @@ unsafe fn init() {
 
 /// Keep the restorer's window free: it must be unused in every image so the restorer can run there.
 fn reserve_window() {
-    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; PROT_NONE memory costs nothing.
-    let r = unsafe {
-        sys::mmap(
-            plan::WINDOW_START as usize,
-            plan::WINDOW_LEN as usize,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
-    };
-    match r {
+    match map_window(libc::MAP_FIXED_NOREPLACE) {
         Ok(a) if a as u64 == plan::WINDOW_START => global::WINDOW_RESERVED.store(true, Ordering::Relaxed),
         Ok(a) => {
             // An old kernel ignoring MAP_FIXED_NOREPLACE put it elsewhere: give it back.
@@ -70,5 +59,21 @@ fn reserve_window() {
             log::line(format_args!("cannot reserve the restorer window; checkpoints will check it is free"));
         }
         Err(e) => log::line(format_args!("cannot reserve the restorer window ({e}); checkpoints will check it is free")),
+    }
+}
+
+/// Map the window as an inaccessible reservation; `how` is MAP_FIXED_NOREPLACE, or MAP_FIXED to replace the
+/// restorer once a restore is done.
+pub(crate) fn map_window(how: i32) -> Result<usize, sys::Errno> {
+    // SAFETY: PROT_NONE memory costs nothing; with MAP_FIXED the caller guarantees nothing runs there any more.
+    unsafe {
+        sys::mmap(
+            plan::WINDOW_START as usize,
+            plan::WINDOW_LEN as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | how,
+            -1,
+            0,
+        )
     }
 }

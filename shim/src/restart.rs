@@ -13,7 +13,6 @@ use alloc::format;
 use alloc::string::String;
 use core::sync::atomic::Ordering;
 use vos::image::RestartSpec;
-use vos::plan;
 use vos::proto::{self, Msg};
 use vos::sys;
 
@@ -74,18 +73,9 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
     threads::release_all();
     let _ = proto::send(ctl, &Msg::Running, None);
     let _ = sys::close(ctl);
-    // The restorer is done: its window goes back to being a reservation.
-    // SAFETY: nothing runs from the window any more (this is the shim's stack; the spec was copied out).
-    let _ = unsafe {
-        sys::mmap(
-            plan::WINDOW_START as usize,
-            plan::WINDOW_LEN as usize,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
+    // The restorer is done (this is the shim's stack; the spec was copied out): its window goes back to being a
+    // reservation.
+    let _ = crate::map_window(libc::MAP_FIXED);
     arena::end_session();
     COORDINATOR.store(0, Ordering::Release);
     threads::resume_main(main_state)
