@@ -9,7 +9,8 @@
 //! `seq` counts chunks from 0, so a lost or repeated chunk is caught; `head_hash` covers the first 32 bytes of
 //! the head and `payload_hash` the payload (xxh3). Everything is written and read strictly forward, so the same
 //! code works on a file, a pipe and a socket. A Pages payload is a run table followed by the runs' bytes:
-//! `nruns:u32 0:u32 (addr:u64 len:u64)*nruns data`. Metadata payloads are MessagePack (see `image`).
+//! `nruns:u32 0:u32 (addr:u64 len:u64)*nruns data`. Metadata payloads are MessagePack (see `image`). Order:
+//! Header, Job, then for each process its Pages and a ProcessEnd, then End.
 //!
 //! This module is `no_std`: the restorer reads page chunks with it.
 
@@ -34,9 +35,9 @@ pub const PAGE: usize = 4096;
 pub enum Kind {
     /// MessagePack `image::ImageHeader`: host, job, format facts.
     Header = 1,
-    /// MessagePack `image::ProcessImage`: one process's threads, memory map, fds, signals...
-    Process = 2,
-    /// Page data of the process before it.
+    /// MessagePack `image::JobImage`: every process's threads, memory map, fds, signals..., and what they share.
+    Job = 2,
+    /// Page data of one process (processes follow each other in the order of the job's metadata).
     Pages = 3,
     /// MessagePack `image::ProcessSummary`: what was stored per region.
     ProcessEnd = 4,
@@ -48,7 +49,7 @@ impl Kind {
     pub fn from_u32(v: u32) -> Option<Kind> {
         Some(match v {
             1 => Kind::Header,
-            2 => Kind::Process,
+            2 => Kind::Job,
             3 => Kind::Pages,
             4 => Kind::ProcessEnd,
             5 => Kind::End,

@@ -69,11 +69,48 @@ pub struct FileId {
     pub build_id: Option<String>,
 }
 
+/// Everything about the job but page contents: its processes and the kernel objects they share.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct JobImage {
+    /// Live processes, in the order their page data follows in the image.
+    pub processes: Vec<ProcessImage>,
+    /// Children that exited and were not waited for yet.
+    pub zombies: Vec<ZombieImage>,
+    /// Open file descriptions; fds of every process point into this list (several may share one).
+    pub files: Vec<OpenFile>,
+    pub pipes: Vec<PipeImage>,
+    pub sockets: Vec<SocketImage>,
+    /// Memory shared between processes (or with nothing but itself: deleted files, memfd, MAP_SHARED|MAP_ANONYMOUS).
+    pub shared_memory: Vec<SharedMemory>,
+    /// The job's controlling terminal, when it had one.
+    pub terminal: Option<TerminalImage>,
+}
+
+/// Process ids as the job's pid namespace numbers them. A pgid or sid of 0 means a group or session outside the
+/// job (the supervisor's): a restored job joins the restoring supervisor's.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ids {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct ZombieImage {
+    pub ids: Ids,
+    pub comm: String,
+    /// The wait status its parent will see.
+    pub status: i32,
+}
+
 /// One process of the job.
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct ProcessImage {
     pub pid: i32,
     pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
     pub comm: String,
     pub argv: Vec<String>,
     pub exe: FileId,
@@ -130,7 +167,7 @@ pub enum RegionKind {
     Heap,
     Stack,
     File,
-    /// MAP_SHARED anonymous memory (or /dev/zero).
+    /// Shared memory no file keeps: MAP_SHARED|MAP_ANONYMOUS, memfd, deleted files (see `SharedMemory`).
     SharedAnon,
     Vdso,
     Vvar,
@@ -147,6 +184,8 @@ pub enum Contents {
     File,
     /// Nothing to store: the kernel provides it (vDSO) or it is never readable (guard).
     Nothing,
+    /// Shared memory whose pages another process of the job stores.
+    Elsewhere,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
@@ -164,6 +203,11 @@ pub struct Region {
     /// VmFlags of /proc/PID/smaps that restore must reproduce (see `VMF_*`).
     pub vmflags: u32,
     pub contents: Contents,
+    /// For shared memory: the object in `JobImage::shared_memory` (set by the supervisor).
+    pub shared_memory: Option<u32>,
+    /// Device and inode of the mapped object (shared memory is told apart by them).
+    pub dev: u64,
+    pub ino: u64,
 }
 
 pub const VMF_GROWSDOWN: u32 = 1;
@@ -190,31 +234,97 @@ pub struct RegionSummary {
     pub zero: u64,
 }
 
+/// One fd of a process: a number pointing at one of the job's open files.
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct FdImage {
     pub fd: i32,
-    /// Access mode and status flags (O_RDWR, O_APPEND, O_NONBLOCK...), as fcntl(F_GETFL) has them.
-    pub flags: i32,
     pub cloexec: bool,
+    /// Index into `JobImage::files`.
+    pub file: u32,
+}
+
+/// An open file description: what fds point at. Offset and status flags belong here, shared by every fd (of
+/// any process) that points at it.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct OpenFile {
+    /// Access mode and status flags (O_RDWR, O_APPEND, O_NONBLOCK...).
+    pub flags: i32,
     pub pos: u64,
-    pub kind: FdKind,
-    /// An earlier fd of this process sharing the same open file description (dup'ed).
-    pub dup_of: Option<i32>,
+    pub kind: FileKind,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
-pub enum FdKind {
+pub enum FileKind {
     #[default]
     Unknown,
     /// A regular file, reopened by path at its offset.
-    File { file: FileId },
+    Regular { file: FileId },
     Dir { path: String },
     /// /dev/null, /dev/zero, /dev/urandom...: reopened by path.
     Device { path: String },
-    /// A terminal: re-bound at restore to the terminal of `vrun restore` (`stream` 0, 1 or 2 says which).
+    /// A terminal outside the job: re-bound at restore to `vrun restore`'s terminal (`stream` 0, 1 or 2).
     Terminal { path: String, stream: u8 },
     /// A pipe or socket to a process outside the job on a standard stream: re-bound to `vrun restore`'s own.
-    OutsideStream { what: String, stream: u8 },
+    Outside { what: String, stream: u8 },
+    /// One end of a pipe or FIFO of the job (`JobImage::pipes`).
+    Pipe { pipe: u32, write: bool },
+    /// A socket of the job (`JobImage::sockets`).
+    Socket { socket: u32 },
+}
+
+/// A pipe (or named FIFO) whose ends are all held inside the job, with the bytes in flight.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct PipeImage {
+    pub capacity: u32,
+    pub data: ByteBuf,
+    /// Path of a named FIFO.
+    pub fifo: Option<String>,
+}
+
+/// A unix socket of the job.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct SocketImage {
+    /// SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET.
+    pub kind: i32,
+    /// The address it is bound to.
+    pub local: SockAddr,
+    /// The socket it is connected to (`JobImage::sockets`).
+    pub peer: Option<u32>,
+    pub listening: bool,
+    /// What waits in its receive queue: bytes (stream) or one entry per message.
+    pub queue: Vec<ByteBuf>,
+    pub sndbuf: u32,
+    pub rcvbuf: u32,
+    /// SHUT_RD / SHUT_WR already done (bit 0: no more reading, bit 1: no more writing).
+    pub shutdown: u8,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub enum SockAddr {
+    #[default]
+    Unnamed,
+    Path(String),
+    Abstract(ByteBuf),
+}
+
+/// Memory several mappings share that no file on disk keeps: anonymous shared memory, memfd, deleted files.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct SharedMemory {
+    pub name: String,
+    pub size: u64,
+    /// The process (index in `JobImage::processes`) whose page data holds the contents.
+    pub writer: u32,
+}
+
+/// The job's controlling terminal as the job had it.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct TerminalImage {
+    /// struct termios, raw.
+    pub termios: ByteBuf,
+    pub rows: u16,
+    pub cols: u16,
+    /// The foreground process group (the job's pid namespace numbers it; 0: a group outside the job).
+    pub foreground: i32,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
@@ -293,10 +403,8 @@ pub struct ShimImage {
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct RestartSpec {
     pub process: ProcessImage,
-    /// `vrun restore`'s stdin, stdout, stderr, moved to these fds.
-    pub stdio: [i32; 3],
-    /// Temporary fds the restart code must close when done.
-    pub close: Vec<i32>,
+    /// For each of the process's fds, the inherited fd holding its open file (same order as `process.fds`).
+    pub fd_sources: Vec<i32>,
     /// Control socket to the launcher.
     pub ctl_fd: i32,
     /// The launcher's control socket name, for later checkpoints.

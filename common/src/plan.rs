@@ -1,10 +1,64 @@
 //! The restorer's input: a flat, `#[repr(C)]` plan the launcher derives from a verified image.
 //!
 //! The restorer is freestanding (no allocator, no MessagePack), so the launcher does all parsing and checking and
-//! hands over only what to map where. Layout of the plan buffer: `PlanHead`, then `nmaps` `MapOp`s, then a blob
-//! area addressed by offsets (auxv bytes, vma names, and the shim's restart spec, opaque to the restorer).
+//! hands over only what to map where. One plan serves the whole job: a `JobPlanHead`, the job's processes
+//! (`ProcEntry`: ids, and where its own plan is), a page of counters the restorers of all processes share
+//! (`Sync`), and per process a `PlanHead`, its `MapOp`s and a blob area (auxv bytes, vma names, and the shim's
+//! restart spec, opaque to the restorer). Every offset is from the start of the plan.
 
 pub const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"VOSPLAN1");
+pub const JOB_PLAN_MAGIC: u64 = u64::from_le_bytes(*b"VOSJOBP1");
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JobPlanHead {
+    pub magic: u64,
+    /// Processes, live and zombie.
+    pub nproc: u32,
+    /// How many of them lead their own process group.
+    pub nleaders: u32,
+    /// Offset of `nproc` ProcEntry.
+    pub procs_off: u64,
+    /// Page-aligned offset of the shared `Sync` page.
+    pub sync_off: u64,
+    pub total_len: u64,
+}
+
+/// One process of the job as the restorer makes it. Ids as the job's pid namespace numbers them (pgid and sid
+/// 0: those of the restoring supervisor, outside the job).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcEntry {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// A zombie: it exits at once with `status` (a wait status) and waits for its parent.
+    pub zombie: u32,
+    pub status: i32,
+    /// Position of its page data in the image (live processes only).
+    pub order: u32,
+    pub _pad: u32,
+    /// Offset of its PlanHead (live processes only).
+    pub plan_off: u64,
+}
+
+/// Counters the restorers of all the job's processes share (a MAP_SHARED page of the plan's memfd).
+#[repr(C)]
+pub struct Sync {
+    /// Processes that exist with all their children.
+    pub created: core::sync::atomic::AtomicU32,
+    /// Group leaders that made their group.
+    pub leaders: core::sync::atomic::AtomicU32,
+    /// The process whose turn it is to read its pages from the image (by `order`).
+    pub turn: core::sync::atomic::AtomicU32,
+    pub _pad: u32,
+    /// The number of the next chunk in the image, left by the process before (the first one's is in its plan).
+    pub seq: core::sync::atomic::AtomicU64,
+}
+
+/// Where the restorers map the Sync page: the last page of their window.
+pub const SYNC_ADDR: u64 = WINDOW_END - 4096;
 /// The restorer's own fixed address range; the shim keeps it reserved in every job so it is free in every image.
 pub const WINDOW_START: u64 = 0x2000_0000_0000;
 pub const WINDOW_LEN: u64 = 64 << 20;
@@ -37,13 +91,17 @@ pub struct PrctlMmMap {
 pub struct PlanHead {
     pub magic: u64,
     pub nmaps: u32,
+    pub _pad: u32,
+    /// Offset of the `nmaps` MapOps.
+    pub ops_off: u64,
     /// Image stream, positioned at this process's first Pages chunk.
     pub image_fd: i32,
     /// Control socket to the launcher; handed on to the shim.
     pub ctl_fd: i32,
     /// Executable for /proc/self/exe (-1: leave).
     pub exe_fd: i32,
-    /// Sequence number of the first chunk the restorer reads.
+    /// Sequence number of the first chunk of the job's page data (for the first process; the others learn
+    /// theirs from the one before, through `Sync::seq`).
     pub first_seq: u64,
     /// Where the vvar/vdso block goes (0: none), and where its vDSO text then lies (checked).
     pub vdso_addr: u64,
@@ -56,7 +114,6 @@ pub struct PlanHead {
     pub restart_stack_top: u64,
     pub blob_off: u64,
     pub blob_len: u64,
-    pub total_len: u64,
 }
 
 /// Map nothing but reserve: the region gets no data and stays PROT_NONE-like as given by `prot`.

@@ -25,18 +25,20 @@ pub enum Msg {
     // ---- shim coordinator -> supervisor
     /// A checkpoint starts in process `pid` (pid as the job sees it).
     Hello { pid: i32, trigger: Trigger },
-    /// Every thread is parked (or why not: the checkpoint is then abandoned and the app goes on).
-    Quiesced { error: Option<String> },
+    /// Every thread is parked (or why not: the checkpoint is then abandoned and the app goes on). The process's
+    /// metadata (MessagePack ProcessImage) comes along in a memfd; `own_fds` are the coordinator's, not the app's.
+    Quiesced { error: Option<String>, own_fds: Vec<i32> },
     /// The image of this process is written (or why not); the next chunk of the stream is number `next_seq`.
     Dumped { error: Option<String>, next_seq: u64, bytes: u64 },
     /// The app runs again.
     Resumed,
 
     // ---- supervisor -> shim coordinator
-    /// Go ahead; the image goes to the fd that comes with this message.
-    Begin { kill: bool, reason: String, job: String, argv: Vec<String>, started_unix_ns: u64, processes: u32 },
-    /// Write this process's chunks now, numbering them from `first_seq` (every process of the job is quiesced).
-    Dump { first_seq: u64 },
+    /// Go ahead: park every thread and describe the process.
+    Begin { kill: bool },
+    /// Write this process's page chunks now to the fd that comes along, numbering them from `first_seq` (every
+    /// process of the job is quiesced). Pages in the `skip` ranges are stored by another process (shared memory).
+    Dump { first_seq: u64, skip: Vec<(u64, u64)> },
     /// Done: resume the app, or end it (checkpoint --kill).
     Finish { exit: bool },
     /// Abandon the checkpoint; the app goes on.

@@ -8,7 +8,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use vos::chunk::{self, ChunkHead, ImageError, Kind};
-use vos::image::{ImageHeader, ProcessImage, ProcessSummary};
+use vos::image::{ImageHeader, JobImage, ProcessSummary};
 use vos::sys::Errno;
 
 pub const EXT: &str = "vimg";
@@ -126,8 +126,8 @@ impl Reader {
         self.meta(Kind::Header, "the image header")
     }
 
-    pub fn process(&mut self) -> Result<ProcessImage> {
-        self.meta(Kind::Process, "process metadata")
+    pub fn job(&mut self) -> Result<JobImage> {
+        self.meta(Kind::Job, "the job's metadata")
     }
 
     /// Skip over a process's page chunks (verifying them) and return its summary.

@@ -3,34 +3,28 @@
 use crate::imagefile::Reader;
 use anyhow::Result;
 use serde::Serialize;
-use vos::image::{Contents, FdKind, ImageHeader, ProcessImage, ProcessSummary, RegionKind};
+use vos::image::{Contents, FileKind, ImageHeader, JobImage, OpenFile, ProcessSummary, RegionKind};
 
 #[derive(Serialize)]
 struct Report {
     source: String,
     format: u32,
     header: ImageHeader,
-    processes: Vec<ProcessReport>,
-}
-
-#[derive(Serialize)]
-struct ProcessReport {
-    process: ProcessImage,
-    summary: ProcessSummary,
-    pages_stored: u64,
+    job: JobImage,
+    /// Per process (in the order of `job.processes`): what was stored.
+    summaries: Vec<ProcessSummary>,
 }
 
 pub fn run(src: &str, json: bool) -> Result<()> {
     let mut r = Reader::open(src)?;
     let header = r.header()?;
-    let mut processes = Vec::new();
-    for _ in 0..header.processes {
-        let process = r.process()?;
-        let (summary, pages_stored) = r.skip_pages()?;
-        processes.push(ProcessReport { process, summary, pages_stored });
+    let job = r.job()?;
+    let mut summaries = Vec::new();
+    for _ in &job.processes {
+        summaries.push(r.skip_pages()?.0);
     }
     r.end()?;
-    let rep = Report { source: r.name.clone(), format: vos::chunk::FORMAT_VERSION, header, processes };
+    let rep = Report { source: r.name.clone(), format: vos::chunk::FORMAT_VERSION, header, job, summaries };
     if json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
@@ -64,10 +58,25 @@ fn print_report(rep: &Report) {
     );
     println!("vdso       build-id {}, {} bytes", h.host.vdso.build_id, h.host.vdso.vdso_len);
     println!("job        {}: {}", h.job.name, h.job.argv.join(" "));
-    for pr in &rep.processes {
-        let p = &pr.process;
+    let job = &rep.job;
+    println!("tree       {} processes, {} zombies", job.processes.len(), job.zombies.len());
+    print_tree(job, 1, 1);
+    if let Some(t) = &job.terminal {
+        println!("terminal   {}x{}, foreground group {}", t.cols, t.rows, if t.foreground == 0 { "outside the job".into() } else { t.foreground.to_string() });
+    }
+    if !job.pipes.is_empty() || !job.sockets.is_empty() || !job.shared_memory.is_empty() {
+        println!(
+            "shared     {} pipes ({} bytes in flight), {} sockets ({} queued), {} shared memory objects",
+            job.pipes.len(),
+            job.pipes.iter().map(|p| p.data.len()).sum::<usize>(),
+            job.sockets.len(),
+            job.sockets.iter().map(|s| s.queue.iter().map(|q| q.len()).sum::<usize>()).sum::<usize>(),
+            job.shared_memory.len()
+        );
+    }
+    for (p, sum) in job.processes.iter().zip(&rep.summaries) {
         println!();
-        println!("process    pid {} (parent {}) {}: {}", p.pid, p.ppid, p.comm, p.argv.join(" "));
+        println!("process    pid {} (parent {}, group {}, session {}) {}: {}", p.pid, p.ppid, p.pgid, p.sid, p.comm, p.argv.join(" "));
         println!("program    {}", p.exe.path);
         println!("cwd        {}", p.attrs.cwd);
         println!("threads    {}", p.threads.len());
@@ -86,12 +95,13 @@ fn print_report(rep: &Report) {
         let (mut stored, mut file, mut zero) = (0u64, 0u64, 0u64);
         println!("memory     {} mappings", p.regions.len());
         for (i, r) in p.regions.iter().enumerate() {
-            let s = pr.summary.regions.get(i).copied().unwrap_or_default();
+            let s = sum.regions.get(i).copied().unwrap_or_default();
             let len = r.end - r.start;
             let how = match (&r.contents, r.kind) {
                 (_, RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock) => "kernel's, not stored".to_string(),
                 (Contents::File, _) => "shared file, data stays in the file".to_string(),
                 (Contents::Nothing, _) => "nothing to store".to_string(),
+                (Contents::Elsewhere, _) => "shared memory, stored with another process".to_string(),
                 (Contents::Pages, RegionKind::File) => {
                     file += len - s.stored * 4096;
                     format!("{} stored (copied on write), rest from the file", size(s.stored * 4096))
@@ -108,20 +118,61 @@ fn print_report(rep: &Report) {
         println!("  total: {} stored, {} mapped from files, {} zero pages skipped", size(stored), size(file), zero);
         println!("fds        {}", p.fds.len());
         for f in &p.fds {
-            let what = match &f.kind {
-                FdKind::File { file } => format!("file {} at offset {}", file.path, f.pos),
-                FdKind::Dir { path } => format!("directory {path}"),
-                FdKind::Device { path } => format!("device {path}"),
-                FdKind::Terminal { path, stream } => format!("terminal {path} (re-bound to restore's {})", stream_name(*stream)),
-                FdKind::OutsideStream { what, stream } => format!("{what} (re-bound to restore's {})", stream_name(*stream)),
-                FdKind::Unknown => "unknown".into(),
-            };
-            let dup = f.dup_of.map(|d| format!(", same open file as fd {d}")).unwrap_or_default();
-            println!("  {:<4} {what}, flags {:#o}{}{dup}", f.fd, f.flags, if f.cloexec { ", cloexec" } else { "" });
+            let o = &job.files[f.file as usize];
+            let sharers: Vec<String> = job
+                .processes
+                .iter()
+                .flat_map(|q| q.fds.iter().filter(|g| g.file == f.file && !(q.pid == p.pid && g.fd == f.fd)).map(move |g| format!("{}:{}", q.pid, g.fd)))
+                .collect();
+            let shared = if sharers.is_empty() { String::new() } else { format!(", shared with {}", sharers.join(" ")) };
+            println!("  {:<4} {}, flags {:#o}{}{shared}", f.fd, describe(job, o), o.flags, if f.cloexec { ", cloexec" } else { "" });
         }
         let handled = p.signals.actions.iter().filter(|a| a.handler > 1).count();
         println!("signals    {handled} handlers, {} pending for the process", p.signals.pending.len());
-        println!("image data {} in page chunks", size(pr.summary.bytes));
+        println!("image data {} in page chunks", size(sum.bytes));
+    }
+}
+
+fn print_tree(job: &JobImage, parent: i32, depth: usize) {
+    for p in job.processes.iter().filter(|p| p.ppid == parent) {
+        println!("{}{} {} ({} threads)", "  ".repeat(depth), p.pid, p.comm, p.threads.len());
+        print_tree(job, p.pid, depth + 1);
+    }
+    for z in job.zombies.iter().filter(|z| z.ids.ppid == parent) {
+        println!("{}{} {} (zombie, status {:#x})", "  ".repeat(depth), z.ids.pid, z.comm, z.status);
+    }
+}
+
+fn describe(job: &JobImage, o: &OpenFile) -> String {
+    match &o.kind {
+        FileKind::Regular { file } => format!("file {} at offset {}", file.path, o.pos),
+        FileKind::Dir { path } => format!("directory {path}"),
+        FileKind::Device { path } => format!("device {path}"),
+        FileKind::Terminal { path, stream } => format!("terminal {path} (re-bound to restore's {})", stream_name(*stream)),
+        FileKind::Outside { what, stream } => format!("{what} (re-bound to restore's {})", stream_name(*stream)),
+        FileKind::Pipe { pipe, write } => {
+            let p = &job.pipes[*pipe as usize];
+            format!("{} end of pipe {pipe}{} ({} bytes in flight)", if *write { "write" } else { "read" }, p.fifo.as_ref().map(|f| format!(" (FIFO {f})")).unwrap_or_default(), p.data.len())
+        }
+        FileKind::Socket { socket } => {
+            let s = &job.sockets[*socket as usize];
+            let kind = match s.kind {
+                libc::SOCK_STREAM => "stream",
+                libc::SOCK_DGRAM => "datagram",
+                _ => "seqpacket",
+            };
+            format!(
+                "unix {kind} socket {socket}{}{}{}",
+                match &s.local {
+                    vos::image::SockAddr::Unnamed => String::new(),
+                    vos::image::SockAddr::Path(p) => format!(" at {p}"),
+                    vos::image::SockAddr::Abstract(n) => format!(" at @{}", String::from_utf8_lossy(n)),
+                },
+                if s.listening { ", listening".to_string() } else { s.peer.map(|p| format!(", connected to socket {p}")).unwrap_or_default() },
+                if s.queue.is_empty() { String::new() } else { format!(", {} queued", s.queue.iter().map(|q| q.len()).sum::<usize>()) }
+            )
+        }
+        FileKind::Unknown => "unknown".into(),
     }
 }
 

@@ -1,13 +1,18 @@
 //! vrun: run a program under vOS, checkpoint it, restore it, inspect its images.
 
+mod checkpoint;
 mod client;
+mod files;
 mod host;
 mod imagefile;
 mod inspect;
+mod job;
 mod ns;
 mod restore;
 mod runtime;
+mod sockets;
 mod supervisor;
+mod terminal;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};

@@ -19,9 +19,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 pub enum Child {
     /// A program, with its environment.
     Exec { argv: Vec<CString>, env: Vec<CString> },
-    /// The restorer, as process `pid`, with `fds` (source, number in the child) and nothing else open.
-    Restore { pid: i32, restorer: CString, plan_fd: i32, fds: Vec<(RawFd, i32)>, hostname: String },
+    /// The restorer, as each top-level process of the job (pid, index in the plan), with `fds` (source, number
+    /// in the child) and nothing else open.
+    Restore { tops: Vec<(i32, usize)>, restorer: CString, plan_fd: i32, fds: Vec<(RawFd, i32)>, hostname: String },
 }
+
+/// The job's main process, the first child of its init: the job ends when it does.
+pub const MAIN_PID: i32 = 2;
 
 /// A started job.
 pub struct Started {
@@ -152,17 +156,24 @@ fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
                 ForkResult::Parent { child } => child,
             }
         }
-        Child::Restore { pid, restorer, plan_fd, fds, hostname } => {
+        Child::Restore { tops, restorer, plan_fd, fds, hostname } => {
             if !hostname.is_empty() {
                 nix::unistd::sethostname(&hostname).context("setting the job's hostname")?;
             }
-            let p = spawn_with_pid(pid, || {
-                arrange_fds(&fds, err.as_raw_fd());
-                raise_nofile();
-                lend_restore_caps();
-                let argv = [restorer.clone(), CString::new(plan_fd.to_string()).unwrap()];
-                exec_or_report(&restorer, &argv, &[], &err)
-            })?;
+            let mut main = None;
+            for (pid, index) in tops {
+                let p = spawn_with_pid(pid, || {
+                    arrange_fds(&fds, err.as_raw_fd());
+                    raise_nofile();
+                    lend_restore_caps();
+                    let argv = [restorer.clone(), CString::new(plan_fd.to_string()).unwrap(), CString::new(index.to_string()).unwrap()];
+                    exec_or_report(&restorer, &argv, &[], &err)
+                })?;
+                if main.is_none() || pid == MAIN_PID {
+                    main = Some(p);
+                }
+            }
+            let p = main.context("the image has no top-level process")?;
             // The restored process holds them now; the launcher must see their far ends close with it.
             for &(fd, _) in &fds {
                 // SAFETY: init's inherited copies, not used by init.

@@ -1,25 +1,28 @@
-//! `vrun restore`: check an image against this host, plan the address space for the restorer, start the job
-//! again in fresh namespaces, and supervise it.
+//! `vrun restore`: check an image against this host, recreate what the job's processes share, plan every
+//! process's address space for the restorer, start the job again in fresh namespaces, and supervise it.
 //!
-//! Order of events: the header and process metadata are read and checked (host, CPU, vDSO, every file the job
-//! used) before anything is created; then init starts the restorer as the job's process with its original
-//! pid; the restorer maps memory and reads the page chunks from the same stream; the shim's restart code
-//! rebuilds fds, signals and threads and says it is ready; the launcher reads the end of the image, and only
-//! if it is whole does it let the job run.
+//! Order of events: the header and the job's metadata are read and checked (host, CPU, vDSO, every file the job
+//! used) before anything is created; the supervisor opens or makes every open file, pipe, socket and piece of
+//! shared memory; init starts the restorer as the job's top-level processes, which make the rest of the tree with
+//! the original pids; each restorer maps its process's memory and reads its page chunks (in turn, from the same
+//! stream); each process's shim rebuilds fds, signals and threads and says it is ready; the launcher reads the end
+//! of the image, gives the terminal to the job's foreground group, and only if the image is whole lets the job run.
 
 use crate::imagefile::Reader;
 use crate::ns::{self, Child, ClockOffsets};
 use crate::supervisor::{self, Options, Supervisor};
-use crate::{host, runtime};
+use crate::{files, host, job, runtime, terminal};
 use anyhow::{Context, Result, anyhow, bail};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use vos::image::{Contents, FdKind, ProcessImage, RegionKind, RestartSpec, VMF_GROWSDOWN};
-use vos::plan::{self, MapOp, PlanHead, PrctlMmMap};
+use vos::image::{Contents, FileKind, JobImage, ProcessImage, RegionKind, RestartSpec, VMF_GROWSDOWN};
+use vos::plan::{self, JobPlanHead, MapOp, PlanHead, PrctlMmMap, ProcEntry};
 use vos::proto::{self, Msg};
 
 pub struct Args {
@@ -47,96 +50,108 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
     let mut phases = Phases(std::env::var_os("VOS_TIMING").map(|_| std::time::Instant::now()));
     let mut r = Reader::open(&a.src)?;
     let header = r.header()?;
-    if header.processes != 1 {
-        bail!("{}: images of {} processes cannot be restored yet", r.name, header.processes);
-    }
     let here = host::current();
     host::check(&header.host, &here).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
-    let process = r.process()?;
-    check_files(&process).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
+    let job = r.job()?;
+    if job.processes.len() != header.processes as usize || job.processes.is_empty() {
+        bail!("{}: the header and the job's metadata disagree on the number of processes", r.name);
+    }
+    check_files(&job).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
 
     let name = runtime::unique_name(a.name.as_deref().unwrap_or(&header.job.name));
     let listener = supervisor::listen(&name)?;
-    let from_stdin = a.src == "-";
-    let mut plan = Plan::new(&process)?;
-    let (ctl_parent, ctl_child) = socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
-    let image_fd = r.raw_fd();
-    let exe = File::open(&process.exe.path).with_context(|| format!("opening the program {}", process.exe.path))?;
-    let stdin: OwnedFd = if from_stdin {
-        // The image arrives on stdin: the job's stdin is /dev/null.
-        File::open("/dev/null")?.into()
-    } else {
-        nix::unistd::dup(std::io::stdin())?
-    };
-    let spec = RestartSpec {
-        process: process.clone(),
-        stdio: [plan.base + 4, plan.base + 5, plan.base + 6],
-        close: vec![],
-        ctl_fd: plan.base + 2,
-        sock: listener.name.clone(),
-    };
-    let memfd = plan.write(&process, &spec, r.seq)?;
-    let mut fds: Vec<(RawFd, i32)> = vec![
-        (memfd.as_raw_fd(), plan.base),
-        (image_fd, plan.base + 1),
-        (ctl_child.as_raw_fd(), plan.base + 2),
-        (exe.as_raw_fd(), plan.base + 3),
-        (stdin.as_raw_fd(), plan.base + 4),
-        (1, plan.base + 5),
-        (2, plan.base + 6),
-    ];
-    fds.extend(plan.files.iter().map(|(f, n)| (f.as_raw_fd(), *n)));
+    // The job's stdio re-binds to ours; when the image comes on stdin, the job's stdin is /dev/null.
+    let stdin: OwnedFd = if a.src == "-" { File::open("/dev/null")?.into() } else { nix::unistd::dup(std::io::stdin())? };
+    let stdio = [stdin.as_raw_fd(), 1, 2];
+    let objects = files::restore(&job, &stdio)?;
+    let shm: Vec<OwnedFd> = job.shared_memory.iter().map(|m| memfd(&m.name, m.size)).collect::<Result<_>>()?;
+    if let Some(t) = &job.terminal {
+        terminal::restore_modes(t);
+    }
+
+    let mut fds = Fds::new(&job);
+    let memfd_plan = fds.reserve();
+    let image_at = fds.put(r.raw_fd());
+    let mut ctls: Vec<OwnedFd> = vec![];
+    let mut plans: Vec<(Vec<u8>, usize)> = vec![]; // (process plan, index of its entry)
+    let object_at: Vec<i32> = objects.iter().map(|o| fds.put(o.as_raw_fd())).collect();
+    let shm_at: Vec<i32> = shm.iter().map(|m| fds.put(m.as_raw_fd())).collect();
+    let mut keep: Vec<OwnedFd> = vec![];
+    for (i, p) in job.processes.iter().enumerate() {
+        let (parent, child) = socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
+        let ctl_at = fds.put(child.as_raw_fd());
+        keep.push(child);
+        ctls.push(parent);
+        let spec = RestartSpec {
+            process: p.clone(),
+            fd_sources: p.fds.iter().map(|f| object_at[f.file as usize]).collect(),
+            ctl_fd: ctl_at,
+            sock: listener.name.clone(),
+        };
+        let plan = process_plan(p, &spec, &mut fds, &mut keep, image_at, ctl_at, &shm_at, r.seq)?;
+        plans.push((plan, i));
+    }
+    let plan_fd = job_plan(&job, &plans)?;
+    fds.set(memfd_plan, plan_fd.as_raw_fd());
+    phases.mark("image checked and planned");
 
     supervisor::block_signals()?;
-    let now_mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
-    let now_boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)?;
-    let ns_of = |t: nix::sys::time::TimeSpec| t.tv_sec() as i64 * 1_000_000_000 + t.tv_nsec() as i64;
+    let first = &job.processes[0].attrs;
+    let now = |c| nix::time::clock_gettime(c).map(|t| t.tv_sec() as i64 * 1_000_000_000 + t.tv_nsec() as i64);
     let clocks = ClockOffsets {
-        monotonic: process.attrs.monotonic_ns as i64 - ns_of(now_mono),
-        boottime: process.attrs.boottime_ns as i64 - ns_of(now_boot),
+        monotonic: first.monotonic_ns as i64 - now(nix::time::ClockId::CLOCK_MONOTONIC)?,
+        boottime: first.boottime_ns as i64 - now(nix::time::ClockId::CLOCK_BOOTTIME)?,
     };
+    let tops: Vec<(i32, usize)> = entries(&job).iter().enumerate().filter(|(_, e)| e.ppid == 1).map(|(i, e)| (e.pid, i)).collect();
     let child = Child::Restore {
-        pid: process.pid,
+        tops,
         restorer: CString::new(restorer.as_os_str().as_encoded_bytes())?,
-        plan_fd: plan.base,
-        fds,
-        hostname: process.attrs.hostname.clone(),
+        plan_fd: memfd_plan,
+        fds: fds.list.clone(),
+        hostname: first.hostname.clone(),
     };
-    phases.mark("image checked and planned");
     let started = ns::start(child, clocks)?;
     phases.mark("restorer started");
-    drop(ctl_child);
-    drop(memfd);
-    drop(plan.files);
-    drop(exe);
-    drop(stdin);
-    let c = ctl_parent.as_raw_fd();
+    drop((keep, objects, shm, plan_fd, stdin));
     let fail = |e: anyhow::Error| -> anyhow::Error {
         let _ = nix::sys::signal::kill(started.init, nix::sys::signal::Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(started.init, None);
         e
     };
 
-    // The restorer reports once memory is back (or why it failed).
-    let report = wait_report(c).map_err(fail)?;
-    phases.mark("memory restored");
-    r.seq = report.next_seq;
-    match proto::recv(c) {
-        Ok(Some((Msg::Ready, _))) => {}
-        Ok(Some((Msg::RestoreFailed { why }, _))) => return Err(fail(anyhow!("restoring {} failed: {why}", r.name))),
-        Ok(Some((m, _))) => return Err(fail(anyhow!("unexpected message from the restored job: {m:?}"))),
-        Ok(None) | Err(_) => return Err(fail(anyhow!("restoring {} failed: the restored process ended", r.name))),
+    // Every process reports once its memory is back (or why it failed), then once fds, signals and threads are.
+    let mut last_seq = 0;
+    for (i, c) in ctls.iter().enumerate() {
+        let report = wait_report(c, &started.status, job.processes[i].pid).map_err(fail)?;
+        last_seq = last_seq.max(report.next_seq);
     }
-    // Only a whole image may run.
+    phases.mark("memory restored");
+    for (i, c) in ctls.iter().enumerate() {
+        match proto::recv(c.as_raw_fd()) {
+            Ok(Some((Msg::Ready, _))) => {}
+            Ok(Some((Msg::RestoreFailed { why }, _))) => return Err(fail(anyhow!("restoring pid {} failed: {why}", job.processes[i].pid))),
+            Ok(Some((m, _))) => return Err(fail(anyhow!("unexpected message from the restored job: {m:?}"))),
+            Ok(None) | Err(_) => return Err(fail(anyhow!("restoring {} failed: pid {} ended", r.name, job.processes[i].pid))),
+        }
+    }
     phases.mark("threads and fds restored");
+    // Only a whole image may run.
+    r.seq = last_seq;
     r.end().map_err(fail)?;
-    proto::send(c, &Msg::Go, None).map_err(|e| fail(anyhow!("talking to the restored job: {e}")))?;
-    match proto::recv(c) {
-        Ok(Some((Msg::Running, _))) => {}
-        _ => return Err(fail(anyhow!("the restored job did not start"))),
+    if let Some(t) = &job.terminal {
+        terminal::hand_over(t, &job::members(started.init).map_err(fail)?);
+    }
+    for c in &ctls {
+        proto::send(c.as_raw_fd(), &Msg::Go, None).map_err(|e| fail(anyhow!("talking to the restored job: {e}")))?;
+    }
+    for c in &ctls {
+        match proto::recv(c.as_raw_fd()) {
+            Ok(Some((Msg::Running, _))) => {}
+            _ => return Err(fail(anyhow!("the restored job did not start"))),
+        }
     }
     phases.mark("running");
-    drop(ctl_parent);
+    drop(ctls);
     drop(r);
     let opts = Options {
         name,
@@ -149,16 +164,30 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
     Supervisor::new(opts, listener, started, header.job.argv.clone(), header.job.started_unix_ns)?.run()
 }
 
-fn wait_report(c: RawFd) -> Result<plan::RestorerReport> {
+/// Wait for a restorer's report on `ctl`, noticing if the job died instead.
+fn wait_report(ctl: &OwnedFd, status: &File, pid: i32) -> Result<plan::RestorerReport> {
+    loop {
+        let mut fds = [PollFd::new(ctl.as_fd(), PollFlags::POLLIN), PollFd::new(status.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => bail!("poll: {e}"),
+        }
+        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+            break;
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            bail!("the restore failed: the job's main process ended (pid {pid} never reported)");
+        }
+    }
     let mut buf = vec![0u8; proto::MAX_MSG];
     let n = loop {
-        match nix::sys::socket::recv(c, &mut buf, nix::sys::socket::MsgFlags::empty()) {
+        match nix::sys::socket::recv(ctl.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::empty()) {
             Err(nix::errno::Errno::EINTR) => continue,
             r => break r?,
         }
     };
     if n == 0 {
-        bail!("the restorer ended without a word");
+        bail!("the restorer of pid {pid} ended without a word");
     }
     let rep = plan::RestorerReport::from_bytes(&buf[..n]).ok_or_else(|| anyhow!("the restorer sent something unexpected"))?;
     if rep.status != plan::REPORT_OK {
@@ -169,160 +198,288 @@ fn wait_report(c: RawFd) -> Result<plan::RestorerReport> {
 
 /// Every file the job maps or has open must still be there, and mapped files unchanged: named here, before
 /// anything is restored.
-fn check_files(p: &ProcessImage) -> Result<()> {
-    for r in &p.regions {
-        if let Some(f) = &r.file {
-            let md = std::fs::metadata(&f.path).map_err(|e| anyhow!("{}, mapped by the job, is missing: {e}", f.path))?;
-            use std::os::unix::fs::MetadataExt;
-            let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
-            if md.size() != f.size || mtime != f.mtime_ns {
-                bail!("{} differs from the file the job had mapped (size or modification time changed)", f.path);
+fn check_files(job: &JobImage) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for p in &job.processes {
+        for r in &p.regions {
+            if let Some(f) = &r.file {
+                let md = std::fs::metadata(&f.path).map_err(|e| anyhow!("{}, mapped by pid {}, is missing: {e}", f.path, p.pid))?;
+                let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+                if md.size() != f.size || mtime != f.mtime_ns {
+                    bail!("{} differs from the file pid {} had mapped (size or modification time changed)", f.path, p.pid);
+                }
             }
         }
+        std::fs::metadata(&p.attrs.cwd).map_err(|e| anyhow!("the working directory {} of pid {} is missing: {e}", p.attrs.cwd, p.pid))?;
     }
-    for fd in &p.fds {
-        let path = match &fd.kind {
-            FdKind::File { file } => &file.path,
-            FdKind::Dir { path } | FdKind::Device { path } => path,
+    for f in &job.files {
+        let path = match &f.kind {
+            FileKind::Regular { file } => &file.path,
+            FileKind::Dir { path } | FileKind::Device { path } => path,
+            FileKind::Pipe { pipe, .. } => match &job.pipes[*pipe as usize].fifo {
+                Some(p) => p,
+                None => continue,
+            },
             _ => continue,
         };
-        std::fs::metadata(path).map_err(|e| anyhow!("fd {}: {path} is missing: {e}", fd.fd))?;
+        std::fs::metadata(path).map_err(|e| anyhow!("{path}, open in the job, is missing: {e}"))?;
     }
-    std::fs::metadata(&p.attrs.cwd).map_err(|e| anyhow!("the working directory {} is missing: {e}", p.attrs.cwd))?;
     Ok(())
 }
 
-/// The restorer's plan, and the files it maps, at their fd numbers in the restored process.
-struct Plan {
-    /// First fd number of the restorer's own fds, above every fd of the job.
-    base: i32,
-    files: Vec<(File, i32)>,
-    ops: Vec<MapOp>,
-    blob: Vec<u8>,
+/// The job's processes, live ones first in image order, then zombies, as the restorer's plan lists them.
+fn entries(job: &JobImage) -> Vec<ProcEntry> {
+    let live = job.processes.iter().enumerate().map(|(i, p)| ProcEntry {
+        pid: p.pid,
+        ppid: p.ppid,
+        pgid: p.pgid,
+        sid: p.sid,
+        order: i as u32,
+        ..Default::default()
+    });
+    let zombies = job.zombies.iter().map(|z| ProcEntry {
+        pid: z.ids.pid,
+        ppid: z.ids.ppid,
+        pgid: z.ids.pgid,
+        sid: z.ids.sid,
+        zombie: 1,
+        status: z.status,
+        ..Default::default()
+    });
+    live.chain(zombies).collect()
 }
 
-impl Plan {
-    fn new(p: &ProcessImage) -> Result<Plan> {
-        let base = p.fds.iter().map(|f| f.fd + 1).max().unwrap_or(0).max(10);
-        Ok(Plan { base, files: vec![], ops: vec![], blob: vec![] })
+fn align8(v: &mut Vec<u8>) {
+    while v.len() % 8 != 0 {
+        v.push(0);
     }
+}
 
-    fn add_blob(&mut self, b: &[u8]) -> (u64, u64) {
-        while self.blob.len() % 8 != 0 {
-            self.blob.push(0);
+/// The job's plan in a memfd: head, process entries, the shared sync page, then each process's plan.
+fn job_plan(job: &JobImage, plans: &[(Vec<u8>, usize)]) -> Result<OwnedFd> {
+    let mut es = entries(job);
+    let head_len = std::mem::size_of::<JobPlanHead>();
+    let procs_off = head_len;
+    let sync_off = (procs_off + es.len() * std::mem::size_of::<ProcEntry>()).next_multiple_of(4096);
+    let mut body: Vec<u8> = vec![0; sync_off + 4096];
+    for (plan, i) in plans {
+        align8(&mut body);
+        es[*i].plan_off = body.len() as u64;
+        let base = body.len() as u64;
+        body.extend_from_slice(&rebase(plan, base));
+    }
+    let head = JobPlanHead {
+        magic: plan::JOB_PLAN_MAGIC,
+        nproc: es.len() as u32,
+        nleaders: es.iter().filter(|e| e.pgid == e.pid).count() as u32,
+        procs_off: procs_off as u64,
+        sync_off: sync_off as u64,
+        total_len: body.len() as u64,
+    };
+    // SAFETY: repr(C) plain data.
+    unsafe {
+        body[..head_len].copy_from_slice(plan::bytes_of(&head));
+        for (i, e) in es.iter().enumerate() {
+            let o = procs_off + i * std::mem::size_of::<ProcEntry>();
+            body[o..o + std::mem::size_of::<ProcEntry>()].copy_from_slice(plan::bytes_of(e));
         }
-        let off = self.blob.len();
-        self.blob.extend_from_slice(b);
-        (off as u64, b.len() as u64)
     }
+    if body.len() > plan::MAX_PLAN {
+        bail!("the restore plan is too large ({} bytes)", body.len());
+    }
+    let fd = nix::sys::memfd::memfd_create(c"vos-plan", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+    let mut f = File::from(fd);
+    f.write_all(&body)?;
+    Ok(f.into())
+}
 
-    fn file_fd(&mut self, path: &str, write: bool) -> Result<i32> {
-        let n = self.base + 7 + self.files.len() as i32;
+/// A process plan is built with offsets from its own start; shift them to where it lands in the job plan.
+fn rebase(plan: &[u8], base: u64) -> Vec<u8> {
+    let mut v = plan.to_vec();
+    // SAFETY: the plan starts with a PlanHead (plain data); read and write unaligned copies.
+    unsafe {
+        let mut h: PlanHead = std::ptr::read_unaligned(v.as_ptr() as *const PlanHead);
+        h.ops_off += base;
+        h.auxv_off += base;
+        h.blob_off += base;
+        std::ptr::write_unaligned(v.as_mut_ptr() as *mut PlanHead, h);
+        for i in 0..h.nmaps as usize {
+            let o = (h.ops_off - base) as usize + i * std::mem::size_of::<MapOp>();
+            let mut op: MapOp = std::ptr::read_unaligned(v.as_ptr().add(o) as *const MapOp);
+            if op.name_len > 0 {
+                op.name_off += base;
+            }
+            std::ptr::write_unaligned(v.as_mut_ptr().add(o) as *mut MapOp, op);
+        }
+    }
+    v
+}
+
+/// The fds the restored processes inherit, at numbers above every fd of the job.
+struct Fds {
+    next: i32,
+    list: Vec<(RawFd, i32)>,
+    /// Files opened for mappings, by path (shared by every process that maps them).
+    by_path: HashMap<(String, bool), i32>,
+}
+
+impl Fds {
+    fn new(job: &JobImage) -> Fds {
+        let top = job.processes.iter().flat_map(|p| p.fds.iter().map(|f| f.fd + 1)).max().unwrap_or(0);
+        Fds { next: top.max(10), list: vec![], by_path: HashMap::new() }
+    }
+    fn reserve(&mut self) -> i32 {
+        self.next += 1;
+        self.next - 1
+    }
+    fn put(&mut self, fd: RawFd) -> i32 {
+        let n = self.reserve();
+        self.list.push((fd, n));
+        n
+    }
+    fn set(&mut self, n: i32, fd: RawFd) {
+        self.list.push((fd, n));
+    }
+    /// A file to map, opened once for the whole job.
+    fn file(&mut self, path: &str, write: bool, keep: &mut Vec<OwnedFd>) -> Result<i32> {
+        if let Some(&n) = self.by_path.get(&(path.to_string(), write)) {
+            return Ok(n);
+        }
         let f = std::fs::OpenOptions::new().read(true).write(write).open(path).with_context(|| format!("opening {path}"))?;
-        self.files.push((f, n));
+        let n = self.put(f.as_raw_fd());
+        keep.push(f.into());
+        self.by_path.insert((path.to_string(), write), n);
         Ok(n)
     }
+}
 
-    /// Build the plan and put it in a memfd for the restorer.
-    fn write(&mut self, p: &ProcessImage, spec: &RestartSpec, first_seq: u64) -> Result<OwnedFd> {
-        let mut regions: Vec<_> = p.regions.iter().collect();
-        regions.sort_by_key(|r| r.start);
-        let find = |k: RegionKind| regions.iter().find(|r| r.kind == k).copied();
-        let (vdso_addr, vdso_text) = match (find(RegionKind::Vvar), find(RegionKind::VvarVclock), find(RegionKind::Vdso)) {
-            (Some(a), Some(b), Some(c)) if a.end == b.start && b.end == c.start => (a.start, c.start),
-            (Some(a), None, Some(c)) if a.end == c.start => (a.start, c.start),
-            (None, None, None) => (0, 0),
-            _ => bail!("the image's vDSO layout is not one this kernel makes"),
-        };
-        let mut names: Vec<(usize, Vec<u8>)> = vec![];
-        for r in &regions {
-            if matches!(r.kind, RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock) {
-                continue;
-            }
-            let mut op = MapOp { addr: r.start, len: r.end - r.start, prot: r.prot, fd: -1, ..Default::default() };
-            op.flags = (if r.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE }) as u32;
-            match (&r.file, r.kind) {
-                (Some(f), RegionKind::File) => {
-                    let write = r.shared && r.prot & libc::PROT_WRITE as u32 != 0;
-                    op.fd = self.file_fd(&f.path, write)?;
-                    op.offset = r.offset;
-                }
-                _ => op.flags |= libc::MAP_ANONYMOUS as u32,
-            }
-            if r.contents == Contents::Pages {
-                op.op |= plan::OP_FILL;
-            }
-            if r.vmflags & VMF_GROWSDOWN != 0 {
-                op.op |= plan::OP_GROWSDOWN;
-            }
-            // vmflags bits 2.. line up with plan::ADVICE.
-            op.advice = (r.vmflags >> 1) & 0x3f;
-            if let Some(n) = r.name.strip_prefix("[anon:").and_then(|n| n.strip_suffix(']')) {
-                let mut v = n.as_bytes().to_vec();
-                v.push(0);
-                names.push((self.ops.len(), v));
-            }
-            self.ops.push(op);
+fn memfd(name: &str, size: u64) -> Result<OwnedFd> {
+    let n = CString::new(format!("vos:{}", name.trim_start_matches('/')).replace(" (deleted)", "")).unwrap_or_default();
+    let fd = nix::sys::memfd::memfd_create(n.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+    nix::unistd::ftruncate(&fd, size as i64)?;
+    Ok(fd)
+}
+
+/// One process's plan, with offsets from its own start (see `rebase`).
+#[allow(clippy::too_many_arguments)]
+fn process_plan(
+    p: &ProcessImage,
+    spec: &RestartSpec,
+    fds: &mut Fds,
+    keep: &mut Vec<OwnedFd>,
+    image_fd: i32,
+    ctl_fd: i32,
+    shm_at: &[i32],
+    first_seq: u64,
+) -> Result<Vec<u8>> {
+    let mut regions: Vec<_> = p.regions.iter().collect();
+    regions.sort_by_key(|r| r.start);
+    let find = |k: RegionKind| regions.iter().find(|r| r.kind == k).copied();
+    let (vdso_addr, vdso_text) = match (find(RegionKind::Vvar), find(RegionKind::VvarVclock), find(RegionKind::Vdso)) {
+        (Some(a), Some(b), Some(c)) if a.end == b.start && b.end == c.start => (a.start, c.start),
+        (Some(a), None, Some(c)) if a.end == c.start => (a.start, c.start),
+        (None, None, None) => (0, 0),
+        _ => bail!("pid {}: the image's vDSO layout is not one this kernel makes", p.pid),
+    };
+    let mut ops: Vec<MapOp> = vec![];
+    let mut names: Vec<(usize, Vec<u8>)> = vec![];
+    for r in &regions {
+        if matches!(r.kind, RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock) {
+            continue;
         }
-        let (auxv_off, auxv_len) = self.add_blob(&p.mm.auxv);
-        for (i, n) in names {
-            let (off, len) = self.add_blob(&n);
-            self.ops[i].name_off = off;
-            self.ops[i].name_len = len;
-        }
-        let spec_bytes = rmp_serde::to_vec_named(spec)?;
-        let (blob_off, blob_len) = self.add_blob(&spec_bytes);
-        let m = &p.mm;
-        let ops_len = self.ops.len() * std::mem::size_of::<MapOp>();
-        let blob_base = (std::mem::size_of::<PlanHead>() + ops_len) as u64;
-        let head = PlanHead {
-            magic: plan::PLAN_MAGIC,
-            nmaps: self.ops.len() as u32,
-            image_fd: self.base + 1,
-            ctl_fd: self.base + 2,
-            exe_fd: self.base + 3,
-            first_seq,
-            vdso_addr,
-            vdso_text,
-            mm: PrctlMmMap {
-                start_code: m.start_code,
-                end_code: m.end_code,
-                start_data: m.start_data,
-                end_data: m.end_data,
-                start_brk: m.start_brk,
-                brk: m.brk,
-                start_stack: m.start_stack,
-                arg_start: m.arg_start,
-                arg_end: m.arg_end,
-                env_start: m.env_start,
-                env_end: m.env_end,
-                auxv: 0,
-                auxv_size: 0,
-                exe_fd: (self.base + 3) as u32,
-            },
-            auxv_off: blob_base + auxv_off,
-            auxv_len,
-            restart_entry: p.shim.restart_entry,
-            restart_stack_top: p.shim.restart_stack_top,
-            blob_off: blob_base + blob_off,
-            blob_len,
-            total_len: blob_base + self.blob.len() as u64,
-        };
-        if head.total_len as usize > plan::MAX_PLAN {
-            bail!("the restore plan is too large ({} bytes)", head.total_len);
-        }
-        let fd = nix::sys::memfd::memfd_create(c"vos-plan", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
-        let mut f = File::from(fd);
-        // SAFETY: PlanHead and MapOp are repr(C) plain data.
-        unsafe {
-            f.write_all(plan::bytes_of(&head))?;
-            for op in &self.ops {
-                f.write_all(plan::bytes_of(op))?;
+        let mut op = MapOp { addr: r.start, len: r.end - r.start, prot: r.prot, fd: -1, ..Default::default() };
+        op.flags = (if r.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE }) as u32;
+        match (r.kind, r.shared_memory, &r.file) {
+            (RegionKind::SharedAnon, Some(m), _) => {
+                op.fd = shm_at[m as usize];
+                op.offset = r.offset;
             }
+            (RegionKind::File, _, Some(f)) => {
+                let write = r.shared && r.prot & libc::PROT_WRITE as u32 != 0;
+                op.fd = fds.file(&f.path, write, keep)?;
+                op.offset = r.offset;
+            }
+            _ => op.flags |= libc::MAP_ANONYMOUS as u32,
         }
-        f.write_all(&self.blob)?;
-        use std::io::Seek;
-        f.seek(std::io::SeekFrom::Start(0))?;
-        Ok(f.into())
+        if r.contents == Contents::Pages {
+            op.op |= plan::OP_FILL;
+        }
+        if r.vmflags & VMF_GROWSDOWN != 0 {
+            op.op |= plan::OP_GROWSDOWN;
+        }
+        // vmflags bits 1.. line up with plan::ADVICE.
+        op.advice = (r.vmflags >> 1) & 0x3f;
+        if let Some(n) = r.name.strip_prefix("[anon:").and_then(|n| n.strip_suffix(']')) {
+            let mut v = n.as_bytes().to_vec();
+            v.push(0);
+            names.push((ops.len(), v));
+        }
+        ops.push(op);
     }
+    let exe_fd = fds.file(&p.exe.path, false, keep)?;
+    let head_len = std::mem::size_of::<PlanHead>();
+    let ops_off = head_len as u64;
+    let mut blob: Vec<u8> = vec![];
+    let mut add = |b: &[u8]| {
+        align8(&mut blob);
+        let off = blob.len();
+        blob.extend_from_slice(b);
+        (off as u64, b.len() as u64)
+    };
+    let (auxv_off, auxv_len) = add(&p.mm.auxv);
+    for (i, n) in names {
+        let (off, len) = add(&n);
+        ops[i].name_off = off;
+        ops[i].name_len = len;
+    }
+    let (blob_off, blob_len) = add(&rmp_serde::to_vec_named(spec)?);
+    let blob_base = ops_off + (ops.len() * std::mem::size_of::<MapOp>()) as u64;
+    for op in ops.iter_mut().filter(|o| o.name_len > 0) {
+        op.name_off += blob_base;
+    }
+    let m = &p.mm;
+    let head = PlanHead {
+        magic: plan::PLAN_MAGIC,
+        nmaps: ops.len() as u32,
+        _pad: 0,
+        ops_off,
+        image_fd,
+        ctl_fd,
+        exe_fd,
+        first_seq,
+        vdso_addr,
+        vdso_text,
+        mm: PrctlMmMap {
+            start_code: m.start_code,
+            end_code: m.end_code,
+            start_data: m.start_data,
+            end_data: m.end_data,
+            start_brk: m.start_brk,
+            brk: m.brk,
+            start_stack: m.start_stack,
+            arg_start: m.arg_start,
+            arg_end: m.arg_end,
+            env_start: m.env_start,
+            env_end: m.env_end,
+            auxv: 0,
+            auxv_size: 0,
+            exe_fd: exe_fd as u32,
+        },
+        auxv_off: blob_base + auxv_off,
+        auxv_len,
+        restart_entry: p.shim.restart_entry,
+        restart_stack_top: p.shim.restart_stack_top,
+        blob_off: blob_base + blob_off,
+        blob_len,
+    };
+    let mut out = Vec::with_capacity(blob_base as usize + blob.len());
+    // SAFETY: PlanHead and MapOp are repr(C) plain data.
+    unsafe {
+        out.extend_from_slice(plan::bytes_of(&head));
+        for op in &ops {
+            out.extend_from_slice(plan::bytes_of(op));
+        }
+    }
+    out.extend_from_slice(&blob);
+    Ok(out)
 }

@@ -1,10 +1,12 @@
 //! vos-restore: the freestanding first stage of a restore.
 //!
-//! The launcher starts this program (static, no libc, linked inside `plan::WINDOW_*`, a range the shim keeps
-//! reserved in every job) as the process to restore, with the plan on an fd. It clears every mapping outside
-//! its window, rebuilds the image's address space at the original addresses from the plan and the page chunks
-//! (verifying every checksum), puts the vDSO and the kernel's mm fields back, and jumps into the shim's restart
-//! code, which rebuilds fds, signals and threads. Nothing of the app runs before the launcher says go.
+//! The launcher's init starts this program (static, no libc, linked inside `plan::WINDOW_*`, a range the shim
+//! keeps reserved in every job) as each top-level process of the job, with the job's plan on an fd. Each makes
+//! its children with their original pids (`tree`), so the whole process tree exists with its sessions and
+//! groups; then each clears every mapping outside its window, rebuilds its image's address space at the
+//! original addresses from the plan and its page chunks (verifying every checksum; processes take turns on the
+//! stream), puts the vDSO and the kernel's mm fields back, and jumps into the shim's restart code, which rebuilds
+//! fds, signals and threads. Nothing of the app runs before the launcher says go.
 #![no_std]
 #![no_main]
 
@@ -25,10 +27,11 @@ mod sys;
 
 mod memory;
 mod out;
+mod tree;
 
 use core::sync::atomic::{AtomicBool, Ordering};
 use out::Msg;
-use plan::{MapOp, PlanHead, RestorerReport};
+use plan::{JobPlanHead, MapOp, PlanHead, ProcEntry, RestorerReport};
 
 const STACK_SIZE: usize = 256 << 10;
 
@@ -68,42 +71,69 @@ extern "C" fn rmain(sp: *const usize) -> ! {
     // Nothing may interrupt us: the app's handlers are not in place yet.
     sys::sigprocmask(libc::SIG_SETMASK, Some(!0));
     // SAFETY: the kernel put argc, then argv pointers, at the initial stack pointer.
-    let plan_fd = unsafe {
+    let (plan_fd, index) = unsafe {
         let argc = *sp;
-        if argc < 2 {
-            fail(&Msg::new("vos-restore: usage: vos-restore PLAN_FD (started by vrun restore only)"));
+        if argc < 3 {
+            fail(&Msg::new("vos-restore: usage: vos-restore PLAN_FD INDEX (started by vrun restore only)"));
         }
-        parse_fd(*(sp.add(2)) as *const u8)
+        (parse_num(*(sp.add(2)) as *const u8), parse_num(*(sp.add(3)) as *const u8) as usize)
     };
-    // SAFETY: single-threaded; PLAN is only accessed here and through the shared view below.
+    // SAFETY: PLAN is this process's own (a forked child gets its own copy).
     let buf: &mut [u8] = unsafe { &mut *core::ptr::addr_of_mut!(PLAN.0) };
     let len = read_all(plan_fd, buf);
-    let _ = sys::close(plan_fd);
-    if len < core::mem::size_of::<PlanHead>() {
+    if len < core::mem::size_of::<JobPlanHead>() {
         fail(&Msg::new("vos-restore: plan too short"));
     }
-    // SAFETY: length checked; PlanHead is plain data; read_unaligned copies.
-    let head: PlanHead = unsafe { core::ptr::read_unaligned(buf.as_ptr() as *const PlanHead) };
-    if head.magic != plan::PLAN_MAGIC || head.total_len as usize != len {
+    // SAFETY: length checked; plain data; read_unaligned copies.
+    let head: JobPlanHead = unsafe { core::ptr::read_unaligned(buf.as_ptr() as *const JobPlanHead) };
+    if head.magic != plan::JOB_PLAN_MAGIC || head.total_len as usize != len {
         fail(&Msg::new("vos-restore: bad plan"));
     }
+    let end = head.procs_off as usize + head.nproc as usize * core::mem::size_of::<ProcEntry>();
+    if end > len || index >= head.nproc as usize || head.sync_off as usize + 4096 > len {
+        fail(&Msg::new("vos-restore: plan out of bounds"));
+    }
+    // The counters every restorer of the job shares.
+    // SAFETY: a shared mapping of the plan's sync page at a fixed address in our own window.
+    if unsafe { sys::mmap(plan::SYNC_ADDR as usize, 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_FIXED, plan_fd, head.sync_off) }.is_err() {
+        fail(&Msg::new("vos-restore: cannot map the plan's sync page"));
+    }
+    PROCS.store(head.procs_off as usize, Ordering::Relaxed);
+    NPROCS.store(head.nproc as usize, Ordering::Relaxed);
+    tree::become_process(buf, &head, index)
+}
+
+/// Where the job's process entries are in the plan.
+static PROCS: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+static NPROCS: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Restore the address space of the process described by `entry`, then hand over to the shim's restart code.
+fn restore_process(buf: &[u8], entry: &ProcEntry) -> ! {
+    let off = entry.plan_off as usize;
+    if off + core::mem::size_of::<PlanHead>() > buf.len() {
+        fail(&Msg::new("vos-restore: plan out of bounds"));
+    }
+    // SAFETY: bounds checked; plain data; read_unaligned copies.
+    let head: PlanHead = unsafe { core::ptr::read_unaligned(buf.as_ptr().add(off) as *const PlanHead) };
+    if head.magic != plan::PLAN_MAGIC {
+        fail(&Msg::new("vos-restore: bad process plan"));
+    }
     CTL.store(head.ctl_fd, Ordering::Relaxed);
-    let ops_off = core::mem::size_of::<PlanHead>();
     let ops_len = head.nmaps as usize * core::mem::size_of::<MapOp>();
-    if ops_off + ops_len > len || (head.blob_off + head.blob_len) as usize > len
-        || (head.auxv_off + head.auxv_len) as usize > len
+    if head.ops_off as usize + ops_len > buf.len() || (head.blob_off + head.blob_len) as usize > buf.len()
+        || (head.auxv_off + head.auxv_len) as usize > buf.len() || head.ops_off % 8 != 0
     {
         fail(&Msg::new("vos-restore: plan out of bounds"));
     }
-    // SAFETY: bounds checked above; MapOp is plain data with alignment 8 and PLAN is 16-aligned, ops_off is 8-aligned.
-    let ops: &[MapOp] = unsafe {
-        core::slice::from_raw_parts(buf.as_ptr().add(ops_off) as *const MapOp, head.nmaps as usize)
-    };
+    // SAFETY: bounds and alignment checked; MapOp is plain data and PLAN is 16-aligned.
+    let ops: &[MapOp] = unsafe { core::slice::from_raw_parts(buf.as_ptr().add(head.ops_off as usize) as *const MapOp, head.nmaps as usize) };
 
     memory::make_self_anonymous();
     memory::clear_address_space();
     memory::map_regions(ops, buf);
-    let (next_seq, pages) = memory::read_pages(head.image_fd, head.first_seq, ops);
+    let first_seq = tree::wait_turn(entry.order, head.first_seq);
+    let (next_seq, pages) = memory::read_pages(head.image_fd, first_seq, ops);
+    tree::pass_turn(next_seq);
     memory::protect_regions(ops);
     if head.vdso_addr != 0 {
         memory::map_vdso(head.vdso_addr, head.vdso_text);
@@ -113,13 +143,7 @@ extern "C" fn rmain(sp: *const usize) -> ! {
     mm.auxv_size = head.auxv_len as u32;
     memory::set_mm(&mut mm);
 
-    for op in ops.iter().filter(|o| o.fd >= 0) {
-        let _ = sys::close(op.fd);
-    }
-    let _ = sys::close(head.image_fd);
-    if head.exe_fd >= 0 {
-        let _ = sys::close(head.exe_fd);
-    }
+    tree::await_zombie_children(buf, (PROCS.load(Ordering::Relaxed), NPROCS.load(Ordering::Relaxed)), entry.pid);
     report(plan::REPORT_OK, next_seq, pages, "");
     let blob = buf.as_ptr() as usize + head.blob_off as usize;
     // SAFETY: the shim is mapped back at the address recorded at checkpoint; restart_entry is its
@@ -127,13 +151,13 @@ extern "C" fn rmain(sp: *const usize) -> ! {
     unsafe { sys::jump(head.restart_entry as usize, head.restart_stack_top as usize, blob, head.blob_len as usize, head.ctl_fd as usize) }
 }
 
-fn parse_fd(mut p: *const u8) -> i32 {
+fn parse_num(mut p: *const u8) -> i32 {
     let mut v: i32 = 0;
     // SAFETY: argv strings are NUL-terminated.
     unsafe {
         while *p != 0 {
             if !(*p).is_ascii_digit() {
-                fail(&Msg::new("vos-restore: bad fd argument"));
+                fail(&Msg::new("vos-restore: bad number argument"));
             }
             v = v * 10 + (*p - b'0') as i32;
             p = p.add(1);
@@ -142,10 +166,11 @@ fn parse_fd(mut p: *const u8) -> i32 {
     v
 }
 
+/// Read the whole plan (with pread: every restorer of the job shares this fd and its offset).
 fn read_all(fd: i32, buf: &mut [u8]) -> usize {
     let mut n = 0;
     while n < buf.len() {
-        match sys::read(fd, &mut buf[n..]) {
+        match sys::pread(fd, &mut buf[n..], n as u64) {
             Ok(0) => return n,
             Ok(k) => n += k,
             Err(sys::Errno::EINTR) => {}

@@ -7,7 +7,7 @@
 
 use crate::global::{CONFIG, Global};
 use crate::writer::Writer;
-use crate::{arena, files, interrupts, log, memory, process, procfs, restart, signals, threads};
+use crate::{arena, interrupts, log, memory, process, procfs, restart, signals, threads};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -125,51 +125,59 @@ fn run(sig: i32) -> Result<(), String> {
         sys::syscall6(libc::SYS_setsockopt, conn.0 as usize, libc::SOL_SOCKET as usize, libc::SO_RCVTIMEO as usize, &tv as *const libc::timeval as usize, core::mem::size_of::<libc::timeval>(), 0);
     }
     conn.send(&Msg::Hello { pid: sys::getpid(), trigger: Trigger::Signal { sig } }, None)?;
-    let out = match conn.recv()? {
-        (Msg::Begin { .. }, Some(fd)) => move_high(fd),
+    match conn.recv()? {
+        (Msg::Begin { .. }, _) => {}
         (Msg::Cancel { why }, _) => return Err(format!("the supervisor declined: {why}")),
         (m, _) => return Err(format!("unexpected message from the supervisor: {m:?}")),
-    };
-    let out = Fd(out);
+    }
 
     interrupts::GEN.fetch_add(1, Ordering::AcqRel);
+    let own_fds = alloc::vec![conn.0];
     let parked = match threads::park_all(PARK_TIMEOUT_NS) {
         Ok(p) => p,
         Err(e) => {
-            conn.send(&Msg::Quiesced { error: Some(e.clone()) }, None)?;
+            conn.send(&Msg::Quiesced { error: Some(e.clone()), own_fds }, None)?;
             return Err(e);
         }
     };
     let shared_pending = signals::drain_shared();
-    let captured = capture(&parked, &[conn.0, out.0]);
-    let image = match captured {
-        Ok(img) => img,
-        Err(e) => {
-            signals::requeue_shared(&shared_pending);
-            threads::release_all();
-            conn.send(&Msg::Quiesced { error: Some(e.clone()) }, None)?;
-            return Err(e);
-        }
-    };
-    let mut image = image;
-    image.signals.pending = shared_pending.clone();
     let resume = |why: String| -> Result<(), String> {
         signals::requeue_shared(&shared_pending);
         threads::release_all();
         Err(why)
     };
-    if let Err(e) = conn.send(&Msg::Quiesced { error: None }, None) {
+    let mut image = match capture(&parked) {
+        Ok(img) => img,
+        Err(e) => {
+            let _ = conn.send(&Msg::Quiesced { error: Some(e.clone()), own_fds }, None);
+            return resume(e);
+        }
+    };
+    image.signals.pending = shared_pending.clone();
+    let meta = match metadata_fd(&image) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = conn.send(&Msg::Quiesced { error: Some(e.clone()), own_fds }, None);
+            return resume(e);
+        }
+    };
+    let mut own_fds = own_fds;
+    own_fds.push(meta.0);
+    let sent = conn.send(&Msg::Quiesced { error: None, own_fds }, Some(meta.0));
+    drop(meta);
+    if let Err(e) = sent {
         return resume(e);
     }
-    let first_seq = match conn.recv() {
-        Ok((Msg::Dump { first_seq }, _)) => first_seq,
+    let (first_seq, skip, out) = match conn.recv() {
+        Ok((Msg::Dump { first_seq, skip }, Some(fd))) => (first_seq, skip, Fd(move_high(fd))),
         Ok((Msg::Cancel { why }, _)) => return resume(format!("cancelled: {why}")),
         Ok((m, _)) => return resume(format!("unexpected message from the supervisor: {m:?}")),
         Err(e) => return resume(e),
     };
     let mut w = Writer::new(out.0, first_seq);
-    let written = write(&mut w, &image);
+    let written = write(&mut w, &image, &skip);
     let dumped = Msg::Dumped { error: written.as_ref().err().cloned(), next_seq: w.seq, bytes: w.bytes };
+    drop(out);
     if let Err(e) = conn.send(&dumped, None) {
         return resume(e);
     }
@@ -192,6 +200,21 @@ fn run(sig: i32) -> Result<(), String> {
     Ok(())
 }
 
+/// The process's metadata in a memfd, for the supervisor (it can be larger than a message).
+fn metadata_fd(image: &ProcessImage) -> Result<Fd, String> {
+    let meta = rmp_serde::to_vec_named(image).map_err(|e| format!("encoding the process metadata: {e}"))?;
+    // SAFETY: memfd_create with a NUL-terminated name.
+    let r = unsafe { sys::syscall6(libc::SYS_memfd_create, c"vos-meta".as_ptr() as usize, libc::MFD_CLOEXEC as usize, 0, 0, 0, 0) };
+    if r < 0 {
+        return Err(format!("memfd_create: {}", sys::Errno(-r as i32)));
+    }
+    let fd = Fd(move_high(r as i32));
+    let mut w = Writer::new(fd.0, 0);
+    w.write_all(&meta).map_err(|e| format!("writing the process metadata: {e}"))?;
+    let _ = sys::lseek(fd.0, 0, libc::SEEK_SET);
+    Ok(fd)
+}
+
 struct Fd(i32);
 
 impl Drop for Fd {
@@ -200,9 +223,8 @@ impl Drop for Fd {
     }
 }
 
-/// Everything about this process except page contents. `ours` are the coordinator's fds.
-fn capture(parked: &threads::Parked, ours: &[i32]) -> Result<ProcessImage, String> {
-    only_process()?;
+/// Everything about this process except page contents and fds (the supervisor reads those from outside).
+fn capture(parked: &threads::Parked) -> Result<ProcessImage, String> {
     let threads = threads::capture(parked)?;
     let vmas = memory::read_vmas()?;
     let arena: Vec<(usize, usize)> = arena::session_ranges().collect();
@@ -211,7 +233,6 @@ fn capture(parked: &threads::Parked, ours: &[i32]) -> Result<ProcessImage, Strin
             || (s >= vos::plan::WINDOW_START && e <= vos::plan::WINDOW_END)
     };
     let regions: Vec<Region> = memory::capture(&vmas, &skip)?;
-    let fds = files::capture(ours)?;
     let exe_path = procfs::readlink("/proc/self/exe").map_err(|e| format!("/proc/self/exe: {e}"))?;
     let exe_st = sys::stat(b"/proc/self/exe\0").map_err(|e| format!("/proc/self/exe: {e}"))?;
     let exe: FileId = memory::file_id(&exe_path, exe_st.st_dev, exe_st.st_ino).map_err(|e| format!("the program file: {e}"))?;
@@ -220,12 +241,14 @@ fn capture(parked: &threads::Parked, ours: &[i32]) -> Result<ProcessImage, Strin
     Ok(ProcessImage {
         pid: sys::getpid(),
         ppid: sys::getppid(),
+        pgid: own_id(libc::SYS_getpgid) as i32,
+        sid: own_id(libc::SYS_getsid) as i32,
         comm: procfs::read_string("/proc/self/comm").unwrap_or_default().trim_end().to_string(),
         argv,
         exe,
         threads,
         regions,
-        fds,
+        fds: Vec::new(),
         signals: signals::capture(),
         attrs: process::capture()?,
         mm: process::capture_mm()?,
@@ -233,26 +256,18 @@ fn capture(parked: &threads::Parked, ours: &[i32]) -> Result<ProcessImage, Strin
     })
 }
 
-/// Process trees come later: refuse a job with another process in it (the pid namespace shows only the job,
-/// plus the launcher's init as pid 1).
-fn only_process() -> Result<(), String> {
-    let me = sys::getpid();
-    let pids = procfs::list_numbers("/proc").map_err(|e| format!("listing processes: {e}"))?;
-    if let Some(other) = pids.iter().find(|&&p| p != me && p != 1) {
-        let comm = procfs::read_string(&format!("/proc/{other}/comm")).unwrap_or_default();
-        return Err(format!(
-            "pid {other} ({}) is another process of the job: jobs of several processes are not supported yet",
-            comm.trim_end()
-        ));
-    }
-    Ok(())
+/// getpgid(0) or getsid(0): the ids as the job's pid namespace numbers them (0 when outside it).
+fn own_id(nr: i64) -> i64 {
+    // SAFETY: getpgid/getsid with pid 0 only read the caller's ids.
+    let r = unsafe { sys::syscall6(nr, 0, 0, 0, 0, 0, 0) };
+    r.max(0) as i64
 }
 
-/// This process's chunks: its metadata, its pages, its summary.
-fn write(w: &mut Writer, image: &ProcessImage) -> Result<(), String> {
-    let meta = rmp_serde::to_vec_named(image).map_err(|e| format!("encoding the process metadata: {e}"))?;
-    w.chunk(Kind::Process, &meta).map_err(|e| format!("writing the image: {e}"))?;
-    let summary: ProcessSummary = memory::write_pages(w, &image.regions, &[stack_range(), restart::stack_range(), memory::ring_range(), arena::session_state()])?;
+/// This process's chunks: its pages, its summary. `skip`: shared memory another process stores.
+fn write(w: &mut Writer, image: &ProcessImage, skip: &[(u64, u64)]) -> Result<(), String> {
+    let mut exclude = alloc::vec![stack_range(), restart::stack_range(), memory::ring_range(), arena::session_state()];
+    exclude.extend_from_slice(skip);
+    let summary: ProcessSummary = memory::write_pages(w, &image.regions, &exclude)?;
     let s = rmp_serde::to_vec_named(&summary).map_err(|e| format!("encoding the summary: {e}"))?;
     w.chunk(Kind::ProcessEnd, &s).map_err(|e| format!("writing the image: {e}"))?;
     Ok(())

@@ -37,10 +37,12 @@ pub struct Config {
     pub sock: String,
     /// The job's log file (the shim's messages never go to the app's fds).
     pub log: String,
+    /// The shim's own path (put back into LD_PRELOAD at every exec).
+    pub shim: String,
 }
 
 /// Written by the constructor and by the restart code, each before any other shim code runs in the process.
-pub static CONFIG: Global<Config> = Global::new(Config { sock: String::new(), log: String::new() });
+pub static CONFIG: Global<Config> = Global::new(Config { sock: String::new(), log: String::new(), shim: String::new() });
 
 /// Read the launcher's settings from the environment (constructor only: getenv is fine there).
 pub fn load_config() {
@@ -49,6 +51,7 @@ pub fn load_config() {
     let c = unsafe { CONFIG.get() };
     c.sock = get(vos::env::SOCK);
     c.log = get(vos::env::LOG);
+    c.shim = get(vos::env::SHIM);
     let sigs = get(vos::env::SIGNALS);
     let mut it = sigs.split(',').filter_map(|s| s.trim().parse::<i32>().ok());
     if let (Some(a), Some(b)) = (it.next(), it.next()) {

@@ -21,6 +21,7 @@ mod interrupts;
 mod log;
 mod memory;
 mod process;
+mod processes;
 mod procfs;
 mod real;
 mod restart;

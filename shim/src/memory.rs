@@ -145,6 +145,9 @@ pub fn capture(vmas: &[Vma], skip: &dyn Fn(u64, u64) -> bool) -> Result<Vec<Regi
             file: None,
             vmflags: v.vmflags,
             contents: Contents::Pages,
+            shared_memory: None,
+            dev: makedev(v.dev.0, v.dev.1),
+            ino: v.inode,
         };
         let what = || format!("memory at {:#x}-{:#x} ({})", v.start, v.end, v.name);
         match v.name.as_str() {
@@ -154,15 +157,20 @@ pub fn capture(vmas: &[Vma], skip: &dyn Fn(u64, u64) -> bool) -> Result<Vec<Regi
             "[heap]" => r.kind = RegionKind::Heap,
             "[stack]" => r.kind = RegionKind::Stack,
             n if n.is_empty() || n.starts_with("[anon:") => {
-                r.kind = if v.shared { RegionKind::SharedAnon } else { RegionKind::Anon }
+                r.kind = if v.shared { RegionKind::SharedAnon } else { RegionKind::Anon };
+                r.offset = v.offset;
             }
-            n if n.starts_with("[anon_shmem:") || (n == "/dev/zero (deleted)" && v.shared) => {
-                r.kind = RegionKind::SharedAnon
-            }
-            n if n.starts_with("/memfd:") => return Err(format!("{}: memfd memory is not supported yet", what())),
             n if n.starts_with("/SYSV") => return Err(format!("{}: System V shared memory is not supported yet", what())),
+            // Shared memory no file on disk keeps: its pages travel in the image (one process stores them).
+            n if v.shared && (n.starts_with("[anon_shmem:") || n.starts_with("/memfd:") || n.ends_with(" (deleted)")) => {
+                r.kind = RegionKind::SharedAnon;
+                r.offset = v.offset;
+            }
+            n if n.starts_with("/memfd:") => {
+                return Err(format!("{}: private mappings of memfd memory are not supported yet", what()));
+            }
             n if n.ends_with(" (deleted)") => {
-                return Err(format!("{}: the mapped file was deleted; deleted files are not supported yet", what()));
+                return Err(format!("{}: the mapped file was deleted; private mappings of deleted files are not supported yet", what()));
             }
             n if n.starts_with('/') => {
                 let id = file_id(n, makedev(v.dev.0, v.dev.1), v.inode).map_err(|e| format!("{}: {e}", what()))?;

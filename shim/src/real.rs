@@ -2,7 +2,7 @@
 //! (a lookup mallocs, so never lazily inside a hook, except when a hook runs before the constructor).
 
 use core::sync::atomic::{AtomicUsize, Ordering};
-use libc::c_int;
+use libc::{c_char, c_int};
 
 macro_rules! real_fns {
     ($($name:ident: fn($($arg:ty),*) -> $ret:ty;)*) => {
@@ -60,5 +60,13 @@ real_fns! {
     epoll_wait: fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int;
     epoll_pwait: fn(c_int, *mut libc::epoll_event, c_int, c_int, *const Sigset) -> c_int;
     pause: fn() -> c_int;
-    gnu_get_libc_version: fn() -> *const libc::c_char;
+    execve: fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
+    execvpe: fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
+    fexecve: fn(c_int, *const *const c_char, *const *const c_char) -> c_int;
+    execveat: fn(c_int, *const c_char, *const *const c_char, *const *const c_char, c_int) -> c_int;
+    posix_spawn: fn(*mut libc::pid_t, *const c_char, *const libc::posix_spawn_file_actions_t, *const libc::posix_spawnattr_t, *const *const c_char, *const *const c_char) -> c_int;
+    posix_spawnp: fn(*mut libc::pid_t, *const c_char, *const libc::posix_spawn_file_actions_t, *const libc::posix_spawnattr_t, *const *const c_char, *const *const c_char) -> c_int;
+    system: fn(*const c_char) -> c_int;
+    popen: fn(*const c_char, *const c_char) -> *mut libc::FILE;
+    fork: fn() -> libc::pid_t;
 }

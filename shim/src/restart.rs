@@ -69,6 +69,7 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
         Ok(Some((Msg::Go, _))) => {}
         _ => sys::exit_group(1),
     }
+    signals::discard_pending();
     signals::requeue_shared(&spec.process.signals.pending);
     threads::release_all();
     let _ = proto::send(ctl, &Msg::Running, None);
@@ -86,15 +87,10 @@ fn rebuild(spec: &RestartSpec) -> Result<(), String> {
     let sock = spec.sock.clone();
     // SAFETY: nothing else of the shim runs in this process yet.
     arena::permanent(|| unsafe { CONFIG.get().sock = String::from(sock.as_str()) });
-    files::restore(&p.fds, &spec.stdio)?;
+    files::restore(&p.fds, &spec.fd_sources, spec.ctl_fd)?;
     process::restore(&p.attrs)?;
     signals::restore(&p.signals)?;
     threads::recreate(&p.threads, p.attrs.caps)?;
-    for &fd in spec.stdio.iter().chain(spec.close.iter()) {
-        if !p.fds.iter().any(|f| f.fd == fd) {
-            let _ = sys::close(fd);
-        }
-    }
     process::restore_limits(&p.attrs)?;
     process::restore_last_pid(&p.attrs);
     Ok(())

@@ -263,6 +263,13 @@ pub fn drain_shared() -> Vec<ByteBuf> {
     out
 }
 
+/// Drop every signal pending now (after a restore: SIGCHLDs of recreated zombies, say), before the job's own
+/// pending signals are queued again.
+pub fn discard_pending() {
+    let mut info: SigInfo = [0; 128];
+    while sys::sigtimedwait_now(drainable(), &mut info).is_ok() {}
+}
+
 /// Queue process-wide signals again, with their original siginfo.
 pub fn requeue_shared(pending: &[ByteBuf]) {
     let me = sys::getpid();

@@ -84,7 +84,7 @@ fn inspect_reports_and_json() {
     }
     let (st, json, err) = run_vrun(&["inspect", "--json", &img]);
     assert!(st.success(), "{err}");
-    for want in ["\"processes\"", "\"threads\"", "\"regions\"", "\"fds\"", "\"summary\"", "\"xcr0\""] {
+    for want in ["\"processes\"", "\"threads\"", "\"regions\"", "\"fds\"", "\"summaries\"", "\"files\"", "\"xcr0\""] {
         assert!(json.contains(want), "inspect --json lacks {want}");
     }
     // A directory means its newest complete image.

@@ -1,0 +1,398 @@
+//! A checkpoint of the whole job at one instant, run by its supervisor.
+//!
+//! 1. Every process of the job is sent the trigger signal; its shim connects and says hello; each is told to
+//!    begin, parks its threads and sends its own metadata. Processes forked meanwhile are asked too, until the
+//!    set no longer changes. If any process cannot be checkpointed, all are told to go on: nothing is written.
+//! 2. With every process quiesced, the supervisor captures what the processes share (open files, pipes,
+//!    sockets, the terminal, shared memory), then writes the image head: the header and the job's metadata.
+//! 3. Each process in turn writes its page chunks on the same stream; the supervisor writes the end chunk.
+//! 4. A file image is synced and renamed into place. Jobs that go on are released as soon as the image is
+//!    complete; a job that ends (--kill) only once the image is safe.
+
+use crate::imagefile::{self, EXT};
+use crate::job::{self, Member};
+use crate::supervisor::{Supervisor, nanos, send_signal, timestamp};
+use crate::{files, host, terminal};
+use anyhow::{Context, Result, anyhow, bail};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vos::chunk::Kind;
+use vos::image::{Contents, ImageHeader, JobImage, JobInfo, ProcessImage, RegionKind, SharedMemory};
+use vos::proto::{self, Msg};
+
+/// A checkpoint someone asked for.
+pub struct Request {
+    pub kill: bool,
+    pub dest: Dest,
+    pub reason: &'static str,
+}
+
+pub enum Dest {
+    /// A new file in the job's directory.
+    Dir,
+    Path(PathBuf),
+    /// An fd handed over by the client (`--to -`).
+    Fd(OwnedFd),
+}
+
+/// The shim of one process, connected.
+struct Shim {
+    pid: i32,
+    conn: OwnedFd,
+    image: Option<ProcessImage>,
+    own_fds: Vec<i32>,
+}
+
+impl Shim {
+    fn send(&self, m: &Msg, fd: Option<i32>) -> Result<()> {
+        proto::send(self.conn.as_raw_fd(), m, fd).map_err(|e| anyhow!("talking to pid {}: {e}", self.pid))
+    }
+    fn recv(&self) -> Result<(Msg, Option<i32>)> {
+        match proto::recv(self.conn.as_raw_fd()) {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => bail!("pid {} went away during the checkpoint", self.pid),
+            Err(e) => bail!("talking to pid {}: {e}", self.pid),
+        }
+    }
+}
+
+/// Tell every shim to go on (the checkpoint is abandoned).
+fn cancel(shims: &[Shim], why: &str) {
+    for s in shims {
+        let _ = s.send(&Msg::Cancel { why: why.into() }, None);
+    }
+}
+
+pub fn set_timeout(fd: i32, d: Duration) {
+    let tv = libc::timeval { tv_sec: d.as_secs() as i64, tv_usec: 0 };
+    // SAFETY: tv is a valid timeval.
+    unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32);
+    }
+}
+
+impl Supervisor {
+    /// Run one checkpoint. `first` is a shim that already said hello (a trigger from outside). Returns the
+    /// image's path (None when it went to a client's fd).
+    pub(crate) fn checkpoint(&mut self, req: Request, first: Option<(OwnedFd, i32)>) -> Result<Option<String>> {
+        let t0 = Instant::now();
+        let timing = std::env::var_os("VOS_TIMING").is_some();
+        let mark = |what: &str| {
+            if timing {
+                eprintln!("vrun: checkpoint: {what} at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
+            }
+        };
+        let mut shims: Vec<Shim> = first.map(|(conn, pid)| Shim { pid, conn, image: None, own_fds: vec![] }).into_iter().collect();
+        let members = match self.quiesce(&mut shims, req.kill) {
+            Ok(m) => m,
+            Err(e) => {
+                cancel(&shims, &format!("{e:#}"));
+                return Err(e);
+            }
+        };
+        mark("quiesced and captured");
+        let r = self.write_and_commit(&mut shims, &members, &req, &mark);
+        if let Err(e) = &r {
+            cancel(&shims, &format!("{e:#}"));
+        }
+        r
+    }
+
+    /// Ask every process of the job to park, until every process is parked. Returns the job's processes.
+    fn quiesce(&mut self, shims: &mut Vec<Shim>, kill: bool) -> Result<Vec<Member>> {
+        loop {
+            let members = job::members(self.job.init)?;
+            if let Some(m) = members.iter().find(|m| !m.zombie && !m.has_shim) {
+                bail!("pid {} ({}) runs without the vOS shim (a statically linked or setuid program?): it cannot be checkpointed", m.ids.pid, m.comm);
+            }
+            let todo: Vec<&Member> = members.iter().filter(|m| !m.zombie && !shims.iter().any(|s| s.pid == m.ids.pid)).collect();
+            let begun = shims.iter().all(|s| s.image.is_some());
+            if todo.is_empty() && begun {
+                return Ok(members);
+            }
+            for m in &todo {
+                // Already parked processes cannot fork; only those asked now can have made new ones.
+                let _ = send_signal(m.host, self.opts.signals.0);
+            }
+            self.await_shims(shims, todo.iter().map(|m| m.ids.pid).collect())?;
+            for s in shims.iter().filter(|s| s.image.is_none()) {
+                s.send(&Msg::Begin { kill }, None)?;
+            }
+            for s in shims.iter_mut().filter(|s| s.image.is_none()) {
+                match s.recv()? {
+                    (Msg::Quiesced { error: None, own_fds }, Some(fd)) => {
+                        let mut f = File::from(crate::ns::owned(fd));
+                        let mut meta = vec![];
+                        f.read_to_end(&mut meta)?;
+                        s.image = Some(rmp_serde::from_slice(&meta).map_err(|e| anyhow!("pid {}: bad metadata: {e}", s.pid))?);
+                        s.own_fds = own_fds;
+                    }
+                    (Msg::Quiesced { error: Some(e), .. }, _) => bail!("pid {}: {e}", s.pid),
+                    (m, _) => bail!("unexpected message from pid {}: {m:?}", s.pid),
+                }
+            }
+        }
+    }
+
+    /// Accept the shims of `want` (namespace pids) as they say hello; give up on ones that exited meanwhile.
+    fn await_shims(&self, shims: &mut Vec<Shim>, mut want: Vec<i32>) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !want.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let members = job::members(self.job.init).unwrap_or_default();
+                want.retain(|p| members.iter().any(|m| m.ids.pid == *p && !m.zombie));
+                if want.is_empty() {
+                    return Ok(());
+                }
+                bail!("pid {want:?} did not answer the checkpoint signal within 10 s");
+            }
+            let mut fds = [PollFd::new(self.listener.fd.as_fd(), PollFlags::POLLIN), PollFd::new(self.job.status.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::try_from(left.min(Duration::from_millis(200))).unwrap_or(PollTimeout::MAX)) {
+                Ok(0) => {
+                    // Someone we wait for may have exited instead.
+                    let members = job::members(self.job.init)?;
+                    want.retain(|p| members.iter().any(|m| m.ids.pid == *p && !m.zombie));
+                    continue;
+                }
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => bail!("poll: {e}"),
+            }
+            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                bail!("the job ended");
+            }
+            match self.accept() {
+                Some((conn, Msg::Hello { pid, .. }, _)) => {
+                    set_timeout(conn.as_raw_fd(), Duration::from_secs(3600));
+                    want.retain(|p| *p != pid);
+                    if !shims.iter().any(|s| s.pid == pid) {
+                        shims.push(Shim { pid, conn, image: None, own_fds: vec![] });
+                    }
+                }
+                Some((conn, Msg::Checkpoint { .. }, _)) => {
+                    let _ = proto::send(conn.as_raw_fd(), &Msg::CheckpointFailed { why: "another checkpoint is running".into() }, None);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn write_and_commit(&mut self, shims: &mut [Shim], members: &[Member], req: &Request, mark: &dyn Fn(&str)) -> Result<Option<String>> {
+        shims.sort_by_key(|s| s.pid);
+        let mut job = JobImage {
+            processes: shims.iter_mut().map(|s| s.image.take().unwrap()).collect(),
+            zombies: members.iter().filter(|m| m.zombie).map(job::zombie_image).collect(),
+            ..Default::default()
+        };
+        check_tree(&job)?;
+        let own: HashMap<i32, Vec<i32>> = shims.iter().map(|s| (s.pid, s.own_fds.clone())).collect();
+        files::capture(&mut job, members, &own)?;
+        job.terminal = terminal::capture(&job, members)?;
+        let skips = share_memory(&mut job);
+        mark("job captured");
+
+        let (out, tmp, fin) = self.open_dest(&req.dest)?;
+        let r = self.write_image(shims, &job, &skips, out, req, tmp.as_deref(), fin.as_deref(), mark);
+        if r.is_err() {
+            if let Some(t) = &tmp {
+                let _ = std::fs::remove_file(t);
+            }
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_image(
+        &mut self,
+        shims: &[Shim],
+        job: &JobImage,
+        skips: &[Vec<(u64, u64)>],
+        out: OwnedFd,
+        req: &Request,
+        tmp: Option<&Path>,
+        fin: Option<&Path>,
+        mark: &dyn Fn(&str),
+    ) -> Result<Option<String>> {
+        let mut w = imagefile::Writer::new(out.try_clone()?);
+        let header = ImageHeader {
+            vrun_version: env!("CARGO_PKG_VERSION").into(),
+            created_unix_ns: nanos(),
+            host: host::current(),
+            job: JobInfo { name: self.opts.name.clone(), argv: self.argv.clone(), started_unix_ns: self.started_unix_ns },
+            reason: req.reason.into(),
+            processes: job.processes.len() as u32,
+        };
+        let mut seq = w.start(&header).context("writing the image")?;
+        w.chunk(Kind::Job, seq, &rmp_serde::to_vec_named(job)?).context("writing the image")?;
+        seq += 1;
+        for (s, skip) in shims.iter().zip(skips) {
+            s.send(&Msg::Dump { first_seq: seq, skip: skip.clone() }, Some(out.as_raw_fd()))?;
+            seq = match s.recv()?.0 {
+                Msg::Dumped { error: None, next_seq, .. } => next_seq,
+                Msg::Dumped { error: Some(e), .. } => bail!("pid {}: {e}", s.pid),
+                m => bail!("unexpected message from pid {}: {m:?}", s.pid),
+            };
+        }
+        drop(out);
+        mark("written");
+        w.end(seq).context("writing the image")?;
+        // A job that goes on may do so now: its image is complete, and a failure to make it durable below
+        // loses nothing (the image is not put in place). A job that ends waits until its image is safe.
+        if !req.kill {
+            for s in shims {
+                s.send(&Msg::Finish { exit: false }, None)?;
+            }
+        }
+        let path = match (tmp, fin) {
+            (Some(t), Some(f)) => {
+                commit(&w.file, t, f)?;
+                Some(f.display().to_string())
+            }
+            _ => None,
+        };
+        drop(w);
+        mark("synced and renamed");
+        if req.kill {
+            for s in shims {
+                s.send(&Msg::Finish { exit: true }, None)?;
+            }
+            self.checkpointed_and_stopped = Some(path.clone().unwrap_or_else(|| "the requester's output".into()));
+        } else {
+            for s in shims {
+                match s.recv()?.0 {
+                    Msg::Resumed => {}
+                    m => bail!("unexpected message from pid {}: {m:?}", s.pid),
+                }
+            }
+        }
+        mark("done");
+        Ok(path)
+    }
+
+    /// The fd to write to, and for files the temporary and final paths.
+    fn open_dest(&mut self, d: &Dest) -> Result<(OwnedFd, Option<PathBuf>, Option<PathBuf>)> {
+        let fin = match d {
+            Dest::Fd(fd) => return Ok((fd.try_clone()?, None, None)),
+            Dest::Path(p) => p.clone(),
+            Dest::Dir => {
+                std::fs::create_dir_all(&self.opts.dir).with_context(|| format!("creating {}", self.opts.dir.display()))?;
+                let stamp = timestamp();
+                let mut n = 0;
+                loop {
+                    let suffix = if n == 0 { String::new() } else { format!("-{n}") };
+                    let p = self.opts.dir.join(format!("{}-{stamp}{suffix}.{EXT}", self.opts.name));
+                    if !p.exists() {
+                        break p;
+                    }
+                    n += 1;
+                }
+            }
+        };
+        let dir = fin.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(".{}.tmp-{}", fin.file_name().and_then(|n| n.to_str()).unwrap_or("image"), std::process::id()));
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        Ok((OwnedFd::from(f), Some(tmp), Some(fin)))
+    }
+
+    /// Keep the newest `keep` images of this job in its directory.
+    pub(crate) fn prune(&self) {
+        let prefix = format!("{}-", self.opts.name);
+        let Ok(rd) = std::fs::read_dir(&self.opts.dir) else { return };
+        let mut imgs: Vec<(std::time::SystemTime, PathBuf)> = rd
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with(&prefix) && n.ends_with(&format!(".{EXT}"))
+            })
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        imgs.sort();
+        let n = imgs.len().saturating_sub(self.opts.keep);
+        for (_, p) in imgs.into_iter().take(n) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Sessions and process groups a restore can rebuild: a session is the process's own, its parent's, or the
+/// one outside the job; a group is its own, one whose leader is in the job, or the outside one with its parent.
+fn check_tree(job: &JobImage) -> Result<()> {
+    let ids: Vec<vos::image::Ids> = job
+        .processes
+        .iter()
+        .map(|p| vos::image::Ids { pid: p.pid, ppid: p.ppid, pgid: p.pgid, sid: p.sid })
+        .chain(job.zombies.iter().map(|z| z.ids))
+        .collect();
+    let get = |pid: i32| ids.iter().find(|i| i.pid == pid);
+    for i in &ids {
+        let parent = get(i.ppid);
+        let (psid, ppgid) = parent.map_or((0, 0), |p| (p.sid, p.pgid));
+        if i.sid != 0 && i.sid != i.pid && i.sid != psid {
+            bail!("pid {}: its session {} is neither its own nor its parent's: not supported yet", i.pid, i.sid);
+        }
+        if i.sid == 0 && psid != 0 {
+            bail!("pid {}: its session is outside the job but its parent's is not: not supported", i.pid);
+        }
+        if i.pgid == 0 && ppgid != 0 {
+            bail!("pid {}: its process group is outside the job but its parent's is not: not supported yet", i.pid);
+        }
+        if i.pgid != 0 && get(i.pgid).is_none() {
+            bail!("pid {}: the leader of its process group {} has exited: not supported yet", i.pid, i.pgid);
+        }
+    }
+    Ok(())
+}
+
+/// Memory several processes share: one process (the first that maps it) stores its pages; the others skip
+/// them when their range lies within the writer's. Returns, per process, the ranges it skips.
+fn share_memory(job: &mut JobImage) -> Vec<Vec<(u64, u64)>> {
+    let mut objects: HashMap<(u64, u64), (u32, u64, u64)> = HashMap::new(); // -> (index, offset start, offset end) of the writer
+    let mut skips = vec![vec![]; job.processes.len()];
+    for (pi, p) in job.processes.iter_mut().enumerate() {
+        for r in p.regions.iter_mut().filter(|r| r.kind == RegionKind::SharedAnon) {
+            let (lo, hi) = (r.offset, r.offset + (r.end - r.start));
+            match objects.get(&(r.dev, r.ino)) {
+                Some(&(i, wlo, whi)) => {
+                    let shm = &mut job.shared_memory[i as usize];
+                    shm.size = shm.size.max(hi);
+                    r.shared_memory = Some(i);
+                    if shm.writer != pi as u32 && lo >= wlo && hi <= whi {
+                        r.contents = Contents::Elsewhere;
+                        skips[pi].push((r.start, r.end));
+                    }
+                }
+                None => {
+                    job.shared_memory.push(SharedMemory { name: r.name.clone(), size: hi, writer: pi as u32 });
+                    let i = (job.shared_memory.len() - 1) as u32;
+                    objects.insert((r.dev, r.ino), (i, lo, hi));
+                    r.shared_memory = Some(i);
+                }
+            }
+        }
+    }
+    skips
+}
+
+/// Make a written image durable, then give it its name: a reader never sees a partial image under it.
+fn commit(f: &File, tmp: &Path, fin: &Path) -> Result<()> {
+    f.sync_all().context("syncing the image")?;
+    std::fs::rename(tmp, fin).with_context(|| format!("renaming the image to {}", fin.display()))?;
+    if let Some(dir) = fin.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}

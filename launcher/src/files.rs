@@ -1,0 +1,346 @@
+//! Files: every process's fd table, captured from outside (the supervisor sees the whole job), and the open
+//! files behind them recreated once at restore.
+//!
+//! An open file description is shared by every fd that points at it, in one process or several (dup, fork):
+//! offset and status flags live there. At checkpoint the fds of all processes are grouped into open files
+//! (kcmp tells when two fds share one); pipes keep the bytes in flight (read without consuming them, with
+//! tee); sockets are `sockets`' business. At restore each open file is opened or created once by the
+//! supervisor and handed to every restored process, which puts it at its fd numbers (shim/src/files.rs).
+
+use crate::job::Member;
+use crate::sockets;
+use anyhow::{Result, anyhow, bail};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use vos::image::{FdImage, FileId, FileKind, JobImage, OpenFile, PipeImage};
+
+/// A dup of fd `fd` of process `pid` (pidfd_getfd), to look at what it points to.
+pub fn grab(pid: i32, fd: i32) -> Result<OwnedFd> {
+    // SAFETY: plain syscalls; the returned fds are owned here.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 {
+            bail!("pidfd_open({pid}): {}", std::io::Error::last_os_error());
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let f = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if f < 0 {
+            bail!("pidfd_getfd({pid}, {fd}): {}", std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(f as i32))
+    }
+}
+
+fn kcmp_same(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> bool {
+    const KCMP_FILE: i32 = 0;
+    // SAFETY: kcmp only compares kernel objects.
+    unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) == 0 }
+}
+
+/// One fd as found in /proc.
+struct Found {
+    fd: i32,
+    target: String,
+    flags: i32,
+    cloexec: bool,
+    pos: u64,
+    dev: u64,
+    ino: u64,
+    mode: u32,
+    rdev: u64,
+    tty_index: Option<u32>,
+}
+
+fn found(pid: i32, fd: i32) -> Result<Found> {
+    let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))?.to_string_lossy().into_owned();
+    let md = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))?;
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))?;
+    let get = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(':').map(str::trim));
+    let mut flags = get("flags").and_then(|f| i64::from_str_radix(f, 8).ok()).unwrap_or(0) as i32;
+    let cloexec = flags & libc::O_CLOEXEC != 0;
+    flags &= !libc::O_CLOEXEC;
+    Ok(Found {
+        fd,
+        target,
+        flags,
+        cloexec,
+        pos: get("pos").and_then(|p| p.parse().ok()).unwrap_or(0),
+        dev: md.dev(),
+        ino: md.ino(),
+        mode: md.mode(),
+        rdev: md.rdev(),
+        tty_index: get("tty-index").and_then(|t| t.parse().ok()),
+    })
+}
+
+/// Fill `job.files`, `job.pipes`, `job.sockets` and every process's `fds`. `own` lists, per process (by
+/// namespace pid), fds of the shim's coordinator that are not the app's.
+pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i32>>) -> Result<()> {
+    let mut seen: Vec<(i32, i32, u64, u64, u32)> = vec![]; // (host pid, fd, dev, ino, file index)
+    let mut all: Vec<Fd> = vec![];
+    for (pi, p) in job.processes.iter().enumerate() {
+        let host = host_of(members, p.pid)?;
+        let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{host}/fd"))?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|fd| !own.get(&p.pid).is_some_and(|o| o.contains(fd)))
+            .collect();
+        fds.sort();
+        for fd in fds {
+            let f = found(host, fd).map_err(|e| anyhow!("pid {} fd {fd}: {e}", p.pid))?;
+            let shared = seen
+                .iter()
+                .find(|(h, ofd, d, i, _)| *d == f.dev && *i == f.ino && kcmp_same(*h, *ofd, host, fd))
+                .map(|s| s.4);
+            let file = match shared {
+                Some(i) => i,
+                None => {
+                    job.files.push(OpenFile { flags: f.flags, pos: f.pos, kind: FileKind::Unknown });
+                    (job.files.len() - 1) as u32
+                }
+            };
+            seen.push((host, fd, f.dev, f.ino, file));
+            all.push(Fd { process: pi, host, found: f, file });
+        }
+    }
+    // Now that every fd of the job is known, say what each open file is.
+    let mut ctx = Ctx {
+        pipes: HashMap::new(),
+        sockets: sockets::Capture::new()?,
+        socket_inodes: all.iter().filter(|f| f.found.mode & S_IFMT == libc::S_IFSOCK).map(|f| f.found.ino).collect(),
+    };
+    for f in &all {
+        if !matches!(job.files[f.file as usize].kind, FileKind::Unknown) {
+            continue;
+        }
+        let kind = ctx.classify(job, &all, f).map_err(|e| anyhow!("pid {} fd {}: {e}", job.processes[f.process].pid, f.found.fd))?;
+        job.files[f.file as usize].kind = kind;
+    }
+    ctx.sockets.link(job);
+    for f in all {
+        job.processes[f.process].fds.push(FdImage { fd: f.found.fd, cloexec: f.found.cloexec, file: f.file });
+    }
+    Ok(())
+}
+
+fn host_of(members: &[Member], pid: i32) -> Result<i32> {
+    crate::job::host_of(members, pid).map(|p| p.as_raw()).ok_or_else(|| anyhow!("process {pid} vanished"))
+}
+
+/// One fd of the job.
+struct Fd {
+    process: usize,
+    host: i32,
+    found: Found,
+    file: u32,
+}
+
+struct Ctx {
+    /// Pipes by (dev, ino).
+    pipes: HashMap<(u64, u64), u32>,
+    sockets: sockets::Capture,
+    socket_inodes: Vec<u64>,
+}
+
+const S_IFMT: u32 = libc::S_IFMT;
+
+impl Ctx {
+    fn classify(&mut self, job: &mut JobImage, all: &[Fd], fd: &Fd) -> Result<FileKind> {
+        let f = &fd.found;
+        let stream = (0..=2).contains(&f.fd).then_some(f.fd as u8);
+        match f.mode & S_IFMT {
+            libc::S_IFREG => {
+                if f.target.ends_with(" (deleted)") {
+                    bail!("{} was deleted; deleted files are not supported yet", f.target);
+                }
+                Ok(FileKind::Regular { file: file_id(&f.target, f.dev, f.ino)? })
+            }
+            libc::S_IFDIR => Ok(FileKind::Dir { path: f.target.clone() }),
+            libc::S_IFCHR => {
+                let (major, minor) = (libc::major(f.rdev), libc::minor(f.rdev));
+                match (major, minor) {
+                    (1, 3) | (1, 5) | (1, 7) | (1, 8) | (1, 9) => Ok(FileKind::Device { path: f.target.clone() }),
+                    (5, 2) => bail!("{} (a pseudo-terminal master made inside the job) is not supported yet", f.target),
+                    (136..=143, _) if all.iter().any(|o| o.found.tty_index == Some(minor) && o.found.rdev == f.rdev) => {
+                        bail!("{} (a pseudo-terminal made inside the job) is not supported yet", f.target)
+                    }
+                    (136..=143, _) | (4, _) | (5, 0) | (5, 1) => {
+                        let stream = stream.unwrap_or(if f.flags & libc::O_ACCMODE == libc::O_WRONLY { 1 } else { 0 });
+                        Ok(FileKind::Terminal { path: f.target.clone(), stream })
+                    }
+                    _ => bail!("character device {} is not supported", f.target),
+                }
+            }
+            libc::S_IFIFO => {
+                let ends: Vec<&Fd> = all.iter().filter(|o| o.found.dev == f.dev && o.found.ino == f.ino).collect();
+                let reader = ends.iter().find(|e| e.found.flags & libc::O_ACCMODE != libc::O_WRONLY);
+                let writes = ends.iter().any(|e| e.found.flags & libc::O_ACCMODE != libc::O_RDONLY);
+                let (Some(reader), true) = (reader, writes) else {
+                    return match stream {
+                        Some(s) => Ok(FileKind::Outside { what: f.target.clone(), stream: s }),
+                        None => bail!("{} leads to a process outside the job: not supported", f.target),
+                    };
+                };
+                let pipe = match self.pipes.get(&(f.dev, f.ino)) {
+                    Some(&p) => p,
+                    None => {
+                        let (capacity, data) = peek_pipe(grab(reader.host, reader.found.fd)?.as_raw_fd())?;
+                        let fifo = (!f.target.starts_with("pipe:")).then(|| f.target.clone());
+                        job.pipes.push(PipeImage { capacity, data: serde_bytes::ByteBuf::from(data), fifo });
+                        let p = (job.pipes.len() - 1) as u32;
+                        self.pipes.insert((f.dev, f.ino), p);
+                        p
+                    }
+                };
+                Ok(FileKind::Pipe { pipe, write: f.flags & libc::O_ACCMODE == libc::O_WRONLY })
+            }
+            libc::S_IFSOCK => match self.sockets.socket(job, &self.socket_inodes, fd.host, f.fd, f.ino)? {
+                Some(socket) => Ok(FileKind::Socket { socket }),
+                None => match stream {
+                    Some(s) => Ok(FileKind::Outside { what: f.target.clone(), stream: s }),
+                    None => bail!("{} is connected to a process outside the job: not supported", f.target),
+                },
+            },
+            _ if f.target.starts_with("anon_inode:") => {
+                let kind = f.target.trim_start_matches("anon_inode:").trim_matches(|c| c == '[' || c == ']');
+                bail!("{kind} ({}) is not supported yet", f.target)
+            }
+            _ => bail!("{} is not supported", f.target),
+        }
+    }
+}
+
+/// The bytes waiting in a pipe, without taking them: tee() them into a pipe of our own.
+fn peek_pipe(fd: RawFd) -> Result<(u32, Vec<u8>)> {
+    // SAFETY: fcntl on an fd we own.
+    let capacity = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
+    if capacity <= 0 {
+        bail!("F_GETPIPE_SZ: {}", std::io::Error::last_os_error());
+    }
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    // SAFETY: fcntl on our own pipe.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, capacity) };
+    // SAFETY: tee between two pipes; SPLICE_F_NONBLOCK so an empty pipe returns at once.
+    let n = unsafe { libc::tee(fd, w.as_raw_fd(), capacity as usize, libc::SPLICE_F_NONBLOCK) };
+    let mut data = vec![];
+    if n > 0 {
+        drop(w);
+        File::from(r).read_to_end(&mut data)?;
+    } else if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN) {
+        bail!("tee: {}", std::io::Error::last_os_error());
+    }
+    Ok((capacity as u32, data))
+}
+
+pub fn file_id(path: &str, dev: u64, ino: u64) -> Result<FileId> {
+    let md = std::fs::metadata(path).map_err(|e| anyhow!("{path}: {e}"))?;
+    if md.dev() != dev || md.ino() != ino {
+        bail!("{path} was replaced by another file since it was opened");
+    }
+    Ok(FileId { path: path.into(), dev, ino, size: md.size(), mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(), build_id: None })
+}
+
+// ---- restore ---------------------------------------------------------------------------------------------------
+
+/// The job's open files, recreated; `stdio` are the restoring supervisor's stdin, stdout, stderr (stdin may be
+/// /dev/null when the image came on stdin). Returns one fd per `job.files` entry.
+pub fn restore(job: &JobImage, stdio: &[RawFd; 3]) -> Result<Vec<OwnedFd>> {
+    let mut pipes: Vec<Option<(OwnedFd, OwnedFd)>> = (0..job.pipes.len()).map(|_| None).collect();
+    let sockets = sockets::restore(job)?;
+    let mut out = Vec::with_capacity(job.files.len());
+    for (i, f) in job.files.iter().enumerate() {
+        let fd: OwnedFd = match &f.kind {
+            FileKind::Regular { file } => {
+                let fd = reopen(&file.path, f.flags)?;
+                nix::unistd::lseek(&fd, f.pos as i64, nix::unistd::Whence::SeekSet)?;
+                fd
+            }
+            FileKind::Dir { path } => {
+                let fd = reopen(path, f.flags | libc::O_DIRECTORY)?;
+                let _ = nix::unistd::lseek(&fd, f.pos as i64, nix::unistd::Whence::SeekSet);
+                fd
+            }
+            FileKind::Device { path } => reopen(path, f.flags)?,
+            FileKind::Terminal { stream, .. } | FileKind::Outside { stream, .. } => {
+                nix::unistd::dup(unsafe_borrow(stdio[*stream as usize]))?
+            }
+            FileKind::Pipe { pipe, write } => {
+                let p = *pipe as usize;
+                if pipes[p].is_none() {
+                    pipes[p] = Some(make_pipe(&job.pipes[p])?);
+                }
+                let (r, w) = pipes[p].as_ref().unwrap();
+                let end = if *write { w } else { r };
+                // The first open file of each end takes the end itself; another open file of the same end (a
+                // FIFO opened twice) gets a new description of it through /proc.
+                if out.iter().any(|o: &OwnedFd| same_file(o, end)) {
+                    reopen(&format!("/proc/self/fd/{}", end.as_raw_fd()), f.flags)?
+                } else {
+                    end.try_clone()?
+                }
+            }
+            FileKind::Socket { socket } => sockets[*socket as usize].try_clone()?,
+            FileKind::Unknown => bail!("open file {i} of the image has no kind"),
+        };
+        set_status_flags(&fd, f.flags)?;
+        out.push(fd);
+    }
+    Ok(out)
+}
+
+fn unsafe_borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: the supervisor's stdio fds stay open for its whole life.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}
+
+fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
+    let me = std::process::id() as i32;
+    kcmp_same(me, a.as_raw_fd(), me, b.as_raw_fd())
+}
+
+fn reopen(path: &str, flags: i32) -> Result<OwnedFd> {
+    let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC)) | libc::O_CLOEXEC | libc::O_NOCTTY;
+    let c = std::ffi::CString::new(path)?;
+    // SAFETY: open with a NUL-terminated path.
+    let fd = unsafe { libc::open(c.as_ptr(), flags, 0) };
+    if fd < 0 {
+        bail!("reopening {path}: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Status flags fcntl(F_SETFL) can change.
+const SETFL_MASK: i32 = libc::O_APPEND | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME | libc::O_NONBLOCK;
+
+fn set_status_flags(fd: &OwnedFd, flags: i32) -> Result<()> {
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let cur = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        let want = (cur & !SETFL_MASK) | (flags & SETFL_MASK);
+        if cur >= 0 && want != cur && libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, want) < 0 {
+            bail!("F_SETFL: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn make_pipe(p: &PipeImage) -> Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = match &p.fifo {
+        Some(path) => {
+            let r = reopen(path, libc::O_RDONLY | libc::O_NONBLOCK)?;
+            let w = reopen(path, libc::O_WRONLY)?;
+            (r, w)
+        }
+        None => nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?,
+    };
+    // SAFETY: fcntl on our own pipe.
+    if unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, p.capacity as libc::c_int) } < 0 && p.data.len() > 65536 {
+        bail!("cannot make a pipe of {} bytes: {}", p.capacity, std::io::Error::last_os_error());
+    }
+    File::from(w.try_clone()?).write_all(&p.data)?;
+    Ok((r, w))
+}

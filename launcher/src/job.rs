@@ -1,0 +1,86 @@
+//! The job's processes, as the supervisor sees them from outside: everything in the job's pid namespace but its
+//! init, with the ids the namespace gives them.
+
+use anyhow::{Context, Result};
+use nix::unistd::Pid;
+use std::collections::HashMap;
+use vos::image::{Ids, ZombieImage};
+
+/// One process of the job.
+#[derive(Clone, Debug)]
+pub struct Member {
+    /// As this host numbers it.
+    pub host: Pid,
+    /// As the job's namespace numbers them (pgid/sid 0: outside the job).
+    pub ids: Ids,
+    pub comm: String,
+    pub zombie: bool,
+    /// Wait status of a zombie.
+    pub exit_code: i32,
+    /// Whether the vOS shim is mapped in it.
+    pub has_shim: bool,
+}
+
+fn ns_of(pid: i32) -> Option<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
+}
+
+/// Host pid -> namespace pid of every process in the job's namespace (init included, as 1).
+fn ns_pids(init: Pid) -> Result<HashMap<i32, i32>> {
+    let ns = ns_of(init.as_raw()).context("the job's init is gone")?;
+    let mut map = HashMap::new();
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if ns_of(pid).as_ref() != Some(&ns) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+        if let Some(nspid) = field(&status, "NSpid").and_then(|v| v.split_whitespace().last()?.parse().ok()) {
+            map.insert(pid, nspid);
+        }
+    }
+    Ok(map)
+}
+
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(str::trim))
+}
+
+/// Every process of the job (not its init), sorted by namespace pid.
+pub fn members(init: Pid) -> Result<Vec<Member>> {
+    let map = ns_pids(init)?;
+    let mut out = Vec::new();
+    for (&host, &ns) in &map {
+        if ns == 1 {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{host}/status")) else { continue };
+        let last = |k: &str| field(&status, k).and_then(|v| v.split_whitespace().last()?.parse::<i32>().ok()).unwrap_or(0);
+        let ppid_host: i32 = field(&status, "PPid").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let zombie = field(&status, "State").is_some_and(|s| s.starts_with('Z'));
+        let stat = std::fs::read_to_string(format!("/proc/{host}/stat")).unwrap_or_default();
+        let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+        // Field 52 (exit_code) is the 50th after the command name.
+        let exit_code = after.split_whitespace().nth(49).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let maps = if zombie { String::new() } else { std::fs::read_to_string(format!("/proc/{host}/maps")).unwrap_or_default() };
+        out.push(Member {
+            host: Pid::from_raw(host),
+            ids: Ids { pid: ns, ppid: map.get(&ppid_host).copied().unwrap_or(0), pgid: last("NSpgid"), sid: last("NSsid") },
+            comm: field(&status, "Name").unwrap_or("").to_string(),
+            zombie,
+            exit_code,
+            has_shim: maps.contains("libvos_shim.so"),
+        });
+    }
+    out.sort_by_key(|m| m.ids.pid);
+    Ok(out)
+}
+
+pub fn zombie_image(m: &Member) -> ZombieImage {
+    ZombieImage { ids: m.ids, comm: m.comm.clone(), status: m.exit_code }
+}
+
+/// Namespace pid -> host pid.
+pub fn host_of(members: &[Member], ns: i32) -> Option<Pid> {
+    members.iter().find(|m| m.ids.pid == ns).map(|m| m.host)
+}
