@@ -177,17 +177,27 @@ impl Ctx {
             libc::S_IFIFO => {
                 let ends: Vec<&Fd> = all.iter().filter(|o| o.found.dev == f.dev && o.found.ino == f.ino).collect();
                 let reader = ends.iter().find(|e| e.found.flags & libc::O_ACCMODE != libc::O_WRONLY);
-                let writes = ends.iter().any(|e| e.found.flags & libc::O_ACCMODE != libc::O_RDONLY);
-                let (Some(reader), true) = (reader, writes) else {
+                let writer = ends.iter().find(|e| e.found.flags & libc::O_ACCMODE != libc::O_RDONLY);
+                // A pipe is the job's when the job holds both ends, or one end and nobody holds the other.
+                let inside = match (reader, writer) {
+                    (Some(_), Some(_)) => true,
+                    (Some(r), None) => poll_says(r, libc::POLLHUP),
+                    (None, Some(w)) => poll_says(w, libc::POLLERR),
+                    (None, None) => false,
+                };
+                if !inside {
                     return match stream {
                         Some(s) => Ok(FileKind::Outside { what: f.target.clone(), stream: s }),
                         None => bail!("{} leads to a process outside the job: not supported", f.target),
                     };
-                };
+                }
                 let pipe = match self.pipes.get(&(f.dev, f.ino)) {
                     Some(&p) => p,
                     None => {
-                        let (capacity, data) = peek_pipe(grab(reader.host, reader.found.fd)?.as_raw_fd())?;
+                        let (capacity, data) = match reader {
+                            Some(r) => peek_pipe(grab(r.host, r.found.fd)?.as_raw_fd())?,
+                            None => (pipe_size(grab(writer.unwrap().host, writer.unwrap().found.fd)?.as_raw_fd())?, vec![]),
+                        };
                         let fifo = (!f.target.starts_with("pipe:")).then(|| f.target.clone());
                         job.pipes.push(PipeImage { capacity, data: serde_bytes::ByteBuf::from(data), fifo });
                         let p = (job.pipes.len() - 1) as u32;
@@ -213,13 +223,28 @@ impl Ctx {
     }
 }
 
-/// The bytes waiting in a pipe, without taking them: tee() them into a pipe of our own.
-fn peek_pipe(fd: RawFd) -> Result<(u32, Vec<u8>)> {
+/// Whether poll reports `event` on a pipe end: POLLHUP on a read end means nobody can write any more,
+/// POLLERR on a write end that nobody can read.
+fn poll_says(end: &Fd, event: i16) -> bool {
+    let Ok(fd) = grab(end.host, end.found.fd) else { return false };
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: 0, revents: 0 };
+    // SAFETY: poll on one valid pollfd, without waiting.
+    unsafe { libc::poll(&mut p, 1, 0) };
+    p.revents & event != 0
+}
+
+fn pipe_size(fd: RawFd) -> Result<u32> {
     // SAFETY: fcntl on an fd we own.
     let capacity = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
     if capacity <= 0 {
         bail!("F_GETPIPE_SZ: {}", std::io::Error::last_os_error());
     }
+    Ok(capacity as u32)
+}
+
+/// The bytes waiting in a pipe, without taking them: tee() them into a pipe of our own.
+fn peek_pipe(fd: RawFd) -> Result<(u32, Vec<u8>)> {
+    let capacity = pipe_size(fd)? as i32;
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
     // SAFETY: fcntl on our own pipe.
     unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, capacity) };
