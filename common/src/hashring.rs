@@ -221,12 +221,23 @@ impl Ring {
         Self::wait(&self.hashed, || self.hashed.load(Ordering::Acquire) >= p);
         self.stop.store(1, Ordering::Release);
         let _ = sys::futex_wake(&self.produced, 1);
+        let tid = self.tid.load(Ordering::Acquire);
         loop {
             let t = self.tid.load(Ordering::Acquire);
             if t == 0 {
                 break;
             }
             let _ = sys::futex_wait(&self.tid, t, None);
+        }
+        // The kernel clears the tid word a moment before it frees the thread's id; a restore that recreates the
+        // app's threads with their ids needs it free.
+        if tid != 0 {
+            for _ in 0..100_000 {
+                if sys::tgkill(sys::getpid(), tid as i32, 0).is_err() {
+                    break;
+                }
+                sys::nanosleep_ns(20_000);
+            }
         }
         self.bad()
     }

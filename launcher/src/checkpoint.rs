@@ -106,10 +106,7 @@ impl Supervisor {
     /// Ask every process of the job to park, until every process is parked. Returns the job's processes.
     fn quiesce(&mut self, shims: &mut Vec<Shim>, kill: bool) -> Result<Vec<Member>> {
         loop {
-            let members = job::members(self.job.init)?;
-            if let Some(m) = members.iter().find(|m| !m.zombie && !m.has_shim) {
-                bail!("pid {} ({}) runs without the vOS shim (a statically linked or setuid program?): it cannot be checkpointed", m.ids.pid, m.comm);
-            }
+            let members = self.members_with_shims()?;
             let todo: Vec<&Member> = members.iter().filter(|m| !m.zombie && !shims.iter().any(|s| s.pid == m.ids.pid)).collect();
             let begun = shims.iter().all(|s| s.image.is_some());
             if todo.is_empty() && begun {
@@ -120,21 +117,54 @@ impl Supervisor {
                 let _ = send_signal(m.host, self.opts.signals.0);
             }
             self.await_shims(shims, todo.iter().map(|m| m.ids.pid).collect())?;
+            // A process may exit on its own before it parks (it was already on its way out): it then no longer
+            // counts, and shows up again as a zombie or not at all.
+            let mut gone = vec![];
             for s in shims.iter().filter(|s| s.image.is_none()) {
-                s.send(&Msg::Begin { kill }, None)?;
+                if s.send(&Msg::Begin { kill }, None).is_err() {
+                    gone.push(s.pid);
+                }
             }
-            for s in shims.iter_mut().filter(|s| s.image.is_none()) {
-                match s.recv()? {
-                    (Msg::Quiesced { error: None, own_fds }, Some(fd)) => {
+            let begun = gone.clone();
+            for s in shims.iter_mut().filter(|s| s.image.is_none() && !begun.contains(&s.pid)) {
+                match s.recv() {
+                    Ok((Msg::Quiesced { error: None, own_fds }, Some(fd))) => {
                         let mut f = File::from(crate::ns::owned(fd));
                         let mut meta = vec![];
                         f.read_to_end(&mut meta)?;
                         s.image = Some(rmp_serde::from_slice(&meta).map_err(|e| anyhow!("pid {}: bad metadata: {e}", s.pid))?);
                         s.own_fds = own_fds;
                     }
-                    (Msg::Quiesced { error: Some(e), .. }, _) => bail!("pid {}: {e}", s.pid),
-                    (m, _) => bail!("unexpected message from pid {}: {m:?}", s.pid),
+                    Ok((Msg::Quiesced { error: Some(e), .. }, _)) => bail!("pid {}: {e}", s.pid),
+                    Ok((m, _)) => bail!("unexpected message from pid {}: {m:?}", s.pid),
+                    Err(_) if !self.alive(s.pid) => gone.push(s.pid),
+                    Err(e) => return Err(e),
                 }
+            }
+            shims.retain(|s| !gone.contains(&s.pid));
+        }
+    }
+
+    /// Whether job process `pid` still lives (not a zombie).
+    fn alive(&self, pid: i32) -> bool {
+        std::thread::sleep(Duration::from_millis(20));
+        job::members(self.job.init).is_ok_and(|m| m.iter().any(|m| m.ids.pid == pid && !m.zombie))
+    }
+
+    /// The job's processes, once every live one has the shim mapped. A process that has just exec'd gets it a
+    /// moment later (the dynamic loader maps it); one that never does cannot be checkpointed.
+    fn members_with_shims(&self) -> Result<Vec<Member>> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let members = job::members(self.job.init)?;
+            match members.iter().find(|m| !m.zombie && !m.has_shim) {
+                None => return Ok(members),
+                Some(m) if Instant::now() > deadline => bail!(
+                    "pid {} ({}) runs without the vOS shim (a statically linked or setuid program?): it cannot be checkpointed",
+                    m.ids.pid,
+                    m.comm
+                ),
+                Some(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         }
     }

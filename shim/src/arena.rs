@@ -66,6 +66,9 @@ impl Arena {
         }) else {
             return core::ptr::null_mut();
         };
+        // A name of its own keeps the kernel from merging it with a neighbouring mapping of the app.
+        const PR_SET_VMA: i32 = 0x53564d41;
+        let _ = sys::prctl(PR_SET_VMA, 0, base, len, c"vos-arena".as_ptr() as usize);
         self.chunks[2 * n].store(base, Ordering::Relaxed);
         self.chunks[2 * n + 1].store(len, Ordering::Relaxed);
         self.nchunks.store(n + 1, Ordering::Relaxed);

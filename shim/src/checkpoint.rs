@@ -227,11 +227,10 @@ impl Drop for Fd {
 fn capture(parked: &threads::Parked) -> Result<ProcessImage, String> {
     let threads = threads::capture(parked)?;
     let vmas = memory::read_vmas()?;
-    let arena: Vec<(usize, usize)> = arena::session_ranges().collect();
-    let skip = |s: u64, e: u64| {
-        arena.iter().any(|&(a, b)| s >= a as u64 && e <= b as u64)
-            || (s >= vos::plan::WINDOW_START && e <= vos::plan::WINDOW_END)
-    };
+    let mut skip: Vec<(u64, u64)> = arena::session_ranges().map(|(a, b)| (a as u64, b as u64)).collect();
+    if crate::global::WINDOW_RESERVED.load(Ordering::Relaxed) {
+        skip.push((vos::plan::WINDOW_START, vos::plan::WINDOW_END));
+    }
     let regions: Vec<Region> = memory::capture(&vmas, &skip)?;
     let exe_path = procfs::readlink("/proc/self/exe").map_err(|e| format!("/proc/self/exe: {e}"))?;
     let exe_st = sys::stat(b"/proc/self/exe\0").map_err(|e| format!("/proc/self/exe: {e}"))?;

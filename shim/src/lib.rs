@@ -52,7 +52,11 @@ unsafe fn init() {
 /// Keep the restorer's window free: it must be unused in every image so the restorer can run there.
 fn reserve_window() {
     match map_window(libc::MAP_FIXED_NOREPLACE) {
-        Ok(a) if a as u64 == plan::WINDOW_START => global::WINDOW_RESERVED.store(true, Ordering::Relaxed),
+        Ok(a) if a as u64 == plan::WINDOW_START => {
+            const PR_SET_VMA: i32 = 0x53564d41;
+            let _ = sys::prctl(PR_SET_VMA, 0, a, plan::WINDOW_LEN as usize, c"vos-window".as_ptr() as usize);
+            global::WINDOW_RESERVED.store(true, Ordering::Relaxed)
+        }
         Ok(a) => {
             // An old kernel ignoring MAP_FIXED_NOREPLACE put it elsewhere: give it back.
             // SAFETY: the mapping we just made.

@@ -120,12 +120,29 @@ pub fn file_id(path: &str, dev: u64, ino: u64) -> Result<FileId, String> {
     })
 }
 
-/// Turn the address space into image regions; refuse what cannot be restored yet, naming it.
-/// `skip` says which mappings belong to the shim itself (its restorer window, its session arena).
-pub fn capture(vmas: &[Vma], skip: &dyn Fn(u64, u64) -> bool) -> Result<Vec<Region>, String> {
-    let mut out = Vec::with_capacity(vmas.len());
+/// Turn the address space into image regions; refuse what cannot be restored yet, naming it. `skip` lists
+/// address ranges of the shim itself (its restorer window, its session arena): they are cut out, even where the
+/// kernel merged them with a neighbouring mapping of the app.
+pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String> {
+    let mut pieces: Vec<Vma> = Vec::with_capacity(vmas.len());
     for v in vmas {
-        if skip(v.start, v.end) || v.name == "[vsyscall]" {
+        for (s, e) in subtract(v.start, v.end, skip) {
+            pieces.push(Vma {
+                start: s,
+                end: e,
+                prot: v.prot,
+                shared: v.shared,
+                offset: if v.inode != 0 || v.shared { v.offset + (s - v.start) } else { v.offset },
+                dev: v.dev,
+                inode: v.inode,
+                name: v.name.clone(),
+                vmflags: v.vmflags,
+            });
+        }
+    }
+    let mut out = Vec::with_capacity(pieces.len());
+    for v in &pieces {
+        if v.name == "[vsyscall]" || v.name.starts_with("[anon:vos-") {
             continue;
         }
         if v.start < plan::WINDOW_END && v.end > plan::WINDOW_START {

@@ -231,3 +231,40 @@ pub fn run_vrun(args: &[&str]) -> (ExitStatus, String, String) {
     let o = vrun().args(args).output().unwrap();
     (o.status, String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
 }
+
+/// Launch `argv`, and twice in a row: wait (`wait(n)` with n = 1, 2), checkpoint --kill, restore. Returns the
+/// last restored job, running.
+pub fn cycle(w: &Work, test: &str, argv: &[&str], stdout: &Path, wait: &dyn Fn(u32)) -> Running {
+    let name = w.name(test);
+    let mut job = launch(w, &name, argv, stdout);
+    let mut images = vec![];
+    for n in 1..=2 {
+        wait(n);
+        let img = job.checkpoint_kill();
+        assert!(!images.contains(&img));
+        images.push(img.clone());
+        job = restore(w, &name, &img, &w.path(&format!("restore{n}.out")));
+    }
+    job
+}
+
+/// `cycle` for programs that print "step N" lines on stdout (a regular file, reopened at its offset by each
+/// restore): every step must be in it exactly once, and both checkpoints fall inside the run.
+pub fn twice(test: &str, argv: &[&str], steps: i64, w: &Work) -> String {
+    let out = w.path("out.txt");
+    let at = std::cell::Cell::new(vec![]);
+    let mut job = cycle(w, test, argv, &out, &|n| {
+        let before = last_step(&fs::read_to_string(&out).unwrap_or_default());
+        let s = last_step(&wait_step(&out, before.max(0) + 5));
+        let mut v = at.take();
+        v.push((n, s));
+        at.set(v);
+    });
+    let st = job.wait(Duration::from_secs(120));
+    let text = fs::read_to_string(&out).unwrap();
+    assert!(st.success(), "restored job ended with {st:?}; output tail: {}", text.lines().rev().take(5).collect::<Vec<_>>().join(" | "));
+    let at = at.take();
+    assert!(at.iter().all(|(_, s)| *s < steps), "checkpoints must fall inside the run ({at:?} of {steps})");
+    assert_steps(&text, steps);
+    text
+}

@@ -5,31 +5,6 @@ use std::fs;
 use std::time::Duration;
 use vos_tests::*;
 
-/// Launch, let it run, checkpoint --kill, restore, checkpoint --kill again, restore again, let it finish.
-/// The program's stdout is a regular file, reopened at its offset by each restore: every step must be in it
-/// exactly once.
-fn twice(test: &str, argv: &[&str], steps: i64, w: &Work) -> String {
-    let out = w.path("out.txt");
-    let name = w.name(test);
-    let job = launch(w, &name, argv, &out);
-    let s1 = last_step(&wait_step(&out, 5));
-    let img1 = job.checkpoint_kill();
-    let after1 = last_step(&fs::read_to_string(&out).unwrap());
-    assert!(after1 >= s1, "steps went backwards");
-    let job = restore(w, &name, &img1, &w.path("restore1.out"));
-    wait_step(&out, after1 + 5);
-    let img2 = job.checkpoint_kill();
-    assert_ne!(img1, img2);
-    let after2 = last_step(&fs::read_to_string(&out).unwrap());
-    let mut job = restore(w, &name, &img2, &w.path("restore2.out"));
-    let st = job.wait(Duration::from_secs(120));
-    let text = fs::read_to_string(&out).unwrap();
-    assert!(st.success(), "restored job ended with {st:?}; output tail: {}", text.lines().rev().take(5).collect::<Vec<_>>().join(" | "));
-    assert!(after2 > after1 && after2 < steps, "checkpoints must fall inside the run ({after1}, {after2} of {steps})");
-    assert_steps(&text, steps);
-    text
-}
-
 #[test]
 fn heap_checksum_and_append_only_log() {
     let w = Work::new("heaplog");
