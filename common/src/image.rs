@@ -84,6 +84,7 @@ pub struct JobImage {
     pub shared_memory: Vec<SharedMemory>,
     /// The job's controlling terminal, when it had one.
     pub terminal: Option<TerminalImage>,
+    pub ptys: Vec<PtyImage>,
 }
 
 /// Process ids as the job's pid namespace numbers them. A pgid or sid of 0 means a group or session outside the
@@ -117,6 +118,8 @@ pub struct ProcessImage {
     pub threads: Vec<ThreadImage>,
     pub regions: Vec<Region>,
     pub fds: Vec<FdImage>,
+    /// Set for a session leader whose controlling terminal is a pseudo-terminal of the job.
+    pub ctty: Option<Ctty>,
     pub signals: SignalImage,
     pub attrs: ProcessAttrs,
     pub mm: MmImage,
@@ -270,6 +273,34 @@ pub enum FileKind {
     Pipe { pipe: u32, write: bool },
     /// A socket of the job (`JobImage::sockets`).
     Socket { socket: u32 },
+    /// The master side of a pseudo-terminal made inside the job (`JobImage::ptys`).
+    PtyMaster { pty: u32 },
+    /// The terminal side of a pseudo-terminal made inside the job.
+    PtySlave { pty: u32 },
+    /// A signalfd and the signals it takes.
+    SignalFd { mask: u64 },
+}
+
+/// A pseudo-terminal pair made inside the job, with what waits in it in both directions.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct PtyImage {
+    /// Its number (/dev/pts/N) then; a restore gets whatever number is free.
+    pub index: u32,
+    pub termios: ByteBuf,
+    pub rows: u16,
+    pub cols: u16,
+    /// Typed on the master side, not yet read on the terminal side.
+    pub input: ByteBuf,
+    /// Written on the terminal side, not yet read on the master side.
+    pub output: ByteBuf,
+}
+
+/// A session leader's controlling terminal, when it is one of the job's pseudo-terminals: made its controlling
+/// terminal again through `fd` (an fd of the leader pointing at it), with `foreground` the foreground group.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default)]
+pub struct Ctty {
+    pub fd: i32,
+    pub foreground: i32,
 }
 
 /// A pipe (or named FIFO) whose ends are all held inside the job, with the bytes in flight.

@@ -224,6 +224,7 @@ impl Supervisor {
         let own: HashMap<i32, Vec<i32>> = shims.iter().map(|s| (s.pid, s.own_fds.clone())).collect();
         files::capture(&mut job, members, &own)?;
         job.terminal = terminal::capture(&job, members)?;
+        terminal::controlling_ptys(&mut job, members)?;
         let skips = share_memory(&mut job);
         mark("job captured");
 

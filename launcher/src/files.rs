@@ -52,6 +52,8 @@ struct Found {
     mode: u32,
     rdev: u64,
     tty_index: Option<u32>,
+    /// A signalfd's mask.
+    sigmask: Option<u64>,
 }
 
 fn found(pid: i32, fd: i32) -> Result<Found> {
@@ -73,6 +75,7 @@ fn found(pid: i32, fd: i32) -> Result<Found> {
         mode: md.mode(),
         rdev: md.rdev(),
         tty_index: get("tty-index").and_then(|t| t.parse().ok()),
+        sigmask: get("sigmask").and_then(|m| u64::from_str_radix(m, 16).ok()),
     })
 }
 
@@ -109,6 +112,7 @@ pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i3
     // Now that every fd of the job is known, say what each open file is.
     let mut ctx = Ctx {
         pipes: HashMap::new(),
+        ptys: HashMap::new(),
         sockets: sockets::Capture::new()?,
         socket_inodes: all.iter().filter(|f| f.found.mode & S_IFMT == libc::S_IFSOCK).map(|f| f.found.ino).collect(),
     };
@@ -141,6 +145,8 @@ struct Fd {
 struct Ctx {
     /// Pipes by (dev, ino).
     pipes: HashMap<(u64, u64), u32>,
+    /// The job's pseudo-terminals by their number.
+    ptys: HashMap<u32, u32>,
     sockets: sockets::Capture,
     socket_inodes: Vec<u64>,
 }
@@ -163,9 +169,12 @@ impl Ctx {
                 let (major, minor) = (libc::major(f.rdev), libc::minor(f.rdev));
                 match (major, minor) {
                     (1, 3) | (1, 5) | (1, 7) | (1, 8) | (1, 9) => Ok(FileKind::Device { path: f.target.clone() }),
-                    (5, 2) => bail!("{} (a pseudo-terminal master made inside the job) is not supported yet", f.target),
-                    (136..=143, _) if all.iter().any(|o| o.found.tty_index == Some(minor) && o.found.rdev == f.rdev) => {
-                        bail!("{} (a pseudo-terminal made inside the job) is not supported yet", f.target)
+                    (5, 2) => {
+                        let index = f.tty_index.ok_or_else(|| anyhow!("{}: no pseudo-terminal number", f.target))?;
+                        Ok(FileKind::PtyMaster { pty: self.pty(job, all, index)? })
+                    }
+                    (136..=143, _) if all.iter().any(|o| o.found.tty_index == Some(pts_index(f.rdev))) => {
+                        Ok(FileKind::PtySlave { pty: self.pty(job, all, pts_index(f.rdev))? })
                     }
                     (136..=143, _) | (4, _) | (5, 0) | (5, 1) => {
                         let stream = stream.unwrap_or(if f.flags & libc::O_ACCMODE == libc::O_WRONLY { 1 } else { 0 });
@@ -214,12 +223,39 @@ impl Ctx {
                     None => bail!("{} is connected to a process outside the job: not supported", f.target),
                 },
             },
+            _ if f.target == "anon_inode:[signalfd]" => {
+                Ok(FileKind::SignalFd { mask: f.sigmask.ok_or_else(|| anyhow!("signalfd without a mask"))? })
+            }
             _ if f.target.starts_with("anon_inode:") => {
                 let kind = f.target.trim_start_matches("anon_inode:").trim_matches(|c| c == '[' || c == ']');
                 bail!("{kind} ({}) is not supported yet", f.target)
             }
             _ => bail!("{} is not supported", f.target),
         }
+    }
+}
+
+/// The number N of /dev/pts/N from its device number.
+pub fn pts_index(rdev: u64) -> u32 {
+    (libc::major(rdev) - 136) * 256 + libc::minor(rdev)
+}
+
+impl Ctx {
+    /// The job's pseudo-terminal number `index`, captured the first time (with its bytes in flight).
+    fn pty(&mut self, job: &mut JobImage, all: &[Fd], index: u32) -> Result<u32> {
+        if let Some(&p) = self.ptys.get(&index) {
+            return Ok(p);
+        }
+        let master = all.iter().find(|o| o.found.tty_index == Some(index)).unwrap();
+        let m = grab(master.host, master.found.fd)?;
+        let slave = match all.iter().find(|o| libc::major(o.found.rdev) >= 136 && o.found.mode & S_IFMT == libc::S_IFCHR && pts_index(o.found.rdev) == index) {
+            Some(o) => grab(o.host, o.found.fd)?,
+            None => reopen(&format!("/dev/pts/{index}"), libc::O_RDWR)?,
+        };
+        job.ptys.push(crate::terminal::capture_pty(index, m.as_raw_fd(), slave.as_raw_fd())?);
+        let p = (job.ptys.len() - 1) as u32;
+        self.ptys.insert(index, p);
+        Ok(p)
     }
 }
 
@@ -274,6 +310,7 @@ pub fn file_id(path: &str, dev: u64, ino: u64) -> Result<FileId> {
 /// /dev/null when the image came on stdin). Returns one fd per `job.files` entry.
 pub fn restore(job: &JobImage, stdio: &[RawFd; 3]) -> Result<Vec<OwnedFd>> {
     let mut pipes: Vec<Option<(OwnedFd, OwnedFd)>> = (0..job.pipes.len()).map(|_| None).collect();
+    let ptys: Vec<(OwnedFd, OwnedFd)> = job.ptys.iter().map(crate::terminal::make_pty).collect::<Result<_>>()?;
     let sockets = sockets::restore(job)?;
     let mut out = Vec::with_capacity(job.files.len());
     for (i, f) in job.files.iter().enumerate() {
@@ -308,6 +345,31 @@ pub fn restore(job: &JobImage, stdio: &[RawFd; 3]) -> Result<Vec<OwnedFd>> {
                 }
             }
             FileKind::Socket { socket } => sockets[*socket as usize].try_clone()?,
+            FileKind::PtyMaster { pty } => ptys[*pty as usize].0.try_clone()?,
+            FileKind::PtySlave { pty } => {
+                let (m, sl) = &ptys[*pty as usize];
+                // A second open file of the same terminal side is another open of it.
+                if out.iter().any(|o: &OwnedFd| same_file(o, sl)) {
+                    // SAFETY: TIOCGPTPEER opens the pair's terminal side; the fd is owned here.
+                    let fd = unsafe { libc::ioctl(m.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+                    if fd < 0 {
+                        bail!("reopening a pseudo-terminal: {}", std::io::Error::last_os_error());
+                    }
+                    // SAFETY: fresh fd.
+                    unsafe { OwnedFd::from_raw_fd(fd) }
+                } else {
+                    sl.try_clone()?
+                }
+            }
+            FileKind::SignalFd { mask } => {
+                // SAFETY: the kernel's signal set is 64 bits; signalfd takes its size.
+                let fd = unsafe { libc::syscall(libc::SYS_signalfd4, -1, mask as *const u64, 8usize, libc::SFD_CLOEXEC) };
+                if fd < 0 {
+                    bail!("signalfd: {}", std::io::Error::last_os_error());
+                }
+                // SAFETY: fresh fd.
+                unsafe { OwnedFd::from_raw_fd(fd as i32) }
+            }
             FileKind::Unknown => bail!("open file {i} of the image has no kind"),
         };
         set_status_flags(&fd, f.flags)?;

@@ -172,6 +172,9 @@ fn describe(job: &JobImage, o: &OpenFile) -> String {
                 if s.queue.is_empty() { String::new() } else { format!(", {} queued", s.queue.iter().map(|q| q.len()).sum::<usize>()) }
             )
         }
+        FileKind::PtyMaster { pty } => format!("master of pseudo-terminal /dev/pts/{} ({} bytes in flight)", job.ptys[*pty as usize].index, job.ptys[*pty as usize].input.len() + job.ptys[*pty as usize].output.len()),
+        FileKind::PtySlave { pty } => format!("pseudo-terminal /dev/pts/{} (made in the job)", job.ptys[*pty as usize].index),
+        FileKind::SignalFd { mask } => format!("signalfd for signals {mask:#x}"),
         FileKind::Unknown => "unknown".into(),
     }
 }

@@ -248,6 +248,7 @@ fn capture(parked: &threads::Parked) -> Result<ProcessImage, String> {
         threads,
         regions,
         fds: Vec::new(),
+        ctty: None,
         signals: signals::capture(),
         attrs: process::capture()?,
         mm: process::capture_mm()?,

@@ -88,6 +88,9 @@ fn rebuild(spec: &RestartSpec) -> Result<(), String> {
     // SAFETY: nothing else of the shim runs in this process yet.
     arena::permanent(|| unsafe { CONFIG.get().sock = String::from(sock.as_str()) });
     files::restore(&p.fds, &spec.fd_sources, spec.ctl_fd)?;
+    if let Some(c) = p.ctty {
+        files::take_terminal(&c)?;
+    }
     process::restore(&p.attrs)?;
     signals::restore(&p.signals)?;
     threads::recreate(&p.threads, p.attrs.caps)?;

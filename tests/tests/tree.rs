@@ -160,3 +160,33 @@ fn interactive_bash_in_tmux() {
     assert!(before.contains("eol = ^X") && before.contains("-echoctl"));
     assert_eq!(before, after, "terminal modes differ after restore");
 }
+
+#[test]
+fn pseudo_terminal_made_inside_the_job() {
+    let w = Work::new("script");
+    let out = w.path("out.txt");
+    let inner = "for i in $(seq 1 60); do echo line $i; sleep 0.05; done";
+    let mut job = cycle(&w, "script", &["script", "-qfc", &format!("bash -c '{inner}'"), "/dev/null"], &out, &|n| {
+        wait_for(&out, "progress", Duration::from_secs(30), |s| s.matches("line ").count() >= 8 * n as usize + 10);
+    });
+    assert!(job.wait(Duration::from_secs(60)).success());
+    let text = fs::read_to_string(&out).unwrap().replace('\r', "");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    let want: Vec<String> = (1..=60).map(|i| format!("line {i}")).collect();
+    assert_eq!(lines, want, "what the shell wrote through the job's own pseudo-terminal");
+}
+
+#[test]
+fn daemon_that_double_forks_stays_in_the_job() {
+    let w = Work::new("daemon");
+    let script = repo().join("tests/programs/daemon.sh");
+    let file = w.path("daemon.txt");
+    let mut job = cycle(&w, "daemon", &[script.to_str().unwrap(), file.to_str().unwrap(), "80"], &w.path("out.txt"), &|n| {
+        wait_file_lines(&file, 15 * n as usize);
+    });
+    assert!(job.wait(Duration::from_secs(60)).success());
+    let got: Vec<String> = fs::read_to_string(&file).unwrap().lines().map(String::from).collect();
+    let mut want: Vec<String> = (1..=80).map(|i| format!("d {i}")).collect();
+    want.push("end".into());
+    assert_eq!(got, want);
+}
