@@ -271,6 +271,19 @@ fn list() -> Result<()> {
     println!("{:<16} {:>8} {:<20} PROGRAM", "NAME", "PID", "SINCE (UTC)");
     for j in jobs {
         println!("{:<16} {:>8} {:<20} {}", j.name, j.pid, supervisor::timestamp_of(j.since_unix), j.program.join(" "));
+        // The job's process tree (pids as this host and as the job see them).
+        let members = job::members(nix::unistd::Pid::from_raw(j.init)).unwrap_or_default();
+        if members.len() > 1 {
+            print_tree(&members, 1, 1);
+        }
     }
     Ok(())
+}
+
+fn print_tree(members: &[job::Member], parent: i32, depth: usize) {
+    for m in members.iter().filter(|m| m.ids.ppid == parent) {
+        let state = if m.zombie { " (zombie)" } else { "" };
+        println!("{:<16} {:>8} {}{} {}{state}", "", m.host, "  ".repeat(depth), m.ids.pid, m.comm);
+        print_tree(members, m.ids.pid, depth + 1);
+    }
 }

@@ -12,6 +12,9 @@ pub struct Entry {
     pub supervisor: i32,
     /// The job's main process, as this host numbers it.
     pub pid: i32,
+    /// The job's init (pid 1 of its namespace), as this host numbers it.
+    #[serde(default)]
+    pub init: i32,
     pub program: Vec<String>,
     pub since_unix: u64,
     /// Abstract socket name of the supervisor.

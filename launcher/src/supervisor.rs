@@ -83,6 +83,7 @@ impl Supervisor {
             name: s.opts.name.clone(),
             supervisor: std::process::id() as i32,
             pid: s.job.app.as_raw(),
+            init: s.job.init.as_raw(),
             program: s.argv.clone(),
             since_unix: s.started_unix_ns / 1_000_000_000,
             sock: s.listener.name.clone(),

@@ -190,3 +190,14 @@ fn daemon_that_double_forks_stays_in_the_job() {
     want.push("end".into());
     assert_eq!(got, want);
 }
+
+#[test]
+fn exec_with_a_cleared_environment_keeps_the_shim() {
+    let w = Work::new("envi");
+    let prog = gcc("heaplog");
+    let log = w.s("log.txt");
+    // bash forks, env clears the environment and execs: the program must still carry the shim.
+    let cmd = format!("env -i {} 4 {log} 80; echo $? > {}", prog.display(), w.s("status"));
+    twice("envi", &["bash", "-c", &cmd], 80, &w);
+    assert_eq!(fs::read_to_string(w.path("status")).unwrap().trim(), "0");
+}

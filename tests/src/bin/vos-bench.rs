@@ -202,6 +202,41 @@ fn bench_trivial(dir: &Path) -> (f64, u64) {
 
 /// Best per-call times of `rounds` alternating runs, natively and under vrun (this VM is noisy: interleaving
 /// and taking the best of many rounds keeps drift out of the ratio).
+/// A job of `procs` processes holding `mib` MiB each: checkpoint (it goes on), checkpoint --kill, and restore
+/// until it runs again; medians of 3.
+fn bench_tree(dir: &Path, procs: usize, mib: usize) -> (f64, f64, f64, u64) {
+    let prog = gcc("bench_tree");
+    let w = Work { dir: dir.join("tree") };
+    let _ = fs::remove_dir_all(&w.dir);
+    fs::create_dir_all(&w.dir).unwrap();
+    let out = w.path("out.txt");
+    let name = w.name("tree");
+    let mut job = launch(&w, &name, &[prog.to_str().unwrap(), &procs.to_string(), &mib.to_string()], &out);
+    wait_line(&out, "ready", 0);
+    let (mut ck, mut kill, mut rs, mut size) = (vec![], vec![], vec![], 0);
+    for _ in 0..3 {
+        let t = Instant::now();
+        let img = job.checkpoint(false);
+        ck.push(t.elapsed().as_secs_f64());
+        let _ = fs::remove_file(img);
+        let t = Instant::now();
+        let img = job.checkpoint(true);
+        kill.push(t.elapsed().as_secs_f64());
+        size = fs::metadata(&img).unwrap().len();
+        job.wait(Duration::from_secs(60));
+        let t = Instant::now();
+        job = restore(&w, &name, &img, &w.path("restore.out"));
+        while !registered(&name) {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        rs.push(t.elapsed().as_secs_f64());
+        let _ = fs::remove_file(&img);
+    }
+    drop(job);
+    let _ = fs::remove_dir_all(&w.dir);
+    (median(ck), median(kill), median(rs), size)
+}
+
 fn overhead(dir: &Path, rounds: usize) -> Vec<(String, f64, f64)> {
     let mut best: Vec<(String, f64, f64)> = vec![];
     for _ in 0..rounds {
@@ -262,6 +297,15 @@ fn main() {
         );
         println!("       (restore is eager: when the job runs again all its memory is back; the job then read all of it in {:.3}s)", r.restore_all - r.restore_run);
     }
+    let (ck, kill, rs, size) = bench_tree(&dir, 8, 16);
+    println!();
+    println!(
+        "job of 8 processes (16 MiB each): checkpoint {:.1} ms, checkpoint+kill {:.1} ms, restore until running {:.1} ms, image {:.1} MiB",
+        ck * 1000.0,
+        kill * 1000.0,
+        rs * 1000.0,
+        size as f64 / (1 << 20) as f64
+    );
     let (t, size) = bench_trivial(&dir);
     println!();
     println!("trivial C program: checkpoint {:.1} ms (vrun checkpoint, end to end), image {:.2} MiB", t * 1000.0, size as f64 / (1 << 20) as f64);
