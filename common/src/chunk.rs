@@ -10,7 +10,7 @@
 //! the head and `payload_hash` the payload (xxh3). Everything is written and read strictly forward, so the same
 //! code works on a file, a pipe and a socket. A Pages payload is a run table followed by the runs' bytes:
 //! `nruns:u32 0:u32 (addr:u64 len:u64)*nruns data`. Metadata payloads are MessagePack (see `image`). Order:
-//! Header, Job, then for each process its Pages and a ProcessEnd, then End.
+//! Header, Job, Data chunks, then for each process its Pages and a ProcessEnd, then End.
 //!
 //! This module is `no_std`: the restorer reads page chunks with it.
 
@@ -43,6 +43,9 @@ pub enum Kind {
     ProcessEnd = 4,
     /// Last chunk: `chunks:u64`, the number of chunks before it.
     End = 5,
+    /// Contents of an object the job's metadata lists in `data` (memfd, deleted file): `object:u32 0:u32
+    /// offset:u64 bytes`. Data chunks follow the Job chunk.
+    Data = 6,
 }
 
 impl Kind {
@@ -53,6 +56,7 @@ impl Kind {
             3 => Kind::Pages,
             4 => Kind::ProcessEnd,
             5 => Kind::End,
+            6 => Kind::Data,
             _ => return None,
         })
     }

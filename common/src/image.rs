@@ -85,6 +85,8 @@ pub struct JobImage {
     /// The job's controlling terminal, when it had one.
     pub terminal: Option<TerminalImage>,
     pub ptys: Vec<PtyImage>,
+    /// Objects whose contents follow in Data chunks, in this order.
+    pub data: Vec<DataImage>,
 }
 
 /// Process ids as the job's pid namespace numbers them. A pgid or sid of 0 means a group or session outside the
@@ -120,6 +122,10 @@ pub struct ProcessImage {
     pub fds: Vec<FdImage>,
     /// Set for a session leader whose controlling terminal is a pseudo-terminal of the job.
     pub ctty: Option<Ctty>,
+    /// Paths of inotify watches, as the program gave them (the kernel only knows inodes).
+    pub watches: Vec<WatchPath>,
+    /// What only the process itself can do once its fds are in place (set by the supervisor).
+    pub fixups: Vec<FdFixup>,
     pub signals: SignalImage,
     pub attrs: ProcessAttrs,
     pub mm: MmImage,
@@ -254,6 +260,18 @@ pub struct OpenFile {
     pub flags: i32,
     pub pos: u64,
     pub kind: FileKind,
+    /// flock() and open file description locks held through it.
+    pub locks: Vec<FileLock>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileLock {
+    /// flock() (whole file) rather than an open file description record lock.
+    pub flock: bool,
+    pub write: bool,
+    pub start: u64,
+    /// 0: to the end of the file.
+    pub len: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
@@ -279,6 +297,43 @@ pub enum FileKind {
     PtySlave { pty: u32 },
     /// A signalfd and the signals it takes.
     SignalFd { mask: u64 },
+    EventFd { count: u64, semaphore: bool },
+    /// A timerfd: `value_ns` left until it fires (relative; absolute for CLOCK_REALTIME with TFD_TIMER_ABSTIME),
+    /// `ticks` expirations not yet read.
+    TimerFd { clock: i32, settime_flags: i32, value_ns: u64, interval_ns: u64, ticks: u64 },
+    /// An epoll instance; the process `owner` (index in `JobImage::processes`) registers `items` again with its own
+    /// fd numbers (the kernel identifies entries by fd number).
+    Epoll { items: Vec<EpollItem>, owner: u32 },
+    /// An inotify instance and its watches, with their watch descriptors.
+    Inotify { watches: Vec<InotifyWatch> },
+    /// A pidfd of a process of the job (reopened in the restored process that holds it).
+    PidFd { pid: i32 },
+    /// A memfd, or a file deleted while open (O_TMPFILE included): its contents follow the job's metadata in Data
+    /// chunks (`JobImage::data`).
+    Memory { data: u32, name: String, seals: i32, deleted_from: Option<String>, dev: u64, ino: u64 },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EpollItem {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct InotifyWatch {
+    pub wd: i32,
+    pub mask: u32,
+    pub path: String,
+}
+
+/// Contents the image carries for an object (a memfd, a deleted file): `size` bytes, of which the ranges in Data
+/// chunks hold data (the rest are holes).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct DataImage {
+    pub size: u64,
+    /// Bytes stored in Data chunks.
+    pub stored: u64,
 }
 
 /// A pseudo-terminal pair made inside the job, with what waits in it in both directions.
@@ -293,6 +348,13 @@ pub struct PtyImage {
     pub input: ByteBuf,
     /// Written on the terminal side, not yet read on the master side.
     pub output: ByteBuf,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchPath {
+    pub fd: i32,
+    pub wd: i32,
+    pub path: String,
 }
 
 /// A session leader's controlling terminal, when it is one of the job's pseudo-terminals: made its controlling
@@ -345,6 +407,9 @@ pub struct SharedMemory {
     pub size: u64,
     /// The process (index in `JobImage::processes`) whose page data holds the contents.
     pub writer: u32,
+    /// When the job also has it open as a file (a memfd, a deleted file): that open file, whose contents travel
+    /// in Data chunks; then no process stores its pages.
+    pub file: Option<u32>,
 }
 
 /// The job's controlling terminal as the job had it.
@@ -440,4 +505,15 @@ pub struct RestartSpec {
     pub ctl_fd: i32,
     /// The launcher's control socket name, for later checkpoints.
     pub sock: String,
+}
+
+/// Restore steps that depend on the process's own fd numbers or identity.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub enum FdFixup {
+    /// Register these fds again in the epoll instance at `epfd`.
+    Epoll { epfd: i32, items: Vec<EpollItem> },
+    /// Open a pidfd for `pid` at `fd`.
+    PidFd { fd: i32, pid: i32, flags: i32, cloexec: bool },
+    /// Take a POSIX record lock through `fd` (l_type F_RDLCK or F_WRLCK, from `start`, `len` bytes; 0 = to EOF).
+    RecordLock { fd: i32, write: bool, start: u64, len: u64 },
 }

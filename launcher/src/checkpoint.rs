@@ -222,14 +222,14 @@ impl Supervisor {
         };
         check_tree(&job)?;
         let own: HashMap<i32, Vec<i32>> = shims.iter().map(|s| (s.pid, s.own_fds.clone())).collect();
-        files::capture(&mut job, members, &own)?;
+        let data = files::capture(&mut job, members, &own)?;
         job.terminal = terminal::capture(&job, members)?;
         terminal::controlling_ptys(&mut job, members)?;
         let skips = share_memory(&mut job);
         mark("job captured");
 
         let (out, tmp, fin) = self.open_dest(&req.dest)?;
-        let r = self.write_image(shims, &job, &skips, out, req, tmp.as_deref(), fin.as_deref(), mark);
+        let r = self.write_image(shims, &job, &skips, &data, out, req, tmp.as_deref(), fin.as_deref(), mark);
         if r.is_err() {
             if let Some(t) = &tmp {
                 let _ = std::fs::remove_file(t);
@@ -244,6 +244,7 @@ impl Supervisor {
         shims: &[Shim],
         job: &JobImage,
         skips: &[Vec<(u64, u64)>],
+        data: &[OwnedFd],
         out: OwnedFd,
         req: &Request,
         tmp: Option<&Path>,
@@ -262,6 +263,9 @@ impl Supervisor {
         let mut seq = w.start(&header).context("writing the image")?;
         w.chunk(Kind::Job, seq, &rmp_serde::to_vec_named(job)?).context("writing the image")?;
         seq += 1;
+        for (i, src) in data.iter().enumerate() {
+            seq = w.data(seq, i as u32, src.as_raw_fd(), job.data[i].size).context("writing the image")?;
+        }
         for (s, skip) in shims.iter().zip(skips) {
             s.send(&Msg::Dump { first_seq: seq, skip: skip.clone() }, Some(out.as_raw_fd()))?;
             seq = match s.recv()?.0 {
@@ -391,9 +395,34 @@ fn check_tree(job: &JobImage) -> Result<()> {
 fn share_memory(job: &mut JobImage) -> Vec<Vec<(u64, u64)>> {
     let mut objects: HashMap<(u64, u64), (u32, u64, u64)> = HashMap::new(); // -> (index, offset start, offset end) of the writer
     let mut skips = vec![vec![]; job.processes.len()];
+    // Memory the job also has open as a file travels as that file's contents: no process stores its pages.
+    let files: HashMap<(u64, u64), u32> = job
+        .files
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| match f.kind {
+            vos::image::FileKind::Memory { dev, ino, .. } => Some(((dev, ino), i as u32)),
+            _ => None,
+        })
+        .collect();
     for (pi, p) in job.processes.iter_mut().enumerate() {
         for r in p.regions.iter_mut().filter(|r| r.kind == RegionKind::SharedAnon) {
             let (lo, hi) = (r.offset, r.offset + (r.end - r.start));
+            if let Some(&file) = files.get(&(r.dev, r.ino)) {
+                let i = match objects.get(&(r.dev, r.ino)) {
+                    Some(&(i, _, _)) => i,
+                    None => {
+                        job.shared_memory.push(SharedMemory { name: r.name.clone(), size: hi, writer: u32::MAX, file: Some(file) });
+                        let i = (job.shared_memory.len() - 1) as u32;
+                        objects.insert((r.dev, r.ino), (i, 0, u64::MAX));
+                        i
+                    }
+                };
+                r.shared_memory = Some(i);
+                r.contents = Contents::Elsewhere;
+                skips[pi].push((r.start, r.end));
+                continue;
+            }
             match objects.get(&(r.dev, r.ino)) {
                 Some(&(i, wlo, whi)) => {
                     let shm = &mut job.shared_memory[i as usize];
@@ -405,7 +434,7 @@ fn share_memory(job: &mut JobImage) -> Vec<Vec<(u64, u64)>> {
                     }
                 }
                 None => {
-                    job.shared_memory.push(SharedMemory { name: r.name.clone(), size: hi, writer: pi as u32 });
+                    job.shared_memory.push(SharedMemory { name: r.name.clone(), size: hi, writer: pi as u32, file: None });
                     let i = (job.shared_memory.len() - 1) as u32;
                     objects.insert((r.dev, r.ino), (i, lo, hi));
                     r.shared_memory = Some(i);

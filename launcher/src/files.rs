@@ -8,14 +8,14 @@
 //! supervisor and handed to every restored process, which puts it at its fd numbers (shim/src/files.rs).
 
 use crate::job::Member;
-use crate::sockets;
+use crate::{events, sockets};
 use anyhow::{Result, anyhow, bail};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
-use vos::image::{FdImage, FileId, FileKind, JobImage, OpenFile, PipeImage};
+use vos::image::{DataImage, FdFixup, FdImage, FileId, FileKind, FileLock, JobImage, OpenFile, PipeImage};
 
 /// A dup of fd `fd` of process `pid` (pidfd_getfd), to look at what it points to.
 pub fn grab(pid: i32, fd: i32) -> Result<OwnedFd> {
@@ -52,8 +52,8 @@ struct Found {
     mode: u32,
     rdev: u64,
     tty_index: Option<u32>,
-    /// A signalfd's mask.
-    sigmask: Option<u64>,
+    /// The whole fdinfo text.
+    info: String,
 }
 
 fn found(pid: i32, fd: i32) -> Result<Found> {
@@ -75,13 +75,14 @@ fn found(pid: i32, fd: i32) -> Result<Found> {
         mode: md.mode(),
         rdev: md.rdev(),
         tty_index: get("tty-index").and_then(|t| t.parse().ok()),
-        sigmask: get("sigmask").and_then(|m| u64::from_str_radix(m, 16).ok()),
+        info: info.clone(),
     })
 }
 
 /// Fill `job.files`, `job.pipes`, `job.sockets` and every process's `fds`. `own` lists, per process (by
 /// namespace pid), fds of the shim's coordinator that are not the app's.
-pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i32>>) -> Result<()> {
+/// Returns the fds whose contents the image carries in Data chunks (one per `job.data` entry).
+pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i32>>) -> Result<Vec<OwnedFd>> {
     let mut seen: Vec<(i32, i32, u64, u64, u32)> = vec![]; // (host pid, fd, dev, ino, file index)
     let mut all: Vec<Fd> = vec![];
     for (pi, p) in job.processes.iter().enumerate() {
@@ -101,7 +102,7 @@ pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i3
             let file = match shared {
                 Some(i) => i,
                 None => {
-                    job.files.push(OpenFile { flags: f.flags, pos: f.pos, kind: FileKind::Unknown });
+                    job.files.push(OpenFile { flags: f.flags, pos: f.pos, kind: FileKind::Unknown, locks: vec![] });
                     (job.files.len() - 1) as u32
                 }
             };
@@ -113,6 +114,7 @@ pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i3
     let mut ctx = Ctx {
         pipes: HashMap::new(),
         ptys: HashMap::new(),
+        data: vec![],
         sockets: sockets::Capture::new()?,
         socket_inodes: all.iter().filter(|f| f.found.mode & S_IFMT == libc::S_IFSOCK).map(|f| f.found.ino).collect(),
     };
@@ -124,10 +126,62 @@ pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i3
         job.files[f.file as usize].kind = kind;
     }
     ctx.sockets.link(job);
-    for f in all {
+    for f in &all {
+        let file = &mut job.files[f.file as usize];
+        for (kind, l) in locks(&f.found.info) {
+            if (kind == "FLOCK" || kind == "OFDLCK") && !file.locks.contains(&l) {
+                file.locks.push(l);
+            }
+        }
+    }
+    for f in &all {
         job.processes[f.process].fds.push(FdImage { fd: f.found.fd, cloexec: f.found.cloexec, file: f.file });
     }
+    fixups(job, &all)?;
+    Ok(ctx.data)
+}
+
+/// What each process must redo itself: epoll registrations, pidfds, its POSIX record locks.
+fn fixups(job: &mut JobImage, all: &[Fd]) -> Result<()> {
+    let inode_of = |pi: usize, fd: i32| all.iter().find(|f| f.process == pi && f.found.fd == fd).map(|f| f.found.ino);
+    for file in 0..job.files.len() {
+        let FileKind::Epoll { items, .. } = &job.files[file].kind else { continue };
+        let items = items.clone();
+        let info = &all.iter().find(|f| f.file as usize == file).unwrap().found.info;
+        let owner = events::epoll_owner(job, file as u32, &items, &inode_of, info)?;
+        job.files[file].kind = FileKind::Epoll { items: items.clone(), owner };
+        let p = &mut job.processes[owner as usize];
+        let epfd = p.fds.iter().find(|f| f.file as usize == file).unwrap().fd;
+        p.fixups.push(FdFixup::Epoll { epfd, items });
+    }
+    for f in all {
+        let p = &mut job.processes[f.process];
+        if let FileKind::PidFd { pid } = job.files[f.file as usize].kind {
+            let flags = f.found.flags & libc::O_NONBLOCK;
+            p.fixups.push(FdFixup::PidFd { fd: f.found.fd, pid, flags, cloexec: f.found.cloexec });
+        }
+        for l in locks(&f.found.info).into_iter().filter(|l| l.0 == "POSIX") {
+            let fix = FdFixup::RecordLock { fd: f.found.fd, write: l.1.write, start: l.1.start, len: l.1.len };
+            let dup = p.fixups.iter().any(|x| matches!(x, FdFixup::RecordLock { write, start, len, .. } if *write == l.1.write && *start == l.1.start && *len == l.1.len));
+            if !dup {
+                p.fixups.push(fix);
+            }
+        }
+    }
     Ok(())
+}
+
+/// Locks listed in an fdinfo ("lock:" lines): the kind (FLOCK, OFDLCK, POSIX...) and the lock.
+fn locks(info: &str) -> Vec<(String, FileLock)> {
+    info.lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.strip_prefix("lock:")?.split_whitespace().collect();
+            // "1: POSIX  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+            let (kind, write, start, end) = (w.get(1)?, *w.get(3)? == "WRITE", w.get(6)?.parse::<u64>().ok()?, w.get(7)?);
+            let len = if *end == "EOF" { 0 } else { end.parse::<u64>().ok()? - start + 1 };
+            Some((kind.to_string(), FileLock { flock: *kind == "FLOCK", write, start, len }))
+        })
+        .collect()
 }
 
 fn host_of(members: &[Member], pid: i32) -> Result<i32> {
@@ -145,6 +199,8 @@ struct Fd {
 struct Ctx {
     /// Pipes by (dev, ino).
     pipes: HashMap<(u64, u64), u32>,
+    /// Sources of the contents the image carries (memfds, deleted files), one per `job.data` entry.
+    data: Vec<OwnedFd>,
     /// The job's pseudo-terminals by their number.
     ptys: HashMap<u32, u32>,
     sockets: sockets::Capture,
@@ -158,12 +214,8 @@ impl Ctx {
         let f = &fd.found;
         let stream = (0..=2).contains(&f.fd).then_some(f.fd as u8);
         match f.mode & S_IFMT {
-            libc::S_IFREG => {
-                if f.target.ends_with(" (deleted)") {
-                    bail!("{} was deleted; deleted files are not supported yet", f.target);
-                }
-                Ok(FileKind::Regular { file: file_id(&f.target, f.dev, f.ino)? })
-            }
+            libc::S_IFREG if f.target.starts_with("/memfd:") || f.target.ends_with(" (deleted)") => self.memory(job, fd),
+            libc::S_IFREG => Ok(FileKind::Regular { file: file_id(&f.target, f.dev, f.ino)? }),
             libc::S_IFDIR => Ok(FileKind::Dir { path: f.target.clone() }),
             libc::S_IFCHR => {
                 let (major, minor) = (libc::major(f.rdev), libc::minor(f.rdev));
@@ -223,8 +275,11 @@ impl Ctx {
                     None => bail!("{} is connected to a process outside the job: not supported", f.target),
                 },
             },
-            _ if f.target == "anon_inode:[signalfd]" => {
-                Ok(FileKind::SignalFd { mask: f.sigmask.ok_or_else(|| anyhow!("signalfd without a mask"))? })
+            _ if f.target.starts_with("anon_inode:") && events::capture(&f.target, &f.info)?.is_some() => {
+                match events::capture(&f.target, &f.info)?.unwrap() {
+                    FileKind::Inotify { .. } => Ok(FileKind::Inotify { watches: events::inotify_watches(job, fd.file, &f.info)? }),
+                    k => Ok(k),
+                }
             }
             _ if f.target.starts_with("anon_inode:") => {
                 let kind = f.target.trim_start_matches("anon_inode:").trim_matches(|c| c == '[' || c == ']');
@@ -235,12 +290,53 @@ impl Ctx {
     }
 }
 
+/// The parts of a file holding data (not holes), by SEEK_DATA/SEEK_HOLE.
+pub fn data_ranges(fd: RawFd, size: u64) -> Vec<(u64, u64)> {
+    let mut out = vec![];
+    let mut off = 0i64;
+    while (off as u64) < size {
+        // SAFETY: lseek on a file we hold (it moves the offset of our own dup, not the job's... nor theirs:
+        // pidfd_getfd dups share it, so the caller restores nothing relies on: only pread follows).
+        let d = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if d < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+        let h = if h < 0 { size as i64 } else { h };
+        out.push((d as u64, (h as u64).min(size)));
+        off = h;
+    }
+    out
+}
+
 /// The number N of /dev/pts/N from its device number.
 pub fn pts_index(rdev: u64) -> u32 {
     (libc::major(rdev) - 136) * 256 + libc::minor(rdev)
 }
 
 impl Ctx {
+    /// A memfd or a file deleted while open: its contents travel in the image.
+    fn memory(&mut self, job: &mut JobImage, fd: &Fd) -> Result<FileKind> {
+        let f = &fd.found;
+        let src = grab(fd.host, f.fd)?;
+        let size = nix::sys::stat::fstat(&src)?.st_size as u64;
+        let stored = data_ranges(src.as_raw_fd(), size).iter().map(|(a, b)| b - a).sum();
+        // SAFETY: F_GET_SEALS on a file we hold; -1 for files that cannot be sealed.
+        let seals = unsafe { libc::fcntl(src.as_raw_fd(), libc::F_GET_SEALS) }.max(0);
+        let (name, deleted_from) = match f.target.strip_prefix("/memfd:") {
+            Some(n) => (n.trim_end_matches(" (deleted)").to_string(), None),
+            None => {
+                let path = f.target.trim_end_matches(" (deleted)");
+                let dir = std::path::Path::new(path).parent().map(|d| d.display().to_string());
+                (path.to_string(), dir)
+            }
+        };
+        job.data.push(DataImage { size, stored });
+        self.data.push(src);
+        Ok(FileKind::Memory { data: (job.data.len() - 1) as u32, name, seals, deleted_from, dev: f.dev, ino: f.ino })
+    }
+
     /// The job's pseudo-terminal number `index`, captured the first time (with its bytes in flight).
     fn pty(&mut self, job: &mut JobImage, all: &[Fd], index: u32) -> Result<u32> {
         if let Some(&p) = self.ptys.get(&index) {
@@ -307,8 +403,9 @@ pub fn file_id(path: &str, dev: u64, ino: u64) -> Result<FileId> {
 // ---- restore ---------------------------------------------------------------------------------------------------
 
 /// The job's open files, recreated; `stdio` are the restoring supervisor's stdin, stdout, stderr (stdin may be
-/// /dev/null when the image came on stdin). Returns one fd per `job.files` entry.
-pub fn restore(job: &JobImage, stdio: &[RawFd; 3]) -> Result<Vec<OwnedFd>> {
+/// /dev/null when the image came on stdin); `fill(data, fd)` writes the contents of a memfd or deleted file
+/// from the image. Returns one fd per `job.files` entry.
+pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, RawFd) -> Result<()>) -> Result<Vec<OwnedFd>> {
     let mut pipes: Vec<Option<(OwnedFd, OwnedFd)>> = (0..job.pipes.len()).map(|_| None).collect();
     let ptys: Vec<(OwnedFd, OwnedFd)> = job.ptys.iter().map(crate::terminal::make_pty).collect::<Result<_>>()?;
     let sockets = sockets::restore(job)?;
@@ -370,12 +467,69 @@ pub fn restore(job: &JobImage, stdio: &[RawFd; 3]) -> Result<Vec<OwnedFd>> {
                 // SAFETY: fresh fd.
                 unsafe { OwnedFd::from_raw_fd(fd as i32) }
             }
-            FileKind::Unknown => bail!("open file {i} of the image has no kind"),
+            FileKind::Memory { data, name, seals, deleted_from, .. } => {
+                let fd = memory_file(name, deleted_from.as_deref())?;
+                nix::unistd::ftruncate(&fd, job.data[*data as usize].size as i64)?;
+                fill(*data, fd.as_raw_fd())?;
+                // The job may have it open read-only, say: another open of the same file.
+                let fd = if f.flags & libc::O_ACCMODE == libc::O_RDWR { fd } else { reopen(&format!("/proc/self/fd/{}", fd.as_raw_fd()), f.flags)? };
+                let _ = nix::unistd::lseek(&fd, f.pos as i64, nix::unistd::Whence::SeekSet);
+                if *seals != 0 {
+                    // SAFETY: F_ADD_SEALS on our file.
+                    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, *seals) };
+                }
+                fd
+            }
+            k => match events::restore(k)? {
+                Some(fd) => fd,
+                None => bail!("open file {i} of the image has no kind"),
+            },
         };
         set_status_flags(&fd, f.flags)?;
+        take_locks(&fd, &f.locks)?;
         out.push(fd);
     }
     Ok(out)
+}
+
+/// Where a memfd or deleted file is made again: an unnamed file in the directory the deleted file was in (the
+/// same filesystem, as before), else a memfd.
+fn memory_file(name: &str, dir: Option<&str>) -> Result<OwnedFd> {
+    if let Some(d) = dir {
+        if let Ok(c) = std::ffi::CString::new(d) {
+            // SAFETY: open with a NUL-terminated directory path.
+            let fd = unsafe { libc::open(c.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600) };
+            if fd >= 0 {
+                // SAFETY: fresh fd.
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    let n = std::ffi::CString::new(name.rsplit('/').next().unwrap_or("vos"))?;
+    Ok(nix::sys::memfd::memfd_create(n.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING)?)
+}
+
+/// flock() and open file description locks are the open file's: take them again on it.
+fn take_locks(fd: &OwnedFd, locks: &[FileLock]) -> Result<()> {
+    for l in locks {
+        // SAFETY: flock/fcntl on our fd with a plain struct.
+        let r = unsafe {
+            if l.flock {
+                libc::flock(fd.as_raw_fd(), if l.write { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB)
+            } else {
+                let mut fl: libc::flock = std::mem::zeroed();
+                fl.l_type = if l.write { libc::F_WRLCK } else { libc::F_RDLCK } as i16;
+                fl.l_whence = libc::SEEK_SET as i16;
+                fl.l_start = l.start as i64;
+                fl.l_len = l.len as i64;
+                libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl)
+            }
+        };
+        if r < 0 {
+            bail!("taking a lock again: {} (does another process hold it now?)", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn unsafe_borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {

@@ -151,6 +151,26 @@ impl Reader {
         }
     }
 
+    /// The Data chunks after the job's metadata: each `(object, offset, bytes)` handed to `f`.
+    pub fn data(&mut self, total: u64, f: &mut dyn FnMut(u32, u64, &[u8]) -> Result<()>) -> Result<()> {
+        let mut got = 0;
+        while got < total {
+            let h = self.head()?;
+            if h.kind != Kind::Data {
+                bail!("{}: {}", self.name, ImageError::UnexpectedKind { seq: h.seq, found: h.kind as u32, wanted: "object contents" });
+            }
+            let p = self.payload(&h)?;
+            if p.len() < 16 {
+                bail!("{}: {}", self.name, ImageError::Malformed { seq: h.seq, what: "short data chunk" });
+            }
+            let object = u32::from_le_bytes(p[..4].try_into().unwrap());
+            let off = u64::from_le_bytes(p[8..16].try_into().unwrap());
+            f(object, off, &p[16..])?;
+            got += (p.len() - 16) as u64;
+        }
+        Ok(())
+    }
+
     /// The End chunk: nothing may be missing before it.
     pub fn end(&mut self) -> Result<()> {
         let h = self.head()?;
@@ -212,5 +232,29 @@ impl Writer {
 
     pub fn end(&mut self, seq: u64) -> Result<()> {
         self.chunk(Kind::End, seq, &chunk::end_payload(seq))
+    }
+
+    /// The contents of object `object` (a file of `size` bytes read from `src`, holes skipped) as Data chunks
+    /// from number `seq` on; returns the next number.
+    pub fn data(&mut self, mut seq: u64, object: u32, src: i32, size: u64) -> Result<u64> {
+        const PIECE: u64 = 4 << 20;
+        for (start, end) in crate::files::data_ranges(src, size) {
+            let mut off = start;
+            while off < end {
+                let n = PIECE.min(end - off) as usize;
+                let mut payload = vec![0u8; 16 + n];
+                payload[..4].copy_from_slice(&object.to_le_bytes());
+                payload[8..16].copy_from_slice(&off.to_le_bytes());
+                // SAFETY: pread into our buffer.
+                let got = unsafe { libc::pread(src, payload[16..].as_mut_ptr() as *mut libc::c_void, n, off as i64) };
+                if got != n as isize {
+                    anyhow::bail!("reading the contents of a memfd or deleted file: {}", std::io::Error::last_os_error());
+                }
+                self.chunk(Kind::Data, seq, &payload)?;
+                seq += 1;
+                off += n as u64;
+            }
+        }
+        Ok(seq)
     }
 }

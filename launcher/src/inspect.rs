@@ -19,6 +19,8 @@ pub fn run(src: &str, json: bool) -> Result<()> {
     let mut r = Reader::open(src)?;
     let header = r.header()?;
     let job = r.job()?;
+    let total: u64 = job.data.iter().map(|d| d.stored).sum();
+    r.data(total, &mut |_, _, _| Ok(()))?;
     let mut summaries = Vec::new();
     for _ in &job.processes {
         summaries.push(r.skip_pages()?.0);
@@ -175,6 +177,19 @@ fn describe(job: &JobImage, o: &OpenFile) -> String {
         FileKind::PtyMaster { pty } => format!("master of pseudo-terminal /dev/pts/{} ({} bytes in flight)", job.ptys[*pty as usize].index, job.ptys[*pty as usize].input.len() + job.ptys[*pty as usize].output.len()),
         FileKind::PtySlave { pty } => format!("pseudo-terminal /dev/pts/{} (made in the job)", job.ptys[*pty as usize].index),
         FileKind::SignalFd { mask } => format!("signalfd for signals {mask:#x}"),
+        FileKind::EventFd { count, semaphore } => format!("eventfd, count {count}{}", if *semaphore { ", semaphore" } else { "" }),
+        FileKind::TimerFd { clock, value_ns, interval_ns, ticks, .. } => {
+            format!("timerfd on clock {clock}, next in {value_ns} ns, every {interval_ns} ns, {ticks} expirations unread")
+        }
+        FileKind::Epoll { items, owner } => format!("epoll watching fds {:?} (registered again by process {})", items.iter().map(|i| i.fd).collect::<Vec<_>>(), job.processes.get(*owner as usize).map_or(0, |p| p.pid)),
+        FileKind::Inotify { watches } => format!("inotify watching {}", watches.iter().map(|w| format!("{}={}", w.wd, w.path)).collect::<Vec<_>>().join(" ")),
+        FileKind::PidFd { pid } => format!("pidfd of pid {pid}"),
+        FileKind::Memory { name, data, seals, deleted_from, .. } => format!(
+            "{} {name}, {} bytes carried in the image{}",
+            if deleted_from.is_some() { "deleted file" } else { "memfd" },
+            job.data[*data as usize].stored,
+            if *seals != 0 { format!(", seals {seals:#x}") } else { String::new() }
+        ),
         FileKind::Unknown => "unknown".into(),
     }
 }

@@ -2,6 +2,7 @@
 
 mod checkpoint;
 mod client;
+mod events;
 mod files;
 mod host;
 mod imagefile;

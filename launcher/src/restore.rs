@@ -63,8 +63,25 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
     // The job's stdio re-binds to ours; when the image comes on stdin, the job's stdin is /dev/null.
     let stdin: OwnedFd = if a.src == "-" { File::open("/dev/null")?.into() } else { nix::unistd::dup(std::io::stdin())? };
     let stdio = [stdin.as_raw_fd(), 1, 2];
-    let objects = files::restore(&job, &stdio)?;
-    let shm: Vec<OwnedFd> = job.shared_memory.iter().map(|m| memfd(&m.name, m.size)).collect::<Result<_>>()?;
+    // Memfds and deleted files get their contents from the Data chunks that follow the job's metadata, in order.
+    let mut fill = |data: u32, fd: RawFd| -> Result<()> {
+        r.data(job.data[data as usize].stored, &mut |object, off, bytes| {
+            if object != data {
+                bail!("the image's object contents are out of order");
+            }
+            nix::sys::uio::pwrite(unsafe_borrow(fd), bytes, off as i64)?;
+            Ok(())
+        })
+    };
+    let objects = files::restore(&job, &stdio, &mut fill)?;
+    let shm: Vec<OwnedFd> = job
+        .shared_memory
+        .iter()
+        .map(|m| match m.file {
+            Some(f) => Ok(objects[f as usize].try_clone()?),
+            None => memfd(&m.name, m.size),
+        })
+        .collect::<Result<_>>()?;
     if let Some(t) = &job.terminal {
         terminal::restore_modes(t);
     }
@@ -162,6 +179,11 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
         quiet: a.quiet,
     };
     Supervisor::new(opts, listener, started, header.job.argv.clone(), header.job.started_unix_ns)?.run()
+}
+
+fn unsafe_borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: the fd belongs to an object alive for the whole restore.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
 /// Wait for a restorer's report on `ctl`, noticing if the job died instead.

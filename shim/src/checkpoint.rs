@@ -249,6 +249,8 @@ fn capture(parked: &threads::Parked) -> Result<ProcessImage, String> {
         regions,
         fds: Vec::new(),
         ctty: None,
+        watches: crate::inotify::capture(),
+        fixups: Vec::new(),
         signals: signals::capture(),
         attrs: process::capture()?,
         mm: process::capture_mm()?,

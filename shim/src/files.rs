@@ -42,3 +42,44 @@ pub fn take_terminal(c: &vos::image::Ctty) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// What the process must do itself once its fds are in place: epoll registrations (the kernel keys them by fd
+/// number), pidfds, POSIX record locks (they belong to the process).
+pub fn fixups(fixups: &[vos::image::FdFixup]) -> Result<(), String> {
+    use vos::image::FdFixup;
+    for f in fixups {
+        match f {
+            FdFixup::Epoll { epfd, items } => {
+                for it in items {
+                    let ev = libc::epoll_event { events: it.events, u64: it.data };
+                    // SAFETY: ev is a valid epoll_event.
+                    let r = unsafe { sys::syscall6(libc::SYS_epoll_ctl, *epfd as usize, libc::EPOLL_CTL_ADD as usize, it.fd as usize, &ev as *const libc::epoll_event as usize, 0, 0) };
+                    if r < 0 {
+                        return Err(format!("epoll fd {epfd}: watching fd {} again: {}", it.fd, sys::Errno(-r as i32)));
+                    }
+                }
+            }
+            FdFixup::PidFd { fd, pid, flags, cloexec } => {
+                // SAFETY: pidfd_open has no memory effects.
+                let r = unsafe { sys::syscall6(libc::SYS_pidfd_open, *pid as usize, *flags as usize, 0, 0, 0, 0) };
+                if r < 0 {
+                    return Err(format!("fd {fd}: pidfd of pid {pid}: {}", sys::Errno(-r as i32)));
+                }
+                let flags = if *cloexec { libc::O_CLOEXEC } else { 0 };
+                sys::dup3(r as i32, *fd, flags).map_err(|e| format!("fd {fd}: {e}"))?;
+                let _ = sys::close(r as i32);
+            }
+            FdFixup::RecordLock { fd, write, start, len } => {
+                // SAFETY: flock is plain data.
+                let mut fl: libc::flock = unsafe { core::mem::zeroed() };
+                fl.l_type = if *write { libc::F_WRLCK } else { libc::F_RDLCK } as i16;
+                fl.l_whence = libc::SEEK_SET as i16;
+                fl.l_start = *start as i64;
+                fl.l_len = *len as i64;
+                sys::fcntl(*fd, libc::F_SETLK, &fl as *const libc::flock as usize)
+                    .map_err(|e| format!("fd {fd}: taking its record lock again: {e} (held by another process now?)"))?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -17,6 +17,7 @@ extern crate alloc;
 mod checkpoint;
 mod files;
 mod global;
+mod inotify;
 mod interrupts;
 mod log;
 mod memory;

@@ -69,4 +69,6 @@ real_fns! {
     system: fn(*const c_char) -> c_int;
     popen: fn(*const c_char, *const c_char) -> *mut libc::FILE;
     fork: fn() -> libc::pid_t;
+    inotify_add_watch: fn(c_int, *const c_char, u32) -> c_int;
+    inotify_rm_watch: fn(c_int, c_int) -> c_int;
 }

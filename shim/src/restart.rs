@@ -91,6 +91,7 @@ fn rebuild(spec: &RestartSpec) -> Result<(), String> {
     if let Some(c) = p.ctty {
         files::take_terminal(&c)?;
     }
+    files::fixups(&p.fixups)?;
     process::restore(&p.attrs)?;
     signals::restore(&p.signals)?;
     threads::recreate(&p.threads, p.attrs.caps)?;

@@ -1,0 +1,250 @@
+//! Event objects: eventfd, timerfd, signalfd, epoll, inotify, pidfd. The kernel shows their state in each
+//! fd's fdinfo; the supervisor reads it at checkpoint and makes the object again at restore. What depends on the
+//! fd numbers of a process (epoll registrations, pidfds) is left to that process (`FdFixup`).
+
+use anyhow::{Result, anyhow, bail};
+use std::os::fd::{FromRawFd, OwnedFd};
+use vos::image::{EpollItem, FileKind, InotifyWatch, JobImage};
+
+/// `key: value` fields of an fdinfo text.
+pub fn field<'a>(info: &'a str, key: &str) -> Option<&'a str> {
+    info.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(str::trim))
+}
+
+/// "(secs, nsecs)" -> nanoseconds.
+fn pair_ns(v: &str) -> u64 {
+    let v = v.trim_matches(|c| c == '(' || c == ')');
+    let mut it = v.split(',').map(|x| x.trim().parse::<u64>().unwrap_or(0));
+    it.next().unwrap_or(0) * 1_000_000_000 + it.next().unwrap_or(0)
+}
+
+/// What an anon_inode fd is, from its fdinfo; None when it is not an event object.
+pub fn capture(target: &str, info: &str) -> Result<Option<FileKind>> {
+    Ok(Some(match target {
+        "anon_inode:[signalfd]" => {
+            let mask = field(info, "sigmask").and_then(|m| u64::from_str_radix(m, 16).ok()).ok_or_else(|| anyhow!("signalfd without a mask"))?;
+            FileKind::SignalFd { mask }
+        }
+        "anon_inode:[eventfd]" => FileKind::EventFd {
+            count: field(info, "eventfd-count").and_then(|c| u64::from_str_radix(c, 16).ok()).unwrap_or(0),
+            semaphore: field(info, "eventfd-semaphore") == Some("1"),
+        },
+        "anon_inode:[timerfd]" => {
+            let clock: i32 = field(info, "clockid").and_then(|c| c.parse().ok()).unwrap_or(libc::CLOCK_MONOTONIC);
+            let settime_flags = field(info, "settime flags").and_then(|f| i32::from_str_radix(f, 8).ok()).unwrap_or(0);
+            let mut value_ns = field(info, "it_value").map(pair_ns).unwrap_or(0);
+            // fdinfo gives the time left. An absolute CLOCK_REALTIME deadline stays absolute (real time passes
+            // while the job is not running); the job's monotonic clocks resume where they stopped.
+            if settime_flags & libc::TFD_TIMER_ABSTIME != 0 && clock == libc::CLOCK_REALTIME && value_ns != 0 {
+                let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)?;
+                value_ns += now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+            }
+            FileKind::TimerFd {
+                clock,
+                settime_flags,
+                value_ns,
+                interval_ns: field(info, "it_interval").map(pair_ns).unwrap_or(0),
+                ticks: field(info, "ticks").and_then(|t| t.parse().ok()).unwrap_or(0),
+            }
+        }
+        "anon_inode:[eventpoll]" => {
+            // "tfd: N events: HEX data: HEX pos:.. ino:HEX sdev:HEX" per registration.
+            let items = info
+                .lines()
+                .filter_map(|l| {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    (w.first() == Some(&"tfd:")).then(|| EpollItem {
+                        fd: w[1].parse().unwrap_or(-1),
+                        events: u32::from_str_radix(w[3], 16).unwrap_or(0),
+                        data: u64::from_str_radix(w[5], 16).unwrap_or(0),
+                    })
+                })
+                .collect();
+            FileKind::Epoll { items, owner: u32::MAX }
+        }
+        "anon_inode:inotify" => FileKind::Inotify { watches: vec![] },
+        "anon_inode:[pidfd]" => {
+            let pid = field(info, "NSpid").and_then(|p| p.split_whitespace().last()?.parse().ok()).unwrap_or(0);
+            if pid <= 0 {
+                bail!("a pidfd of a process outside the job is not supported");
+            }
+            FileKind::PidFd { pid }
+        }
+        _ => return Ok(None),
+    }))
+}
+
+/// inotify watches of open file `file` (held at `fd` in process `pi`): numbers and masks from fdinfo, paths
+/// from the shim's records (or, as root, from the kernel's file handles).
+pub fn inotify_watches(job: &JobImage, file: u32, info: &str) -> Result<Vec<InotifyWatch>> {
+    let mut out = vec![];
+    for l in info.lines().filter(|l| l.starts_with("inotify ")) {
+        let get = |k: &str| l.split_whitespace().find_map(|w| w.strip_prefix(k));
+        let wd = get("wd:").and_then(|v| i32::from_str_radix(v, 16).ok()).unwrap_or(-1);
+        let mask = get("mask:").and_then(|v| u32::from_str_radix(v, 16).ok()).unwrap_or(0);
+        // Any process holding this inotify instance may have recorded the path.
+        let path = job.processes.iter().find_map(|p| {
+            p.fds.iter().filter(|f| f.file == file).find_map(|f| p.watches.iter().find(|w| w.fd == f.fd && w.wd == wd).map(|w| w.path.clone()))
+        });
+        let path = match path {
+            Some(p) => p,
+            None => path_of_handle(l).ok_or_else(|| anyhow!("inotify watch {wd}: its path is unknown (added before the shim was there?)"))?,
+        };
+        out.push(InotifyWatch { wd, mask, path });
+    }
+    out.sort_by_key(|w| w.wd);
+    Ok(out)
+}
+
+/// The path of an inotify watch from its file handle (needs CAP_DAC_READ_SEARCH).
+fn path_of_handle(line: &str) -> Option<String> {
+    let get = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k));
+    let bytes = usize::from_str_radix(get("fhandle-bytes:")?, 16).ok()?;
+    let ty = i32::from_str_radix(get("fhandle-type:")?, 16).ok()?;
+    let hex = get("f_handle:")?;
+    let sdev = u64::from_str_radix(get("sdev:")?, 16).ok()?;
+    let handle: Vec<u8> = (0..bytes).filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+    // A mount of that device to open the handle relative to.
+    let (major, minor) = ((sdev >> 20) as u32, (sdev & 0xfffff) as u32);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mnt = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&format!("{major}:{minor}").as_str())).then(|| f[4].to_string())
+    })?;
+    let m = std::fs::File::open(&mnt).ok()?;
+    let mut buf = vec![0u8; 8 + bytes];
+    buf[..4].copy_from_slice(&(bytes as u32).to_ne_bytes());
+    buf[4..8].copy_from_slice(&ty.to_ne_bytes());
+    buf[8..].copy_from_slice(&handle);
+    use std::os::fd::AsRawFd;
+    // SAFETY: a file_handle laid out as the kernel expects; O_PATH opens nothing but a reference.
+    let fd = unsafe { libc::syscall(libc::SYS_open_by_handle_at, m.as_raw_fd(), buf.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fresh fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok().map(|p| p.display().to_string())
+}
+
+/// The process that registers an epoll instance's fds again: one holding the instance in which every
+/// registered fd number still points at the registered file (`ino` from fdinfo); none: refuse.
+pub fn epoll_owner(job: &JobImage, file: u32, items: &[EpollItem], inode_of: &dyn Fn(usize, i32) -> Option<u64>, info: &str) -> Result<u32> {
+    let inos: Vec<u64> = info
+        .lines()
+        .filter(|l| l.starts_with("tfd:"))
+        .map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("ino:")).and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0))
+        .collect();
+    for (pi, p) in job.processes.iter().enumerate() {
+        if !p.fds.iter().any(|f| f.file == file) {
+            continue;
+        }
+        if items.iter().zip(&inos).all(|(it, ino)| inode_of(pi, it.fd) == Some(*ino)) {
+            return Ok(pi as u32);
+        }
+    }
+    bail!("an epoll instance watches a file through an fd that is closed now: not supported yet")
+}
+
+fn fd_or_err(r: i64, what: &str) -> Result<OwnedFd> {
+    if r < 0 {
+        bail!("{what}: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the syscall.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Make an event object again (pidfds are opened by their process: a placeholder here).
+pub fn restore(kind: &FileKind) -> Result<Option<OwnedFd>> {
+    use std::os::fd::AsRawFd;
+    Ok(Some(match kind {
+        FileKind::SignalFd { mask } => {
+            // SAFETY: the kernel's signal set is 64 bits; signalfd takes its size.
+            fd_or_err(unsafe { libc::syscall(libc::SYS_signalfd4, -1, mask as *const u64, 8usize, libc::SFD_CLOEXEC) }, "signalfd")?
+        }
+        FileKind::EventFd { count, semaphore } => {
+            let flags = libc::EFD_CLOEXEC | if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
+            // SAFETY: eventfd with an initial count; counts above u32 are added by a write.
+            let fd = fd_or_err(unsafe { libc::eventfd((*count).min(u32::MAX as u64) as u32, flags) } as i64, "eventfd")?;
+            if *count > u32::MAX as u64 {
+                let rest = count - u32::MAX as u64;
+                // SAFETY: writing an 8-byte counter increment.
+                unsafe { libc::write(fd.as_raw_fd(), &rest as *const u64 as *const libc::c_void, 8) };
+            }
+            fd
+        }
+        FileKind::TimerFd { clock, settime_flags, value_ns, interval_ns, ticks } => {
+            // SAFETY: timerfd_create has no memory effects.
+            let fd = fd_or_err(unsafe { libc::timerfd_create(*clock, libc::TFD_CLOEXEC) } as i64, "timerfd")?;
+            let ts = |ns: u64| libc::timespec { tv_sec: (ns / 1_000_000_000) as i64, tv_nsec: (ns % 1_000_000_000) as i64 };
+            let absolute = *clock == libc::CLOCK_REALTIME && settime_flags & libc::TFD_TIMER_ABSTIME != 0;
+            let flags = if absolute { *settime_flags } else { settime_flags & !libc::TFD_TIMER_ABSTIME };
+            let spec = libc::itimerspec { it_interval: ts(*interval_ns), it_value: ts(*value_ns) };
+            // SAFETY: a valid itimerspec.
+            if *value_ns != 0 && unsafe { libc::timerfd_settime(fd.as_raw_fd(), flags, &spec, std::ptr::null_mut()) } < 0 {
+                bail!("timerfd_settime: {}", std::io::Error::last_os_error());
+            }
+            if *ticks > 0 {
+                const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
+                // SAFETY: the ioctl reads one u64.
+                if unsafe { libc::ioctl(fd.as_raw_fd(), TFD_IOC_SET_TICKS, ticks as *const u64) } < 0 {
+                    bail!("restoring a timerfd's {ticks} pending expirations: {}", std::io::Error::last_os_error());
+                }
+            }
+            fd
+        }
+        // SAFETY: epoll_create1 has no memory effects; its registrations are the owner process's job.
+        FileKind::Epoll { .. } => fd_or_err(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) } as i64, "epoll_create1")?,
+        FileKind::Inotify { watches } => inotify(watches)?,
+        // The process opens it itself; it gets /dev/null in its place until then.
+        FileKind::PidFd { .. } => std::fs::File::open("/dev/null")?.into(),
+        _ => return Ok(None),
+    }))
+}
+
+/// An inotify instance with the same watches under the same numbers. Watch numbers are handed out in turn, so
+/// a dummy watch added and removed moves the counter on to the number wanted.
+fn inotify(watches: &[InotifyWatch]) -> Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: inotify_init1 has no memory effects.
+    let fd = fd_or_err(unsafe { libc::inotify_init1(libc::IN_CLOEXEC) } as i64, "inotify_init1")?;
+    // A file of our own as the dummy, so it is no watched inode of the job's.
+    let dummy = std::env::temp_dir().join(format!(".vos-inotify-{}", std::process::id()));
+    std::fs::write(&dummy, b"")?;
+    let _cleanup = scopeguard(dummy.clone());
+    let cdummy = std::ffi::CString::new(dummy.as_os_str().as_encoded_bytes())?;
+    let mut last = 0;
+    for w in watches {
+        let path = std::ffi::CString::new(w.path.as_str())?;
+        while last + 1 < w.wd {
+            // SAFETY: valid NUL-terminated path.
+            let d = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), cdummy.as_ptr(), libc::IN_ACCESS) };
+            if d < 0 || d >= w.wd || watches.iter().any(|x| x.wd == d) {
+                bail!("cannot give inotify watch {} on {} its number back", w.wd, w.path);
+            }
+            // SAFETY: removing the dummy watch just added.
+            unsafe { libc::inotify_rm_watch(fd.as_raw_fd(), d) };
+            last = d;
+        }
+        // SAFETY: valid NUL-terminated path.
+        let got = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), w.mask) };
+        if got != w.wd {
+            bail!("inotify watch on {}: got number {got}, needed {} ({})", w.path, w.wd, std::io::Error::last_os_error());
+        }
+        last = got;
+    }
+    Ok(fd)
+}
+
+/// Removes a file when dropped.
+struct Remove(std::path::PathBuf);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn scopeguard(p: std::path::PathBuf) -> Remove {
+    Remove(p)
+}
