@@ -126,6 +126,7 @@ pub struct ProcessImage {
     pub watches: Vec<WatchPath>,
     /// What only the process itself can do once its fds are in place (set by the supervisor).
     pub fixups: Vec<FdFixup>,
+    pub timers: TimersImage,
     pub signals: SignalImage,
     pub attrs: ProcessAttrs,
     pub mm: MmImage,
@@ -153,6 +154,32 @@ pub struct ThreadImage {
     /// Signals queued for this thread only (raw 128-byte siginfo).
     pub pending: Vec<ByteBuf>,
     pub xfeatures: u64,
+    /// CPU time the thread had used (its CPU-time clock goes on from there).
+    pub cpu_ns: u64,
+}
+
+/// A process's timers: interval timers (alarm, setitimer) and POSIX timers, with the time left.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct TimersImage {
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF: (value, interval) in microseconds.
+    pub itimers: [(u64, u64); 3],
+    pub posix: Vec<PosixTimer>,
+    /// CPU time the process had used (CLOCK_PROCESS_CPUTIME_ID goes on from there).
+    pub cpu_ns: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clock: i32,
+    /// SIGEV_SIGNAL, SIGEV_NONE or SIGEV_THREAD_ID (with `tid`).
+    pub notify: i32,
+    pub signo: i32,
+    pub tid: i32,
+    /// sigev_value.
+    pub value: u64,
+    pub value_ns: u64,
+    pub interval_ns: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]

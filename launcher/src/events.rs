@@ -3,7 +3,7 @@
 //! fd numbers of a process (epoll registrations, pidfds) is left to that process (`FdFixup`).
 
 use anyhow::{Result, anyhow, bail};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use vos::image::{EpollItem, FileKind, InotifyWatch, JobImage};
 
 /// `key: value` fields of an fdinfo text.
@@ -16,6 +16,16 @@ fn pair_ns(v: &str) -> u64 {
     let v = v.trim_matches(|c| c == '(' || c == ')');
     let mut it = v.split(',').map(|x| x.trim().parse::<u64>().unwrap_or(0));
     it.next().unwrap_or(0) * 1_000_000_000 + it.next().unwrap_or(0)
+}
+
+/// A periodic timerfd that expired shows no time left in its fdinfo until it is read or asked (the kernel moves
+/// it on to its next period lazily). timerfd_gettime does that step, adding the missed periods to its ticks, so
+/// the fdinfo read next has the true phase. The job is frozen: it would see the same on its next call.
+pub fn settle_timerfd(fd: &OwnedFd) {
+    // SAFETY: itimerspec is plain data.
+    let mut cur: libc::itimerspec = unsafe { std::mem::zeroed() };
+    // SAFETY: a timerfd we hold and a valid out-parameter.
+    unsafe { libc::timerfd_gettime(fd.as_raw_fd(), &mut cur) };
 }
 
 /// What an anon_inode fd is, from its fdinfo; None when it is not an event object.
@@ -72,6 +82,18 @@ pub fn capture(target: &str, info: &str) -> Result<Option<FileKind>> {
         }
         _ => return Ok(None),
     }))
+}
+
+/// Events queued in an inotify instance cannot be put back into a new one: refuse (the job goes on; a
+/// checkpoint a moment later, once it has read them, succeeds).
+pub fn inotify_unread(fd: &OwnedFd) -> Result<()> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD on an inotify fd we hold, with a valid out-parameter.
+    unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if n > 0 {
+        bail!("inotify has {n} bytes of events the job has not read yet; they cannot be restored (try again once it has read them)");
+    }
+    Ok(())
 }
 
 /// inotify watches of open file `file` (held at `fd` in process `pi`): numbers and masks from fdinfo, paths
@@ -232,6 +254,14 @@ fn inotify(watches: &[InotifyWatch]) -> Result<OwnedFd> {
             bail!("inotify watch on {}: got number {got}, needed {} ({})", w.path, w.wd, std::io::Error::last_os_error());
         }
         last = got;
+    }
+    // Removing the dummies queued IN_IGNORED events the job must not see; nothing of the job runs yet.
+    let mut buf = [0u8; 4096];
+    // SAFETY: fcntl and non-blocking reads into our buffer on our own fd.
+    unsafe {
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+        while libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) > 0 {}
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, 0);
     }
     Ok(fd)
 }

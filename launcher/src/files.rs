@@ -59,6 +59,9 @@ struct Found {
 fn found(pid: i32, fd: i32) -> Result<Found> {
     let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))?.to_string_lossy().into_owned();
     let md = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))?;
+    if target == "anon_inode:[timerfd]" {
+        events::settle_timerfd(&grab(pid, fd)?);
+    }
     let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))?;
     let get = |k: &str| info.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(':').map(str::trim));
     let mut flags = get("flags").and_then(|f| i64::from_str_radix(f, 8).ok()).unwrap_or(0) as i32;
@@ -277,7 +280,10 @@ impl Ctx {
             },
             _ if f.target.starts_with("anon_inode:") && events::capture(&f.target, &f.info)?.is_some() => {
                 match events::capture(&f.target, &f.info)?.unwrap() {
-                    FileKind::Inotify { .. } => Ok(FileKind::Inotify { watches: events::inotify_watches(job, fd.file, &f.info)? }),
+                    FileKind::Inotify { .. } => {
+                        events::inotify_unread(&grab(fd.host, f.fd)?)?;
+                        Ok(FileKind::Inotify { watches: events::inotify_watches(job, fd.file, &f.info)? })
+                    }
                     k => Ok(k),
                 }
             }

@@ -251,6 +251,7 @@ fn capture(parked: &threads::Parked) -> Result<ProcessImage, String> {
         ctty: None,
         watches: crate::inotify::capture(),
         fixups: Vec::new(),
+        timers: crate::timers::capture()?,
         signals: signals::capture(),
         attrs: process::capture()?,
         mm: process::capture_mm()?,

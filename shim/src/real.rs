@@ -71,4 +71,5 @@ real_fns! {
     fork: fn() -> libc::pid_t;
     inotify_add_watch: fn(c_int, *const c_char, u32) -> c_int;
     inotify_rm_watch: fn(c_int, c_int) -> c_int;
+    clock_gettime: fn(libc::clockid_t, *mut libc::timespec) -> c_int;
 }

@@ -2,13 +2,13 @@
 //!
 //! The restorer (restore/) has rebuilt memory, the vDSO and the mm fields, then jumps to `entry` on a stack of the
 //! shim's own. Now the shim's code and data are back, and this code rebuilds the rest with each resource
-//! module's `restore`: fds, process attributes, signal dispositions, threads. It reports to the launcher and
+//! module's `restore`: fds, process attributes, signal dispositions, threads, timers. It reports to the launcher and
 //! waits for its go (the launcher first checks the end of the image), then releases the threads and becomes
 //! the main thread again.
 
 use crate::checkpoint::COORDINATOR;
 use crate::global::{CONFIG, Global};
-use crate::{arena, files, process, signals, threads};
+use crate::{arena, files, process, signals, threads, timers};
 use alloc::format;
 use alloc::string::String;
 use core::sync::atomic::Ordering;
@@ -71,6 +71,7 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
     }
     signals::discard_pending();
     signals::requeue_shared(&spec.process.signals.pending);
+    timers::arm(&spec.process.timers);
     threads::release_all();
     let _ = proto::send(ctl, &Msg::Running, None);
     let _ = sys::close(ctl);
@@ -95,6 +96,7 @@ fn rebuild(spec: &RestartSpec) -> Result<(), String> {
     process::restore(&p.attrs)?;
     signals::restore(&p.signals)?;
     threads::recreate(&p.threads, p.attrs.caps)?;
+    timers::create(&p.timers)?;
     process::restore_limits(&p.attrs)?;
     process::restore_last_pid(&p.attrs);
     Ok(())

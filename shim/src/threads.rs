@@ -40,6 +40,7 @@ pub struct Slot {
     clear_child_tid: usize,
     robust: usize,
     robust_len: usize,
+    cpu_ns: u64,
     npending: usize,
     pending: [SigInfo; MAX_PENDING],
 }
@@ -55,6 +56,7 @@ impl Slot {
         clear_child_tid: 0,
         robust: 0,
         robust_len: 0,
+        cpu_ns: 0,
         npending: 0,
         pending: [[0; 128]; MAX_PENDING],
     };
@@ -112,6 +114,7 @@ pub fn park(i: usize, uc: *mut c_void) {
     s.clear_child_tid = ctid;
     (s.robust, s.robust_len) = sys::get_robust_list().unwrap_or((0, 0));
     s.npending = signals::drain_private(&mut s.pending);
+    s.cpu_ns = crate::timers::thread_cpu_ns();
     s.release_at.store(RELEASE.load(Ordering::Acquire), Ordering::Release);
     // SAFETY: park_rsp belongs to this slot; park_wait does not unwind.
     unsafe { sys::save_and_call(&mut s.park_rsp, park_wait, i) };
@@ -277,6 +280,7 @@ pub fn capture(p: &Parked) -> Result<Vec<ThreadImage>, String> {
                 .then(|| AltStack { sp: st.ss_sp as u64, size: st.ss_size as u64, flags: st.ss_flags }),
             pending: s.pending[..s.npending].iter().map(|p| ByteBuf::from(p.to_vec())).collect(),
             xfeatures,
+            cpu_ns: s.cpu_ns,
         });
     }
     if !out.iter().any(|t| t.tid == pid) {
@@ -302,6 +306,7 @@ pub struct KernelState {
     clear_child_tid: usize,
     park_rsp: usize,
     slot: usize,
+    cpu_ns: u64,
     /// The job's own capabilities: a restore may have lent it more, which each thread gives back.
     caps: vos::image::Caps,
 }
@@ -319,6 +324,7 @@ impl KernelState {
             clear_child_tid: t.clear_child_tid as usize,
             park_rsp: t.park_rsp as usize,
             slot,
+            cpu_ns: t.cpu_ns,
             caps,
         }
     }
@@ -331,6 +337,7 @@ impl KernelState {
             let _ = sys::rseq(r.area as usize, r.len, 0, r.sig);
         }
         let _ = sys::prctl(libc::PR_SET_NAME, self.comm.as_ptr() as usize, 0, 0, 0);
+        crate::timers::set_thread_offset(self.cpu_ns);
         if crate::process::set_caps(&self.caps).is_err() {
             // Never run the app with more privilege than it had.
             sys::exit_group(126);

@@ -27,7 +27,8 @@ static void fail(const char *fmt, ...) {
     va_start(ap, fmt);
     printf("MISMATCH step %ld: ", cur);
     vprintf(fmt, ap);
-    printf(" (errno %d %s)\n", e, strerror(e));
+    if (e) printf(" (errno %d %s)", e, strerror(e));
+    printf("\n");
     va_end(ap);
     exit(99);
 }
@@ -63,6 +64,7 @@ int main(int argc, char **argv) {
     sum = 1000;
     for (long s = 0; s < steps; s++) {
         cur = s;
+        errno = 0;
         flags(plain, 1, 1);
         flags(sem, 1, 0);
         flags(fixed, 0, 0);

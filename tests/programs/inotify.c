@@ -29,7 +29,8 @@ static void fail(const char *fmt, ...) {
     va_start(ap, fmt);
     printf("MISMATCH step %ld: ", cur);
     vprintf(fmt, ap);
-    printf(" (errno %d %s)\n", e, strerror(e));
+    if (e) printf(" (errno %d %s)", e, strerror(e));
+    printf("\n");
     va_end(ap);
     exit(99);
 }
@@ -102,6 +103,7 @@ int main(int argc, char **argv) {
     if (wd_dir <= wd0 || wd_file <= wd0 || wd_dir == wd_file) fail("watch descriptors %d %d %d", wd0, wd_dir, wd_file);
     for (long s = 0; s < steps; s++) {
         cur = s;
+        errno = 0;
         struct want w[4];
         int n = 0;
         snprintf(path, sizeof path, "%s/f%ld", dir, s);

@@ -30,7 +30,8 @@ static void fail(const char *fmt, ...) {
     va_start(ap, fmt);
     printf("MISMATCH step %ld: ", cur);
     vprintf(fmt, ap);
-    printf(" (errno %d %s)\n", e, strerror(e));
+    if (e) printf(" (errno %d %s)", e, strerror(e));
+    printf("\n");
     va_end(ap);
     exit(99);
 }
@@ -73,6 +74,7 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
     for (long s = 0; s < steps; s++) {
         cur = s;
+        errno = 0;
         int seals = fcntl(fd, F_GET_SEALS);
         if (seals != (F_SEAL_SHRINK | F_SEAL_GROW)) fail("seals %#x", seals);
         struct stat st;

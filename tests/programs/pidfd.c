@@ -31,7 +31,8 @@ static void fail(const char *fmt, ...) {
     va_start(ap, fmt);
     printf("MISMATCH step %ld: ", cur);
     vprintf(fmt, ap);
-    printf(" (errno %d %s)\n", e, strerror(e));
+    if (e) printf(" (errno %d %s)", e, strerror(e));
+    printf("\n");
     va_end(ap);
     exit(99);
 }
@@ -75,6 +76,7 @@ int main(int argc, char **argv) {
     if (!readable(pz, 5000)) fail("the zombie's pidfd is not readable");
     for (long s = 0; s < steps; s++) {
         cur = s;
+        errno = 0;
         int went = access(go, F_OK) == 0;
         if (readable(pa, 0)) {
             if (access(go, F_OK) != 0) fail("the living child's pidfd is readable");

@@ -40,7 +40,8 @@ static void fail(const char *fmt, ...) {
     va_start(ap, fmt);
     printf("MISMATCH %s step %ld: ", who, cur);
     vprintf(fmt, ap);
-    printf(" (errno %d %s)\n", e, strerror(e));
+    if (e) printf(" (errno %d %s)", e, strerror(e));
+    printf("\n");
     va_end(ap);
     if (child) kill(child, SIGKILL);
     exit(99);
@@ -101,6 +102,7 @@ int main(int argc, char **argv) {
         verify_priv(priv, -1, 0);
         for (long s = 0; s < steps; s++) {
             cur = s;
+            errno = 0;
             wait_turn(sh, 1);
             if (sh->pcount != s + 1 || sh->ccount != s) fail("counts %ld %ld, expected %ld %ld", sh->pcount, sh->ccount, s + 1, s);
             verify(sh->page[s % PAGES], s, 0, "the parent's page");
@@ -115,6 +117,7 @@ int main(int argc, char **argv) {
     child = c;
     for (long s = 0; s < steps; s++) {
         cur = s;
+        errno = 0;
         wait_turn(sh, 0);
         if (sh->pcount != s || sh->ccount != s) fail("counts %ld %ld, expected %ld %ld", sh->pcount, sh->ccount, s, s);
         if (s > 0) verify(sh->page[(s + 31) % PAGES], s - 1, 1, "the child's page");

@@ -28,7 +28,8 @@ static void fail(const char *fmt, ...) {
     va_start(ap, fmt);
     printf("MISMATCH step %ld: ", cur);
     vprintf(fmt, ap);
-    printf(" (errno %d %s)\n", e, strerror(e));
+    if (e) printf(" (errno %d %s)", e, strerror(e));
+    printf("\n");
     va_end(ap);
     exit(99);
 }
@@ -107,6 +108,7 @@ int main(int argc, char **argv) {
     if (fd < 0 || fd2 < 0) fail("signalfd");
     for (long s = 0; s < steps; s++) {
         cur = s;
+        errno = 0;
         sigset_t m;
         sigprocmask(SIG_BLOCK, 0, &m);
         if (!sigismember(&m, SIGUSR1) || !sigismember(&m, SIGUSR2) || !sigismember(&m, RT)) fail("signal mask lost");

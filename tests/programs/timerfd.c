@@ -29,7 +29,8 @@ static void fail(const char *fmt, ...) {
     va_start(ap, fmt);
     printf("MISMATCH step %ld: ", cur);
     vprintf(fmt, ap);
-    printf(" (errno %d %s)\n", e, strerror(e));
+    if (e) printf(" (errno %d %s)", e, strerror(e));
+    printf("\n");
     va_end(ap);
     exit(99);
 }
@@ -118,6 +119,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 100 && !readable(expired); i++) usleep(10000);
     for (long s = 0; s < steps; s++) {
         cur = s;
+        errno = 0;
         check_periodic(&per[0]);
         check_periodic(&per[1]);
         int64_t t = now(CLOCK_MONOTONIC);
