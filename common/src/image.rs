@@ -87,6 +87,50 @@ pub struct JobImage {
     pub ptys: Vec<PtyImage>,
     /// Objects whose contents follow in Data chunks, in this order.
     pub data: Vec<DataImage>,
+    /// System V IPC objects of the job's IPC namespace.
+    pub sysv: SysvImage,
+}
+
+/// The job's System V IPC objects, under the ids the job knows them by (its IPC namespace is its own).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct SysvImage {
+    pub shm: Vec<SysvShm>,
+    pub sem: Vec<SysvSem>,
+    pub msg: Vec<SysvMsgQueue>,
+}
+
+/// The ipc_perm part every System V object has.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IpcPerm {
+    pub id: i32,
+    pub key: i32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits (and, for shared memory, SHM_DEST / SHM_LOCKED).
+    pub mode: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct SysvShm {
+    pub perm: IpcPerm,
+    pub size: u64,
+    /// Its contents: an entry of `JobImage::data`.
+    pub data: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct SysvSem {
+    pub perm: IpcPerm,
+    pub values: Vec<u16>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct SysvMsgQueue {
+    pub perm: IpcPerm,
+    /// Its byte limit (msg_qbytes).
+    pub qbytes: u64,
+    /// Queued messages in order: (mtype, text).
+    pub messages: Vec<(i64, ByteBuf)>,
 }
 
 /// Process ids as the job's pid namespace numbers them. A pgid or sid of 0 means a group or session outside the
@@ -205,6 +249,8 @@ pub enum RegionKind {
     File,
     /// Shared memory no file keeps: MAP_SHARED|MAP_ANONYMOUS, memfd, deleted files (see `SharedMemory`).
     SharedAnon,
+    /// An attachment of System V shared memory (`ino` is its id, `offset` the place in the segment).
+    SysvShm,
     Vdso,
     Vvar,
     VvarVclock,
@@ -254,6 +300,8 @@ pub const VMF_HUGEPAGE: u32 = 16;
 pub const VMF_NOHUGEPAGE: u32 = 32;
 pub const VMF_MERGEABLE: u32 = 64;
 pub const VMF_LOCKED: u32 = 128;
+/// The mapping may be made writable (a System V attachment without SHM_RDONLY).
+pub const VMF_MAYWRITE: u32 = 256;
 
 /// What was stored of each region (written after the pages, so the writer can count).
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]

@@ -116,10 +116,13 @@ pub struct PlanHead {
     pub blob_len: u64,
 }
 
-/// Map nothing but reserve: the region gets no data and stays PROT_NONE-like as given by `prot`.
+/// The region receives page data from the image (it stays writable until all of it has arrived).
 pub const OP_FILL: u32 = 1;
 /// The region gets MAP_GROWSDOWN (a main stack).
 pub const OP_GROWSDOWN: u32 = 2;
+/// A System V shared memory attachment: the piece at segment offset 0 attaches the whole segment (shmat), every
+/// piece then gets its protection. `flags` holds SHM_RDONLY or 0.
+pub const OP_SHMAT: u32 = 4;
 
 /// One region to recreate at its original address.
 #[repr(C)]
@@ -142,7 +145,8 @@ pub struct MapOp {
     pub name_len: u64,
     /// madvise() advice to apply after mapping, as bits of `ADVICE`.
     pub advice: u32,
-    pub _pad: u32,
+    /// OP_SHMAT: the System V shared memory segment.
+    pub shmid: i32,
 }
 
 /// Advice bits for `MapOp::advice`, in order; bit i means madvise(ADVICE[i]).

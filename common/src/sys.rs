@@ -189,6 +189,11 @@ pub unsafe fn mprotect(addr: usize, len: usize, prot: i32) -> Res {
     sc!(libc::SYS_mprotect, addr, len, prot)
 }
 /// # Safety
+/// The range at `addr` (non-zero) must be free: the segment is attached there.
+pub unsafe fn shmat(shmid: i32, addr: usize, flags: i32) -> Res {
+    sc!(libc::SYS_shmat, shmid, addr, flags)
+}
+/// # Safety
 /// As for munmap and mmap: the old range is gone and the new one replaces what was there.
 pub unsafe fn mremap(old: usize, old_len: usize, new_len: usize, flags: i32, new: usize) -> Res {
     sc!(libc::SYS_mremap, old, old_len, new_len, flags, new)

@@ -12,7 +12,7 @@
 use crate::imagefile::{self, EXT};
 use crate::job::{self, Member};
 use crate::supervisor::{Supervisor, nanos, send_signal, timestamp};
-use crate::{files, host, terminal};
+use crate::{files, host, sysv, terminal};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::collections::HashMap;
@@ -222,7 +222,8 @@ impl Supervisor {
         };
         check_tree(&job)?;
         let own: HashMap<i32, Vec<i32>> = shims.iter().map(|s| (s.pid, s.own_fds.clone())).collect();
-        let data = files::capture(&mut job, members, &own)?;
+        let mut data = files::capture(&mut job, members, &own)?;
+        data.extend(sysv::capture(self.job.init.as_raw(), &mut job)?);
         job.terminal = terminal::capture(&job, members)?;
         terminal::controlling_ptys(&mut job, members)?;
         let skips = share_memory(&mut job);

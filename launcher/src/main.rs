@@ -13,6 +13,7 @@ mod restore;
 mod runtime;
 mod sockets;
 mod supervisor;
+mod sysv;
 mod terminal;
 
 use anyhow::{Context, Result, anyhow, bail};

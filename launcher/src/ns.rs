@@ -1,9 +1,9 @@
 //! The job's namespaces and its init.
 //!
-//! Every job runs in fresh pid, time, mount and UTS namespaces (plus a user namespace when not root): in its pid
-//! namespace the job's processes and threads get their original ids back at restore (clone3 set_tid), its time
-//! namespace lets CLOCK_MONOTONIC/BOOTTIME go on from the checkpoint instant, its UTS namespace keeps its
-//! hostname. Pid 1 is a small init of ours, not the app (pid 1 ignores signals it has no handler for): it
+//! Every job runs in fresh pid, time, mount, UTS and IPC namespaces (plus a user namespace when not root): in its
+//! pid namespace the job's processes and threads get their original ids back at restore (clone3 set_tid), its
+//! time namespace lets CLOCK_MONOTONIC/BOOTTIME go on from the checkpoint instant, its UTS namespace keeps its
+//! hostname, its IPC namespace keeps its System V objects apart and under their ids. Pid 1 is a small init of ours, not the app (pid 1 ignores signals it has no handler for): it
 //! mounts a /proc for the namespace, starts the app, reaps, and reports the app's wait status to the supervisor.
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -21,7 +21,16 @@ pub enum Child {
     Exec { argv: Vec<CString>, env: Vec<CString> },
     /// The restorer, as each top-level process of the job (pid, index in the plan), with `fds` (source, number
     /// in the child) and nothing else open.
-    Restore { tops: Vec<(i32, usize)>, restorer: CString, plan_fd: i32, fds: Vec<(RawFd, i32)>, hostname: String },
+    /// `sysv` and its segments' contents are made in the job's IPC namespace first.
+    Restore {
+        tops: Vec<(i32, usize)>,
+        restorer: CString,
+        plan_fd: i32,
+        fds: Vec<(RawFd, i32)>,
+        hostname: String,
+        sysv: vos::image::SysvImage,
+        sysv_contents: Vec<RawFd>,
+    },
 }
 
 /// The job's main process, the first child of its init: the job ends when it does.
@@ -141,7 +150,8 @@ fn set_clock_offsets(c: ClockOffsets) -> Result<()> {
 
 /// Pid 1 of the job.
 fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
-    nix::sched::unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS).context("unshare mount/uts namespaces")?;
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC)
+        .context("unshare mount, UTS and IPC namespaces")?;
     use nix::mount::{MsFlags, mount};
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>).context("making / a slave mount")?;
     mount(Some("proc"), "/proc", Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
@@ -156,9 +166,14 @@ fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
                 ForkResult::Parent { child } => child,
             }
         }
-        Child::Restore { tops, restorer, plan_fd, fds, hostname } => {
+        Child::Restore { tops, restorer, plan_fd, fds, hostname, sysv, sysv_contents } => {
             if !hostname.is_empty() {
                 nix::unistd::sethostname(&hostname).context("setting the job's hostname")?;
+            }
+            crate::sysv::create(&sysv, &sysv_contents)?;
+            for fd in sysv_contents {
+                // SAFETY: init's inherited copies, used up.
+                unsafe { libc::close(fd) };
             }
             let mut main = None;
             for (pid, index) in tops {

@@ -11,7 +11,7 @@
 use crate::imagefile::Reader;
 use crate::ns::{self, Child, ClockOffsets};
 use crate::supervisor::{self, Options, Supervisor};
-use crate::{files, host, job, runtime, terminal};
+use crate::{files, host, job, runtime, sysv, terminal};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
@@ -21,7 +21,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use vos::image::{Contents, FileKind, JobImage, ProcessImage, RegionKind, RestartSpec, VMF_GROWSDOWN};
+use vos::image::{Contents, FileKind, JobImage, ProcessImage, RegionKind, RestartSpec, VMF_GROWSDOWN, VMF_MAYWRITE};
 use vos::plan::{self, JobPlanHead, MapOp, PlanHead, PrctlMmMap, ProcEntry};
 use vos::proto::{self, Msg};
 
@@ -74,6 +74,16 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
         })
     };
     let objects = files::restore(&job, &stdio, &mut fill)?;
+    let sysv_contents: Vec<OwnedFd> = job
+        .sysv
+        .shm
+        .iter()
+        .map(|s| {
+            let fd = memfd("vos-sysv", s.size)?;
+            fill(s.data, fd.as_raw_fd())?;
+            Ok(fd)
+        })
+        .collect::<Result<_>>()?;
     let shm: Vec<OwnedFd> = job
         .shared_memory
         .iter()
@@ -126,10 +136,12 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
         plan_fd: memfd_plan,
         fds: fds.list.clone(),
         hostname: first.hostname.clone(),
+        sysv: job.sysv.clone(),
+        sysv_contents: sysv_contents.iter().map(|f| f.as_raw_fd()).collect(),
     };
     let started = ns::start(child, clocks)?;
     phases.mark("restorer started");
-    drop((keep, objects, shm, plan_fd, stdin));
+    drop((keep, objects, shm, sysv_contents, plan_fd, stdin));
     let fail = |e: anyhow::Error| -> anyhow::Error {
         let _ = nix::sys::signal::kill(started.init, nix::sys::signal::Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(started.init, None);
@@ -155,6 +167,7 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
     // Only a whole image may run.
     r.seq = last_seq;
     r.end().map_err(fail)?;
+    sysv::remove_destroyed(started.init.as_raw(), &job.sysv).map_err(fail)?;
     if let Some(t) = &job.terminal {
         terminal::hand_over(t, &job::members(started.init).map_err(fail)?);
     }
@@ -415,6 +428,12 @@ fn process_plan(
             (RegionKind::SharedAnon, Some(m), _) => {
                 op.fd = shm_at[m as usize];
                 op.offset = r.offset;
+            }
+            (RegionKind::SysvShm, _, _) => {
+                op.op |= plan::OP_SHMAT;
+                op.shmid = r.ino as i32;
+                op.offset = r.offset;
+                op.flags = if r.vmflags & VMF_MAYWRITE != 0 { 0 } else { libc::SHM_RDONLY as u32 };
             }
             (RegionKind::File, _, Some(f)) => {
                 let write = r.shared && r.prot & libc::PROT_WRITE as u32 != 0;

@@ -81,6 +81,10 @@ pub fn map_regions(ops: &[MapOp], plan_buf: &[u8]) {
         if overlaps_window(op) {
             fail(Msg::new("vos-restore: region ").hex(op.addr).push(" overlaps the restorer's window"));
         }
+        if op.op & plan::OP_SHMAT != 0 {
+            attach(op);
+            continue;
+        }
         let prot = if op.op & plan::OP_FILL != 0 { libc::PROT_READ | libc::PROT_WRITE } else { op.prot as i32 };
         let mut flags = op.flags as i32 | libc::MAP_FIXED_NOREPLACE;
         if op.op & plan::OP_GROWSDOWN != 0 {
@@ -106,6 +110,23 @@ pub fn map_regions(ops: &[MapOp], plan_buf: &[u8]) {
                 let _ = unsafe { sys::madvise(op.addr as usize, op.len as usize, *advice) };
             }
         }
+    }
+}
+
+/// A piece of a System V shared memory attachment: the first piece attaches the whole segment (the job's
+/// IPC namespace has it under the same id); each piece then gets its own protection.
+fn attach(op: &MapOp) {
+    if op.offset == 0 {
+        // SAFETY: the address range is free (checked whole at checkpoint: the pieces tile the attachment).
+        match unsafe { sys::shmat(op.shmid, op.addr as usize, op.flags as i32) } {
+            Ok(a) if a as u64 == op.addr => {}
+            Ok(_) => fail(Msg::new("vos-restore: System V shared memory landed elsewhere than ").hex(op.addr)),
+            Err(e) => fail(Msg::new("vos-restore: attaching System V shared memory ").dec(op.shmid as u64).push(" at ").hex(op.addr).push(": ").errno(e)),
+        }
+    }
+    // SAFETY: part of the attachment just made.
+    if let Err(e) = unsafe { sys::mprotect(op.addr as usize, op.len as usize, op.prot as i32) } {
+        fail(Msg::new("vos-restore: mprotect ").hex(op.addr).push(": ").errno(e));
     }
 }
 

@@ -94,6 +94,7 @@ fn parse_vmflags(s: &str) -> u32 {
             "nh" => VMF_NOHUGEPAGE,
             "mg" => VMF_MERGEABLE,
             "lo" => VMF_LOCKED,
+            "mw" => VMF_MAYWRITE,
             _ => 0,
         })
         .fold(0, |a, b| a | b)
@@ -177,7 +178,11 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
                 r.kind = if v.shared { RegionKind::SharedAnon } else { RegionKind::Anon };
                 r.offset = v.offset;
             }
-            n if n.starts_with("/SYSV") => return Err(format!("{}: System V shared memory is not supported yet", what())),
+            // The segment's contents travel with the job's System V objects; its inode number is its id.
+            n if n.starts_with("/SYSV") => {
+                (r.kind, r.contents) = (RegionKind::SysvShm, Contents::Elsewhere);
+                r.offset = v.offset;
+            }
             // Shared memory no file on disk keeps: its pages travel in the image (one process stores them).
             n if v.shared && (n.starts_with("[anon_shmem:") || n.starts_with("/memfd:") || n.ends_with(" (deleted)")) => {
                 r.kind = RegionKind::SharedAnon;
