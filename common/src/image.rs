@@ -249,6 +249,9 @@ pub enum RegionKind {
     File,
     /// Shared memory no file keeps: MAP_SHARED|MAP_ANONYMOUS, memfd, deleted files (see `SharedMemory`).
     SharedAnon,
+    /// A private mapping of a file a restore will not find (deleted, memfd): every page travels and it comes back
+    /// as anonymous memory.
+    Detached,
     /// An attachment of System V shared memory (`ino` is its id, `offset` the place in the segment).
     SysvShm,
     Vdso,

@@ -26,15 +26,13 @@ fn os_err(what: &str) -> anyhow::Error {
     anyhow!("{what}: {}", std::io::Error::last_os_error())
 }
 
-/// Run `f` in the IPC namespace of process `pid` (this host's number), then come back. The supervisor switches
-/// itself: it cannot start threads (it made the job's pid namespace) and a child would land in the job's.
+/// Run `f` in the IPC namespace of process `pid` (this host's number). The supervisor joins it itself (it
+/// cannot start threads: it made the job's pid namespace, and a child would land in that) and stays: it uses no
+/// IPC objects of its own, and without root it could not go back to the host's namespace.
 fn in_namespace<T>(pid: i32, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let ours = std::fs::File::open("/proc/self/ns/ipc")?;
     let theirs = std::fs::File::open(format!("/proc/{pid}/ns/ipc")).context("the job's IPC namespace")?;
     nix::sched::setns(&theirs, CloneFlags::CLONE_NEWIPC).context("joining the job's IPC namespace")?;
-    let r = f();
-    nix::sched::setns(&ours, CloneFlags::CLONE_NEWIPC).context("leaving the job's IPC namespace")?;
-    r
+    f()
 }
 
 fn perm(p: &libc::ipc_perm, id: i32) -> IpcPerm {

@@ -188,12 +188,7 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
                 r.kind = RegionKind::SharedAnon;
                 r.offset = v.offset;
             }
-            n if n.starts_with("/memfd:") => {
-                return Err(format!("{}: private mappings of memfd memory are not supported yet", what()));
-            }
-            n if n.ends_with(" (deleted)") => {
-                return Err(format!("{}: the mapped file was deleted; private mappings of deleted files are not supported yet", what()));
-            }
+            n if n.starts_with("/memfd:") || n.ends_with(" (deleted)") => r.kind = RegionKind::Detached,
             n if n.starts_with('/') => {
                 let id = file_id(n, makedev(v.dev.0, v.dev.1), v.inode).map_err(|e| format!("{}: {e}", what()))?;
                 let st = sys::stat(&procfs::cpath(n)).map_err(|e| format!("{}: {e}", what()))?;
@@ -262,8 +257,10 @@ impl Scanner {
     /// Call `f(start, end)` for each range of pages that hold data of their own: touched, not the shared zero
     /// page, and (for file mappings) copied on write.
     fn ranges(&mut self, r: &Region, f: &mut dyn FnMut(u64, u64) -> Result<(), String>) -> Result<(), String> {
-        if r.kind == RegionKind::SharedAnon {
-            return self.resident(r, f);
+        match r.kind {
+            RegionKind::SharedAnon => return self.resident(r, f),
+            RegionKind::Detached => return f(r.start, r.end),
+            _ => {}
         }
         let (mut mask, mut inverted) = (PAGE_IS_PFNZERO, PAGE_IS_PFNZERO);
         if r.kind == RegionKind::File {

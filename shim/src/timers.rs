@@ -20,13 +20,19 @@ fn ts(ns: u64) -> timespec {
     timespec { tv_sec: (ns / 1_000_000_000) as i64, tv_nsec: (ns % 1_000_000_000) as i64 }
 }
 
-/// CPU time of the calling thread (raw syscall: not through the hook below).
+/// CPU time of the calling thread as the app sees it (with the offset of earlier restores).
 pub fn thread_cpu_ns() -> u64 {
-    sys::now_ns(libc::CLOCK_THREAD_CPUTIME_ID)
+    // SAFETY: reads the calling thread's own TLS word.
+    (sys::now_ns(libc::CLOCK_THREAD_CPUTIME_ID) as i64 + unsafe { vos_thread_cpu_offset() }) as u64
+}
+
+/// CPU time of the process as the app sees it.
+fn process_cpu_ns() -> u64 {
+    (sys::now_ns(libc::CLOCK_PROCESS_CPUTIME_ID) as i64 + PROCESS_OFFSET.load(Ordering::Relaxed)) as u64
 }
 
 pub fn capture() -> Result<TimersImage, String> {
-    let mut t = TimersImage { cpu_ns: sys::now_ns(libc::CLOCK_PROCESS_CPUTIME_ID), ..Default::default() };
+    let mut t = TimersImage { cpu_ns: process_cpu_ns(), ..Default::default() };
     for which in 0..3 {
         // SAFETY: itimerval is plain data; getitimer fills it.
         let mut v: libc::itimerval = unsafe { core::mem::zeroed() };
@@ -162,7 +168,7 @@ fn set_process_offset(before_ns: u64) {
 /// After a restore, in each recreated thread (and the main one): its CPU-time offset.
 pub fn set_thread_offset(before_ns: u64) {
     // SAFETY: writes the calling thread's own TLS word; its TLS block is in place (fs_base is set).
-    unsafe { vos_set_thread_cpu_offset(before_ns as i64 - thread_cpu_ns() as i64) };
+    unsafe { vos_set_thread_cpu_offset(before_ns as i64 - sys::now_ns(libc::CLOCK_THREAD_CPUTIME_ID) as i64) };
 }
 
 fn add(tp: *mut timespec, off: i64) {

@@ -109,3 +109,10 @@ fn posix_timers_and_alarm_keep_ids_and_schedule() {
 fn clocks_go_on_without_showing_downtime() {
     run("clock", 200);
 }
+
+#[test]
+fn private_mappings_of_deleted_files_and_closed_memfds() {
+    let w = Work::new("mapped_deleted");
+    let prog = gcc("mapped_deleted");
+    twice("mapped_deleted", &[prog.to_str().unwrap(), &w.s(""), "200"], 200, &w);
+}
