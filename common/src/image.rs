@@ -48,6 +48,9 @@ pub struct VdsoInfo {
     pub vdso_len: u64,
     pub vvar_len: u64,
     pub vvar_vclock_len: u64,
+    /// The vDSO itself: a restore under another kernel keeps a copy where the job's libc points, its entry points
+    /// redirected to the new vDSO.
+    pub image: ByteBuf,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
@@ -65,8 +68,10 @@ pub struct FileId {
     pub ino: u64,
     pub size: u64,
     pub mtime_ns: i64,
-    /// GNU build-id of an ELF file (hex), when it has one.
+    /// GNU build-id of an ELF file (hex), when it has one: the file's identity on any host.
     pub build_id: Option<String>,
+    /// Otherwise, for code and data the job maps privately: xxh3 of its contents (0: not taken).
+    pub hash: u64,
 }
 
 /// Everything about the job but page contents: its processes and the kernel objects they share.
@@ -89,6 +94,67 @@ pub struct JobImage {
     pub data: Vec<DataImage>,
     /// System V IPC objects of the job's IPC namespace.
     pub sysv: SysvImage,
+    /// Files whose bytes travel in the image: with `checkpoint --bundle` every program and library the job maps;
+    /// always a program file that was deleted or is a memfd.
+    pub bundle: Vec<BundledFile>,
+}
+
+/// A file carried in the image; a restore maps it from there instead of from the host's file system.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct BundledFile {
+    /// As the checkpoint host knew it (FileId's dev and ino find it).
+    pub dev: u64,
+    pub ino: u64,
+    pub path: String,
+    /// Its contents: an entry of `JobImage::data`.
+    pub data: u32,
+}
+
+/// Whether a path /proc shows for a mapped or open file names a file no restore will find by that path: a memfd,
+/// or a file deleted since.
+pub fn is_detached(path: &str) -> bool {
+    path.starts_with("/memfd:") || path.ends_with(" (deleted)")
+}
+
+impl JobImage {
+    /// Visit every path the job is bound to (open files, mapped files, working directories, inotify watches, named
+    /// FIFOs and sockets), so a restore can re-bind them all in one place (`vrun restore --map`).
+    pub fn paths_mut(&mut self, f: &mut dyn FnMut(&mut String)) {
+        for p in &mut self.processes {
+            f(&mut p.exe.path);
+            f(&mut p.attrs.cwd);
+            for r in &mut p.regions {
+                if let Some(id) = &mut r.file {
+                    f(&mut id.path);
+                }
+                if r.name.starts_with('/') {
+                    f(&mut r.name);
+                }
+            }
+            for w in &mut p.watches {
+                f(&mut w.path);
+            }
+        }
+        for o in &mut self.files {
+            match &mut o.kind {
+                FileKind::Regular { file } => f(&mut file.path),
+                FileKind::Dir { path } => f(path),
+                FileKind::Memory { deleted_from: Some(dir), .. } => f(dir),
+                FileKind::Inotify { watches } => watches.iter_mut().for_each(|w| f(&mut w.path)),
+                _ => {}
+            }
+        }
+        for p in &mut self.pipes {
+            if let Some(path) = &mut p.fifo {
+                f(path);
+            }
+        }
+        for s in &mut self.sockets {
+            if let SockAddr::Path(path) = &mut s.local {
+                f(path);
+            }
+        }
+    }
 }
 
 /// The job's System V IPC objects, under the ids the job knows them by (its IPC namespace is its own).
@@ -581,8 +647,11 @@ pub struct RestartSpec {
     pub fd_sources: Vec<i32>,
     /// Control socket to the launcher.
     pub ctl_fd: i32,
-    /// The launcher's control socket name, for later checkpoints.
+    /// The restoring launcher's control socket name, log file and shim (for later checkpoints, messages and
+    /// execs): this host's, not the checkpoint host's.
     pub sock: String,
+    pub log: String,
+    pub shim: String,
 }
 
 /// Restore steps that depend on the process's own fd numbers or identity.

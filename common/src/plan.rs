@@ -123,6 +123,8 @@ pub const OP_GROWSDOWN: u32 = 2;
 /// A System V shared memory attachment: the piece at segment offset 0 attaches the whole segment (shmat), every
 /// piece then gets its protection. `flags` holds SHM_RDONLY or 0.
 pub const OP_SHMAT: u32 = 4;
+/// Anonymous memory whose bytes come from the plan itself (a copy of the image's vDSO), then get `prot`.
+pub const OP_COPY: u32 = 8;
 
 /// One region to recreate at its original address.
 #[repr(C)]
@@ -147,6 +149,21 @@ pub struct MapOp {
     pub advice: u32,
     /// OP_SHMAT: the System V shared memory segment.
     pub shmid: i32,
+    /// OP_COPY: the region's bytes in the plan.
+    pub data_off: u64,
+    pub data_len: u64,
+}
+
+impl MapOp {
+    /// Move the op's offsets into the plan (name, data) by `by` bytes, as its plan moves within a larger one.
+    pub fn shift(&mut self, by: u64) {
+        if self.name_len > 0 {
+            self.name_off += by;
+        }
+        if self.data_len > 0 {
+            self.data_off += by;
+        }
+    }
 }
 
 /// Advice bits for `MapOp::advice`, in order; bit i means madvise(ADVICE[i]).

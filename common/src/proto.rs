@@ -54,7 +54,7 @@ pub enum Msg {
 
     // ---- CLI -> supervisor
     /// `vrun checkpoint`: to a path, to the fd that comes with the message (`--to -`), or to the job's directory.
-    Checkpoint { kill: bool, to: Option<String>, fd_attached: bool },
+    Checkpoint { kill: bool, to: Option<String>, fd_attached: bool, bundle: bool },
     // ---- supervisor -> CLI
     CheckpointDone { path: Option<String>, bytes: u64, millis: u64 },
     CheckpointFailed { why: String },

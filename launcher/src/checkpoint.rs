@@ -12,7 +12,7 @@
 use crate::imagefile::{self, EXT};
 use crate::job::{self, Member};
 use crate::supervisor::{Supervisor, nanos, send_signal, timestamp};
-use crate::{files, host, sysv, terminal};
+use crate::{bundle, events, files, host, identity, sysv, terminal};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::collections::HashMap;
@@ -30,6 +30,8 @@ pub struct Request {
     pub kill: bool,
     pub dest: Dest,
     pub reason: &'static str,
+    /// Carry the bytes of the programs and libraries the job maps (`bundle`).
+    pub bundle: bool,
 }
 
 pub enum Dest {
@@ -221,9 +223,12 @@ impl Supervisor {
             ..Default::default()
         };
         check_tree(&job)?;
+        identity::identify(&mut job, members)?;
         let own: HashMap<i32, Vec<i32>> = shims.iter().map(|s| (s.pid, s.own_fds.clone())).collect();
         let mut data = files::capture(&mut job, members, &own)?;
+        events::date_timers(&mut job, self.job.init.as_raw());
         data.extend(sysv::capture(self.job.init.as_raw(), &mut job)?);
+        data.extend(bundle::capture(&mut job, members, req.bundle)?);
         job.terminal = terminal::capture(&job, members)?;
         terminal::controlling_ptys(&mut job, members)?;
         let skips = share_memory(&mut job);

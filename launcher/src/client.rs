@@ -11,6 +11,7 @@ pub struct Args {
     /// A path, "-" for standard output, or None for the job's directory.
     pub to: Option<String>,
     pub quiet: bool,
+    pub bundle: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -22,7 +23,7 @@ pub fn run(a: Args) -> Result<()> {
         Some(p) => Some(std::path::absolute(p)?.display().to_string()),
     };
     let start = Instant::now();
-    proto::send(sock, &Msg::Checkpoint { kill: a.kill, to, fd_attached: to_stdout }, to_stdout.then_some(1))
+    proto::send(sock, &Msg::Checkpoint { kill: a.kill, to, fd_attached: to_stdout, bundle: a.bundle }, to_stdout.then_some(1))
         .map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
     let answer = proto::recv(sock);
     let _ = vos::sys::close(sock);

@@ -28,6 +28,37 @@ pub fn settle_timerfd(fd: &OwnedFd) {
     unsafe { libc::timerfd_gettime(fd.as_raw_fd(), &mut cur) };
 }
 
+/// A restore starts the job's monotonic and boottime clocks where the processes read them when they stopped
+/// (`ProcessAttrs`); a timerfd's time left was read a little later. Move it to that same instant, so timers keep
+/// their phase. `init` (this host's pid) is in the job's time namespace.
+pub fn date_timers(job: &mut JobImage, init: i32) {
+    let Some(first) = job.processes.first() else { return };
+    let (mono0, boot0) = (first.attrs.monotonic_ns as i64, first.attrs.boottime_ns as i64);
+    // The job's clocks now: this host's plus its namespace's offsets.
+    let offsets = std::fs::read_to_string(format!("/proc/{init}/timens_offsets")).unwrap_or_default();
+    let offset = |name: &str| {
+        offsets.lines().find(|l| l.starts_with(name)).map_or(0, |l| {
+            let v: Vec<i64> = l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+            v.first().unwrap_or(&0) * 1_000_000_000 + v.get(1).unwrap_or(&0)
+        })
+    };
+    let now = |c| nix::time::clock_gettime(c).map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec()).unwrap_or(0);
+    let mono_late = now(nix::time::ClockId::CLOCK_MONOTONIC) + offset("monotonic") - mono0;
+    let boot_late = now(nix::time::ClockId::CLOCK_BOOTTIME) + offset("boottime") - boot0;
+    for f in &mut job.files {
+        if let FileKind::TimerFd { clock, value_ns, .. } = &mut f.kind {
+            let late = match *clock {
+                libc::CLOCK_MONOTONIC => mono_late,
+                libc::CLOCK_BOOTTIME | libc::CLOCK_BOOTTIME_ALARM => boot_late,
+                _ => continue,
+            };
+            if *value_ns != 0 {
+                *value_ns += late.max(0) as u64;
+            }
+        }
+    }
+}
+
 /// What an anon_inode fd is, from its fdinfo; None when it is not an event object.
 pub fn capture(target: &str, info: &str) -> Result<Option<FileKind>> {
     Ok(Some(match target {

@@ -57,7 +57,7 @@ struct Found {
 }
 
 fn found(pid: i32, fd: i32) -> Result<Found> {
-    let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))?.to_string_lossy().into_owned();
+    let target = crate::job::as_seen_by(pid, std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))?.to_string_lossy().into_owned());
     let md = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))?;
     if target == "anon_inode:[timerfd]" {
         events::settle_timerfd(&grab(pid, fd)?);
@@ -217,8 +217,8 @@ impl Ctx {
         let f = &fd.found;
         let stream = (0..=2).contains(&f.fd).then_some(f.fd as u8);
         match f.mode & S_IFMT {
-            libc::S_IFREG if f.target.starts_with("/memfd:") || f.target.ends_with(" (deleted)") => self.memory(job, fd),
-            libc::S_IFREG => Ok(FileKind::Regular { file: file_id(&f.target, f.dev, f.ino)? }),
+            libc::S_IFREG if vos::image::is_detached(&f.target) => self.memory(job, fd),
+            libc::S_IFREG => Ok(FileKind::Regular { file: file_id(fd.host, &f.target, f.dev, f.ino)? }),
             libc::S_IFDIR => Ok(FileKind::Dir { path: f.target.clone() }),
             libc::S_IFCHR => {
                 let (major, minor) = (libc::major(f.rdev), libc::minor(f.rdev));
@@ -398,12 +398,13 @@ fn peek_pipe(fd: RawFd) -> Result<(u32, Vec<u8>)> {
     Ok((capacity as u32, data))
 }
 
-pub fn file_id(path: &str, dev: u64, ino: u64) -> Result<FileId> {
-    let md = std::fs::metadata(path).map_err(|e| anyhow!("{path}: {e}"))?;
+/// Identify a file process `host` has open at `path`, checking that the path still names that very file.
+fn file_id(host: i32, path: &str, dev: u64, ino: u64) -> Result<FileId> {
+    let md = std::fs::metadata(crate::job::seen_by(host, path)).map_err(|e| anyhow!("{path}: {e}"))?;
     if md.dev() != dev || md.ino() != ino {
         bail!("{path} was replaced by another file since it was opened");
     }
-    Ok(FileId { path: path.into(), dev, ino, size: md.size(), mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(), build_id: None })
+    Ok(FileId { path: path.into(), dev, ino, size: md.size(), mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(), build_id: None, hash: 0 })
 }
 
 // ---- restore ---------------------------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ fn vdso() -> VdsoInfo {
                 // SAFETY: the vDSO is mapped readable in every process for its whole length.
                 let bytes = unsafe { std::slice::from_raw_parts(s as *const u8, (e - s) as usize) };
                 info.hash = xxhash_rust::xxh3::xxh3_64(bytes);
-                info.build_id = build_id(bytes).unwrap_or_default();
+                info.build_id = crate::identity::build_id(bytes).unwrap_or_default();
+                info.image = serde_bytes::ByteBuf::from(bytes.to_vec());
             }
             "[vvar]" => info.vvar_len = e - s,
             "[vvar_vclock]" => info.vvar_vclock_len = e - s,
@@ -73,18 +74,6 @@ fn vdso() -> VdsoInfo {
         }
     }
     info
-}
-
-/// The GNU build-id of an ELF image in memory or on disk, as hex.
-pub fn build_id(bytes: &[u8]) -> Option<String> {
-    let elf = goblin::elf::Elf::parse(bytes).ok()?;
-    let notes = elf.iter_note_headers(bytes)?;
-    for n in notes.flatten() {
-        if n.n_type == goblin::elf::note::NT_GNU_BUILD_ID {
-            return Some(n.desc.iter().map(|b| format!("{b:02x}")).collect());
-        }
-    }
-    None
 }
 
 fn xfeature_names(bits: u64) -> String {
@@ -112,13 +101,6 @@ pub fn check(img: &HostInfo, here: &HostInfo) -> Result<(), String> {
         return Err(format!(
             "image taken on a CPU with {} bytes of XSAVE state; this host has {}",
             img.cpu.xsave_size, here.cpu.xsave_size
-        ));
-    }
-    let (a, b) = (&img.vdso, &here.vdso);
-    if a.hash != b.hash || a.vdso_len != b.vdso_len || a.vvar_len != b.vvar_len || a.vvar_vclock_len != b.vvar_vclock_len {
-        return Err(format!(
-            "the kernel's vDSO differs (image: kernel {}, vDSO build-id {}; this host: kernel {}, build-id {}): restoring across kernels is not supported yet",
-            img.kernel, a.build_id, here.kernel, b.build_id
         ));
     }
     Ok(())

@@ -76,6 +76,18 @@ fn print_report(rep: &Report) {
             job.shared_memory.len()
         );
     }
+    let s = &job.sysv;
+    if !(s.shm.is_empty() && s.sem.is_empty() && s.msg.is_empty()) {
+        let queued: usize = s.msg.iter().map(|q| q.messages.len()).sum();
+        println!("System V   {} shared memory segments, {} semaphore sets, {} message queues ({queued} messages)", s.shm.len(), s.sem.len(), s.msg.len());
+    }
+    if !job.bundle.is_empty() {
+        let bytes: u64 = job.bundle.iter().map(|b| job.data[b.data as usize].size).sum();
+        println!("carried    {} files, {:.1} MiB (mapped from the image at restore)", job.bundle.len(), bytes as f64 / (1 << 20) as f64);
+        for b in &job.bundle {
+            println!("  {}", b.path);
+        }
+    }
     for (p, sum) in job.processes.iter().zip(&rep.summaries) {
         println!();
         println!("process    pid {} (parent {}, group {}, session {}) {}: {}", p.pid, p.ppid, p.pgid, p.sid, p.comm, p.argv.join(" "));

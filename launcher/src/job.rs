@@ -84,3 +84,18 @@ pub fn zombie_image(m: &Member) -> ZombieImage {
 pub fn host_of(members: &[Member], ns: i32) -> Option<Pid> {
     members.iter().find(|m| m.ids.pid == ns).map(|m| m.host)
 }
+
+/// A path as process `host` (this host's pid) sees it, for the supervisor to open: through the process's root.
+pub fn seen_by(host: i32, path: &str) -> String {
+    format!("/proc/{host}/root{path}")
+}
+
+/// A /proc/PID link target (fd, cwd) as the process itself would read it. The kernel shows a path from the root
+/// of the mount namespace the file is in; under a chroot the process's own root lies below that.
+pub fn as_seen_by(host: i32, target: String) -> String {
+    let root = std::fs::read_link(format!("/proc/{host}/root")).map(|r| r.display().to_string()).unwrap_or_default();
+    match target.strip_prefix(root.as_str()) {
+        Some(rest) if root != "/" && rest.starts_with('/') => rest.to_string(),
+        _ => target,
+    }
+}

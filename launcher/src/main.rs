@@ -1,10 +1,12 @@
 //! vrun: run a program under vOS, checkpoint it, restore it, inspect its images.
 
 mod checkpoint;
+mod bundle;
 mod client;
 mod events;
 mod files;
 mod host;
+mod identity;
 mod imagefile;
 mod inspect;
 mod job;
@@ -15,6 +17,7 @@ mod sockets;
 mod supervisor;
 mod sysv;
 mod terminal;
+mod vdso;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
@@ -84,6 +87,29 @@ struct RunArgs {
     program: Vec<String>,
 }
 
+/// What a restore may bind differently from the checkpoint host.
+#[derive(Args)]
+struct RebindArgs {
+    /// Give the job this hostname instead of the one it had
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
+    /// Give the job this NIS domain name instead of the one it had
+    #[arg(long, value_name = "NAME")]
+    domainname: Option<String>,
+    /// Paths under OLD on the checkpoint host are under NEW here (repeatable; the longest OLD wins)
+    #[arg(long = "map", value_name = "OLD=NEW", value_parser = parse_map)]
+    map: Vec<(String, String)>,
+}
+
+fn parse_map(s: &str) -> Result<(String, String), String> {
+    let (old, new) = s.split_once('=').ok_or_else(|| format!("{s}: expected OLD=NEW"))?;
+    if !old.starts_with('/') || !new.starts_with('/') {
+        return Err(format!("{s}: both sides must be absolute paths"));
+    }
+    let trim = |p: &str| if p.len() > 1 { p.trim_end_matches('/').to_string() } else { p.to_string() };
+    Ok((trim(old), trim(new)))
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run PROGRAM under vOS (the default when the first word is not a command)
@@ -101,6 +127,11 @@ enum Cmd {
         /// Write the image to this file, or "-" for standard output (default: a new file in the job's --dir)
         #[arg(long, value_name = "PATH|-")]
         to: Option<String>,
+        /// Carry the programs and libraries the job maps inside the image, so it restores on a host that lacks
+        /// them or has other versions
+        #[arg(long)]
+        bundle: bool,
+        /// Print only the image's path (and errors)
         #[arg(long, short)]
         quiet: bool,
     },
@@ -111,6 +142,8 @@ enum Cmd {
         image: String,
         #[command(flatten)]
         job: JobArgs,
+        #[command(flatten)]
+        rebind: RebindArgs,
     },
     /// Describe what an image holds (and verify it)
     Inspect {
@@ -143,12 +176,17 @@ fn parse_signal(s: &str) -> Result<i32, String> {
 
 fn main() {
     let cli = Cli::parse();
+    if matches!(cli.cmd, Some(Cmd::Inspect { .. } | Cmd::List)) {
+        // Reports end quietly when their reader goes away (`vrun inspect IMG | head`).
+        // SAFETY: plain signal disposition change, before anything else runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let r = match cli.cmd {
         None => launch(cli.run),
         Some(Cmd::Run(a)) => launch(a),
         Some(Cmd::List) => list(),
-        Some(Cmd::Checkpoint { name, kill, to, quiet }) => client::run(client::Args { name, kill, to, quiet }),
-        Some(Cmd::Restore { image, job }) => restore_cmd(image, job),
+        Some(Cmd::Checkpoint { name, kill, to, bundle, quiet }) => client::run(client::Args { name, kill, to, quiet, bundle }),
+        Some(Cmd::Restore { image, job, rebind }) => restore_cmd(image, job, rebind),
         Some(Cmd::Inspect { image, json }) => inspect::run(&image, json),
     };
     if let Err(e) = r {
@@ -239,7 +277,7 @@ fn launch(a: RunArgs) -> Result<()> {
     let argv: Vec<CString> = a.program.iter().map(|s| CString::new(s.as_str())).collect::<Result<_, _>>()?;
     supervisor::block_signals()?;
     let started_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
-    let started = match ns::start(ns::Child::Exec { argv, env }, ns::ClockOffsets::default()) {
+    let started = match ns::start(ns::Child::Exec { argv, env }, ns::ClockOffsets::default(), None) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("vrun: {prog}: {e:#}");
@@ -249,7 +287,7 @@ fn launch(a: RunArgs) -> Result<()> {
     supervisor::Supervisor::new(opts, listener, started, a.program.clone(), started_ns)?.run()
 }
 
-fn restore_cmd(image: String, j: JobArgs) -> Result<()> {
+fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs) -> Result<()> {
     let restorer = beside_me("vos-restore")?;
     let o = options(&j, String::new())?;
     let args = restore::Args {
@@ -260,8 +298,11 @@ fn restore_cmd(image: String, j: JobArgs) -> Result<()> {
         keep: o.keep,
         signals: o.signals,
         quiet: o.quiet,
+        hostname: rebind.hostname,
+        domainname: rebind.domainname,
+        map: rebind.map,
     };
-    restore::run(args, restorer).map(|_| ())
+    restore::run(args, restorer, beside_me("libvos_shim.so")?).map(|_| ())
 }
 
 fn list() -> Result<()> {

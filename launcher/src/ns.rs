@@ -3,7 +3,8 @@
 //! Every job runs in fresh pid, time, mount, UTS and IPC namespaces (plus a user namespace when not root): in its
 //! pid namespace the job's processes and threads get their original ids back at restore (clone3 set_tid), its
 //! time namespace lets CLOCK_MONOTONIC/BOOTTIME go on from the checkpoint instant, its UTS namespace keeps its
-//! hostname, its IPC namespace keeps its System V objects apart and under their ids. Pid 1 is a small init of ours, not the app (pid 1 ignores signals it has no handler for): it
+//! hostname, its IPC namespace keeps its System V objects apart and under their ids.
+//! Pid 1 is a small init of ours, not the app (pid 1 ignores signals it has no handler for): it
 //! mounts a /proc for the namespace, starts the app, reaps, and reports the app's wait status to the supervisor.
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -28,6 +29,7 @@ pub enum Child {
         plan_fd: i32,
         fds: Vec<(RawFd, i32)>,
         hostname: String,
+        domainname: String,
         sysv: vos::image::SysvImage,
         sysv_contents: Vec<RawFd>,
     },
@@ -58,7 +60,9 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Enter new namespaces for our children and start init there, which starts `child`.
-pub fn start(child: Child, clocks: ClockOffsets) -> Result<Started> {
+/// `own_mounts`: the supervisor's mount namespace, when it made the job's (`enter_job_mounts`); it goes back to
+/// it as soon as init is forked, before init mounts the job's /proc.
+pub fn start(child: Child, clocks: ClockOffsets, own_mounts: Option<OwnMounts>) -> Result<Started> {
     let root = nix::unistd::geteuid().is_root();
     if !root {
         enter_user_namespace()?;
@@ -84,6 +88,9 @@ pub fn start(child: Child, clocks: ClockOffsets) -> Result<Started> {
             unsafe { libc::_exit(code) }
         }
         ForkResult::Parent { child: init_pid } => {
+            if let Some(m) = own_mounts {
+                leave_mounts(m)?;
+            }
             drop(status_w);
             drop(err_w);
             // The child's exec (or its failure) closes the error pipe; 4 bytes mean it failed with that errno.
@@ -148,12 +155,55 @@ fn set_clock_offsets(c: ClockOffsets) -> Result<()> {
     Ok(())
 }
 
+/// A mount namespace of the caller's own, whose mounts do not leak out. (Under a chroot whose root is not a
+/// mount point, / cannot be made a slave (EINVAL): the chroot's own mount namespace must keep them in.)
+fn new_mount_namespace() -> Result<()> {
+    use nix::mount::{MsFlags, mount};
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS).context("unshare the mount namespace")?;
+    match mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) => Ok(()),
+        Err(e) => Err(anyhow!("making / a slave mount: {e}")),
+    }
+}
+
+/// At restore (as root) the supervisor opens the job's files in the mount namespace the job will have: a file
+/// opened in another one shows in /proc/PID/maps with a path from that namespace's root, which under a chroot is
+/// not the job's. Returns the supervisor's own namespace, to go back to once init has started (`leave_mounts`).
+pub fn enter_job_mounts() -> Result<Option<OwnMounts>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let open = |p: &str| nix::fcntl::open(p, nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty());
+    let own = OwnMounts { ns: File::open("/proc/self/ns/mnt")?, root: open("/")?, cwd: open(".")? };
+    new_mount_namespace()?;
+    Ok(Some(own))
+}
+
+/// The supervisor's mount namespace, root and working directory (setns resets the last two: under a chroot they
+/// must be taken back).
+pub struct OwnMounts {
+    ns: File,
+    root: OwnedFd,
+    cwd: OwnedFd,
+}
+
+fn leave_mounts(own: OwnMounts) -> Result<()> {
+    nix::sched::setns(own.ns, CloneFlags::CLONE_NEWNS).context("returning to the supervisor's mount namespace")?;
+    nix::unistd::fchdir(&own.root)?;
+    nix::unistd::chroot(".").context("returning to the supervisor's root")?;
+    nix::unistd::fchdir(&own.cwd)?;
+    Ok(())
+}
+
 /// Pid 1 of the job.
 fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
-    nix::sched::unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC)
-        .context("unshare mount, UTS and IPC namespaces")?;
+    // A restoring supervisor already made the job's mount namespace (`enter_job_mounts`) and init is in it.
+    let restoring_as_root = matches!(child, Child::Restore { .. }) && nix::unistd::geteuid().is_root();
+    if !restoring_as_root {
+        new_mount_namespace()?;
+    }
+    nix::sched::unshare(CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC).context("unshare UTS and IPC namespaces")?;
     use nix::mount::{MsFlags, mount};
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>).context("making / a slave mount")?;
     mount(Some("proc"), "/proc", Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
         .context("mounting /proc for the job's pid namespace")?;
     // Nothing of the launcher's signal handling applies to init or the job.
@@ -166,9 +216,13 @@ fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
                 ForkResult::Parent { child } => child,
             }
         }
-        Child::Restore { tops, restorer, plan_fd, fds, hostname, sysv, sysv_contents } => {
+        Child::Restore { tops, restorer, plan_fd, fds, hostname, domainname, sysv, sysv_contents } => {
             if !hostname.is_empty() {
                 nix::unistd::sethostname(&hostname).context("setting the job's hostname")?;
+            }
+            // SAFETY: a valid buffer and length.
+            if unsafe { libc::setdomainname(domainname.as_ptr().cast(), domainname.len()) } < 0 {
+                bail!("setting the job's domain name: {}", std::io::Error::last_os_error());
             }
             crate::sysv::create(&sysv, &sysv_contents)?;
             for fd in sysv_contents {

@@ -11,7 +11,7 @@
 use crate::imagefile::Reader;
 use crate::ns::{self, Child, ClockOffsets};
 use crate::supervisor::{self, Options, Supervisor};
-use crate::{files, host, job, runtime, sysv, terminal};
+use crate::{bundle, files, host, identity, job, runtime, sysv, terminal, vdso};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
@@ -33,6 +33,10 @@ pub struct Args {
     pub keep: usize,
     pub signals: (i32, i32),
     pub quiet: bool,
+    /// Re-bindings asked for on the command line.
+    pub hostname: Option<String>,
+    pub domainname: Option<String>,
+    pub map: Vec<(String, String)>,
 }
 
 /// With VOS_TIMING set, `vrun restore` reports how long each phase took (on stderr).
@@ -46,13 +50,15 @@ impl Phases {
     }
 }
 
-pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
+pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::Infallible> {
     let mut phases = Phases(std::env::var_os("VOS_TIMING").map(|_| std::time::Instant::now()));
     let mut r = Reader::open(&a.src)?;
     let header = r.header()?;
     let here = host::current();
     host::check(&header.host, &here).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
-    let job = r.job()?;
+    let swap = vdso::swap(&header.host.vdso, &here.vdso).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
+    let mut job = r.job()?;
+    rebind_paths(&mut job, &a.map);
     if job.processes.len() != header.processes as usize || job.processes.is_empty() {
         bail!("{}: the header and the job's metadata disagree on the number of processes", r.name);
     }
@@ -73,6 +79,7 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
             Ok(())
         })
     };
+    let own_mounts = ns::enter_job_mounts()?;
     let objects = files::restore(&job, &stdio, &mut fill)?;
     let sysv_contents: Vec<OwnedFd> = job
         .sysv
@@ -96,7 +103,12 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
         terminal::restore_modes(t);
     }
 
+    let bundled = bundle::restore(&job, &mut fill)?;
     let mut fds = Fds::new(&job);
+    for (&k, f) in &bundled {
+        let n = fds.put(f.as_raw_fd());
+        fds.bundled.insert(k, n);
+    }
     let memfd_plan = fds.reserve();
     let image_at = fds.put(r.raw_fd());
     let mut ctls: Vec<OwnedFd> = vec![];
@@ -114,8 +126,10 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
             fd_sources: p.fds.iter().map(|f| object_at[f.file as usize]).collect(),
             ctl_fd: ctl_at,
             sock: listener.name.clone(),
+            log: runtime::log_path(&name).display().to_string(),
+            shim: shim.display().to_string(),
         };
-        let plan = process_plan(p, &spec, &mut fds, &mut keep, image_at, ctl_at, &shm_at, r.seq)?;
+        let plan = process_plan(p, &spec, &mut fds, &mut keep, image_at, ctl_at, &shm_at, r.seq, swap.as_ref())?;
         plans.push((plan, i));
     }
     let plan_fd = job_plan(&job, &plans)?;
@@ -135,13 +149,14 @@ pub fn run(a: Args, restorer: PathBuf) -> Result<std::convert::Infallible> {
         restorer: CString::new(restorer.as_os_str().as_encoded_bytes())?,
         plan_fd: memfd_plan,
         fds: fds.list.clone(),
-        hostname: first.hostname.clone(),
+        hostname: a.hostname.clone().unwrap_or_else(|| first.hostname.clone()),
+        domainname: a.domainname.clone().unwrap_or_else(|| first.domainname.clone()),
         sysv: job.sysv.clone(),
         sysv_contents: sysv_contents.iter().map(|f| f.as_raw_fd()).collect(),
     };
-    let started = ns::start(child, clocks)?;
+    let started = ns::start(child, clocks, own_mounts)?;
     phases.mark("restorer started");
-    drop((keep, objects, shm, sysv_contents, plan_fd, stdin));
+    drop((keep, objects, shm, sysv_contents, bundled, plan_fd, stdin));
     let fail = |e: anyhow::Error| -> anyhow::Error {
         let _ = nix::sys::signal::kill(started.init, nix::sys::signal::Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(started.init, None);
@@ -231,18 +246,36 @@ fn wait_report(ctl: &OwnedFd, status: &File, pid: i32) -> Result<plan::RestorerR
     Ok(rep)
 }
 
+/// `--map OLD=NEW`: every path of the job under OLD (a whole path component) moves under NEW.
+fn rebind_paths(job: &mut JobImage, map: &[(String, String)]) {
+    if map.is_empty() {
+        return;
+    }
+    let mut map = map.to_vec();
+    map.sort_by_key(|(old, _)| std::cmp::Reverse(old.len()));
+    job.paths_mut(&mut |p| {
+        let hit = map.iter().find(|(old, _)| p.starts_with(old.as_str()) && (p.len() == old.len() || old == "/" || p.as_bytes()[old.len()] == b'/'));
+        if let Some((old, new)) = hit {
+            let rest = if old == "/" { &p[1..] } else { p[old.len()..].trim_start_matches('/') };
+            *p = if rest.is_empty() { new.clone() } else { format!("{}/{rest}", new.trim_end_matches('/')) };
+        }
+    });
+}
+
 /// Every file the job maps or has open must still be there, and mapped files unchanged: named here, before
 /// anything is restored.
 fn check_files(job: &JobImage) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
+    let mut checked = std::collections::HashSet::new();
     for p in &job.processes {
-        for r in &p.regions {
-            if let Some(f) = &r.file {
-                let md = std::fs::metadata(&f.path).map_err(|e| anyhow!("{}, mapped by pid {}, is missing: {e}", f.path, p.pid))?;
-                let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
-                if md.size() != f.size || mtime != f.mtime_ns {
-                    bail!("{} differs from the file pid {} had mapped (size or modification time changed)", f.path, p.pid);
-                }
+        for (f, private) in std::iter::once((&p.exe, true)).chain(p.regions.iter().filter_map(|r| Some((r.file.as_ref()?, !r.shared)))) {
+            let carried = job.bundle.iter().any(|b| b.dev == f.dev && b.ino == f.ino);
+            if carried || !checked.insert((&f.path, private)) {
+                continue;
+            }
+            if private {
+                identity::check(f).map_err(|e| anyhow!("pid {}: {e}", p.pid))?;
+            } else {
+                std::fs::metadata(&f.path).map_err(|e| anyhow!("{}, mapped by pid {}, is missing: {e}", f.path, p.pid))?;
             }
         }
         std::fs::metadata(&p.attrs.cwd).map_err(|e| anyhow!("the working directory {} of pid {} is missing: {e}", p.attrs.cwd, p.pid))?;
@@ -341,9 +374,7 @@ fn rebase(plan: &[u8], base: u64) -> Vec<u8> {
         for i in 0..h.nmaps as usize {
             let o = (h.ops_off - base) as usize + i * std::mem::size_of::<MapOp>();
             let mut op: MapOp = std::ptr::read_unaligned(v.as_ptr().add(o) as *const MapOp);
-            if op.name_len > 0 {
-                op.name_off += base;
-            }
+            op.shift(base);
             std::ptr::write_unaligned(v.as_mut_ptr().add(o) as *mut MapOp, op);
         }
     }
@@ -356,12 +387,14 @@ struct Fds {
     list: Vec<(RawFd, i32)>,
     /// Files opened for mappings, by path (shared by every process that maps them).
     by_path: HashMap<(String, bool), i32>,
+    /// Carried files (`bundle`), by the checkpoint host's (dev, ino): mapped instead of the host's.
+    bundled: HashMap<(u64, u64), i32>,
 }
 
 impl Fds {
     fn new(job: &JobImage) -> Fds {
         let top = job.processes.iter().flat_map(|p| p.fds.iter().map(|f| f.fd + 1)).max().unwrap_or(0);
-        Fds { next: top.max(10), list: vec![], by_path: HashMap::new() }
+        Fds { next: top.max(10), list: vec![], by_path: HashMap::new(), bundled: HashMap::new() }
     }
     fn reserve(&mut self) -> i32 {
         self.next += 1;
@@ -375,8 +408,12 @@ impl Fds {
     fn set(&mut self, n: i32, fd: RawFd) {
         self.list.push((fd, n));
     }
-    /// A file to map, opened once for the whole job.
-    fn file(&mut self, path: &str, write: bool, keep: &mut Vec<OwnedFd>) -> Result<i32> {
+    /// A file to map, opened once for the whole job (its carried copy when the image has one).
+    fn file(&mut self, id: &vos::image::FileId, write: bool, keep: &mut Vec<OwnedFd>) -> Result<i32> {
+        if let Some(&n) = self.bundled.get(&(id.dev, id.ino)).filter(|_| !write) {
+            return Ok(n);
+        }
+        let path = id.path.as_str();
         if let Some(&n) = self.by_path.get(&(path.to_string(), write)) {
             return Ok(n);
         }
@@ -406,6 +443,7 @@ fn process_plan(
     ctl_fd: i32,
     shm_at: &[i32],
     first_seq: u64,
+    swap: Option<&vdso::Swap>,
 ) -> Result<Vec<u8>> {
     let mut regions: Vec<_> = p.regions.iter().collect();
     regions.sort_by_key(|r| r.start);
@@ -418,6 +456,22 @@ fn process_plan(
     };
     let mut ops: Vec<MapOp> = vec![];
     let mut names: Vec<(usize, Vec<u8>)> = vec![];
+    // Bytes the plan carries for OP_COPY regions, by op index.
+    let mut copies: Vec<(usize, Vec<u8>)> = vec![];
+    let (vdso_addr, vdso_text) = match swap {
+        Some(s) => {
+            let rips: Vec<u64> = p.threads.iter().map(|t| t.rip).collect();
+            let (addr, text, old) = s.plan(&regions, &rips).map_err(|e| anyhow!("pid {}: {e}", p.pid))?;
+            for (op, bytes) in old {
+                if let Some(b) = bytes {
+                    copies.push((ops.len(), b));
+                }
+                ops.push(op);
+            }
+            (addr, text)
+        }
+        None => (vdso_addr, vdso_text),
+    };
     for r in &regions {
         if matches!(r.kind, RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock) {
             continue;
@@ -437,7 +491,7 @@ fn process_plan(
             }
             (RegionKind::File, _, Some(f)) => {
                 let write = r.shared && r.prot & libc::PROT_WRITE as u32 != 0;
-                op.fd = fds.file(&f.path, write, keep)?;
+                op.fd = fds.file(f, write, keep)?;
                 op.offset = r.offset;
             }
             _ => op.flags |= libc::MAP_ANONYMOUS as u32,
@@ -457,7 +511,7 @@ fn process_plan(
         }
         ops.push(op);
     }
-    let exe_fd = fds.file(&p.exe.path, false, keep)?;
+    let exe_fd = fds.file(&p.exe, false, keep)?;
     let head_len = std::mem::size_of::<PlanHead>();
     let ops_off = head_len as u64;
     let mut blob: Vec<u8> = vec![];
@@ -473,10 +527,15 @@ fn process_plan(
         ops[i].name_off = off;
         ops[i].name_len = len;
     }
+    for (i, b) in copies {
+        let (off, len) = add(&b);
+        ops[i].data_off = off;
+        ops[i].data_len = len;
+    }
     let (blob_off, blob_len) = add(&rmp_serde::to_vec_named(spec)?);
     let blob_base = ops_off + (ops.len() * std::mem::size_of::<MapOp>()) as u64;
-    for op in ops.iter_mut().filter(|o| o.name_len > 0) {
-        op.name_off += blob_base;
+    for op in ops.iter_mut() {
+        op.shift(blob_base);
     }
     let m = &p.mm;
     let head = PlanHead {

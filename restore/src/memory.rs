@@ -85,6 +85,10 @@ pub fn map_regions(ops: &[MapOp], plan_buf: &[u8]) {
             attach(op);
             continue;
         }
+        if op.op & plan::OP_COPY != 0 {
+            copy_in(op, plan_buf);
+            continue;
+        }
         let prot = if op.op & plan::OP_FILL != 0 { libc::PROT_READ | libc::PROT_WRITE } else { op.prot as i32 };
         let mut flags = op.flags as i32 | libc::MAP_FIXED_NOREPLACE;
         if op.op & plan::OP_GROWSDOWN != 0 {
@@ -125,6 +129,25 @@ fn attach(op: &MapOp) {
         }
     }
     // SAFETY: part of the attachment just made.
+    if let Err(e) = unsafe { sys::mprotect(op.addr as usize, op.len as usize, op.prot as i32) } {
+        fail(Msg::new("vos-restore: mprotect ").hex(op.addr).push(": ").errno(e));
+    }
+}
+
+/// Anonymous memory holding bytes the plan carries (a copy of the image's vDSO, see launcher/src/vdso.rs).
+fn copy_in(op: &MapOp, plan_buf: &[u8]) {
+    if op.data_off + op.data_len > plan_buf.len() as u64 || op.data_len > op.len {
+        fail(Msg::new("vos-restore: plan data out of bounds at ").hex(op.addr));
+    }
+    let flags = (op.flags as i32) | libc::MAP_FIXED_NOREPLACE;
+    // SAFETY: the address space outside our window is empty; MAP_FIXED_NOREPLACE refuses to replace anything.
+    match unsafe { sys::mmap(op.addr as usize, op.len as usize, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) } {
+        Ok(a) if a as u64 == op.addr => {}
+        _ => fail(Msg::new("vos-restore: mapping a copy at ").hex(op.addr)),
+    }
+    // SAFETY: the source lies in the plan (checked above); the destination is the mapping just made.
+    unsafe { core::ptr::copy_nonoverlapping(plan_buf.as_ptr().add(op.data_off as usize), op.addr as *mut u8, op.data_len as usize) };
+    // SAFETY: our own fresh mapping.
     if let Err(e) = unsafe { sys::mprotect(op.addr as usize, op.len as usize, op.prot as i32) } {
         fail(Msg::new("vos-restore: mprotect ").hex(op.addr).push(": ").errno(e));
     }

@@ -34,6 +34,11 @@ pub fn capture() -> Vec<WatchPath> {
     v
 }
 
+/// After a restore: the watches as the image has them (their paths possibly re-bound).
+pub fn restore(watches: &[WatchPath]) {
+    with(|w| *w = watches.to_vec());
+}
+
 fn absolute(path: *const c_char) -> String {
     // SAFETY: the app passed a C string.
     let p = unsafe { core::ffi::CStr::from_ptr(path) }.to_string_lossy().into_owned();

@@ -118,6 +118,7 @@ pub fn file_id(path: &str, dev: u64, ino: u64) -> Result<FileId, String> {
         size: st.st_size as u64,
         mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
         build_id: None,
+        hash: 0,
     })
 }
 
@@ -184,11 +185,11 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
                 r.offset = v.offset;
             }
             // Shared memory no file on disk keeps: its pages travel in the image (one process stores them).
-            n if v.shared && (n.starts_with("[anon_shmem:") || n.starts_with("/memfd:") || n.ends_with(" (deleted)")) => {
+            n if v.shared && (n.starts_with("[anon_shmem:") || is_detached(n)) => {
                 r.kind = RegionKind::SharedAnon;
                 r.offset = v.offset;
             }
-            n if n.starts_with("/memfd:") || n.ends_with(" (deleted)") => r.kind = RegionKind::Detached,
+            n if is_detached(n) => r.kind = RegionKind::Detached,
             n if n.starts_with('/') => {
                 let id = file_id(n, makedev(v.dev.0, v.dev.1), v.inode).map_err(|e| format!("{}: {e}", what()))?;
                 let st = sys::stat(&procfs::cpath(n)).map_err(|e| format!("{}: {e}", what()))?;

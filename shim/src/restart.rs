@@ -85,14 +85,19 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
 
 fn rebuild(spec: &RestartSpec) -> Result<(), String> {
     let p = &spec.process;
-    let sock = spec.sock.clone();
-    // SAFETY: nothing else of the shim runs in this process yet.
-    arena::permanent(|| unsafe { CONFIG.get().sock = String::from(sock.as_str()) });
+    arena::permanent(|| {
+        // SAFETY: nothing else of the shim runs in this process yet.
+        let c = unsafe { CONFIG.get() };
+        c.sock = String::from(spec.sock.as_str());
+        c.log = String::from(spec.log.as_str());
+        c.shim = String::from(spec.shim.as_str());
+    });
     files::restore(&p.fds, &spec.fd_sources, spec.ctl_fd)?;
     if let Some(c) = p.ctty {
         files::take_terminal(&c)?;
     }
     files::fixups(&p.fixups)?;
+    crate::inotify::restore(&p.watches);
     process::restore(&p.attrs)?;
     signals::restore(&p.signals)?;
     threads::recreate(&p.threads, p.attrs.caps)?;

@@ -21,7 +21,12 @@ pub fn bin_dir() -> PathBuf {
 pub fn vrun() -> Command {
     let p = bin_dir().join("vrun");
     assert!(p.exists(), "{} missing: run `cargo build --release` first", p.display());
-    let mut c = Command::new(p);
+    command(p)
+}
+
+/// A command with stdin from /dev/null that inherits none of the test runner's fds but 0-2.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
     c.stdin(Stdio::null());
     use std::os::unix::process::CommandExt;
     // SAFETY: close_range only closes fds in the child before exec; a job must not inherit the test
@@ -94,13 +99,16 @@ pub fn gcc(name: &str) -> PathBuf {
 pub struct Running {
     pub child: Option<Child>,
     pub name: String,
+    /// Where its supervisor registers (vrun's runtime directory as this test sees it).
+    pub runtime: PathBuf,
 }
 
-fn spawn(mut c: Command, name: &str, stdout: &Path, stderr: &Path) -> Running {
+/// Start `c` (a vrun that runs or restores job `name`), appending its stdout and stderr to the files.
+pub fn spawn(mut c: Command, name: &str, stdout: &Path, stderr: &Path) -> Running {
     let out = fs::OpenOptions::new().create(true).append(true).open(stdout).unwrap();
     let err = fs::OpenOptions::new().create(true).append(true).open(stderr).unwrap();
     c.stdout(out).stderr(err);
-    Running { child: Some(c.spawn().expect("spawning vrun")), name: name.into() }
+    Running::new(c.spawn().expect("spawning vrun"), name)
 }
 
 /// Start `argv` under vrun as job `name`, images to the work dir; its stdout appends to `stdout`.
@@ -118,6 +126,10 @@ pub fn restore(w: &Work, name: &str, image: &str, stdout: &Path) -> Running {
 }
 
 impl Running {
+    pub fn new(child: Child, name: &str) -> Running {
+        Running { child: Some(child), name: name.into(), runtime: PathBuf::from("/run/vos") }
+    }
+
     /// `vrun checkpoint NAME [--kill]`: the image's path.
     pub fn checkpoint(&self, kill: bool) -> String {
         let mut c = vrun();
@@ -141,7 +153,7 @@ impl Running {
     }
 
     pub fn pid(&self) -> i32 {
-        let j = fs::read_to_string(format!("/run/vos/{}.json", self.name)).unwrap_or_default();
+        let j = fs::read_to_string(self.runtime.join(format!("{}.json", self.name))).unwrap_or_default();
         let key = "\"pid\":";
         j.find(key).and_then(|i| j[i + key.len()..].trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
     }

@@ -67,7 +67,7 @@ fn periodic_checkpoints_keep_the_last_few() {
     c.args(["--name", &name, "--dir"]).arg(&w.dir).args(["--interval", "0.2", "--keep", "2", "--"]);
     c.args([prog.to_str().unwrap(), "8", &log, "100000"]);
     c.stdout(fs::File::create(&out).unwrap()).stderr(fs::File::create(w.path("err")).unwrap());
-    let job = Running { child: Some(c.spawn().unwrap()), name: name.clone() };
+    let job = Running::new(c.spawn().unwrap(), &name);
     wait_step(&out, 3);
     std::thread::sleep(Duration::from_millis(1500));
     let imgs = images(&w);
@@ -137,7 +137,7 @@ fn restored_copy_runs_beside_the_original() {
             writeln!(f, "{}", l.unwrap()).unwrap();
         }
     });
-    let mut orig = Running { child: Some(child), name: name.clone() };
+    let mut orig = Running::new(child, &name);
     wait_step(&a, 10);
     let img = orig.checkpoint(false);
     let at = last_step(&fs::read_to_string(&a).unwrap());

@@ -124,7 +124,7 @@ fn through_a_pipe() {
     r.args(["restore", "--name", &name, "-"]).stdin(pipe);
     let rout = fs::File::create(w.path("restore.out")).unwrap();
     let rerr = fs::File::create(w.path("restore.err")).unwrap();
-    let mut restored = Running { child: Some(r.stdout(rout).stderr(rerr).spawn().unwrap()), name: name.clone() };
+    let mut restored = Running::new(r.stdout(rout).stderr(rerr).spawn().unwrap(), &name);
     assert!(ck.wait().unwrap().success(), "checkpoint --to - failed");
     assert_eq!(job.wait(Duration::from_secs(20)).code(), Some(75));
     let st = restored.wait(Duration::from_secs(60));
