@@ -87,7 +87,9 @@ pub fn gcc(name: &str) -> PathBuf {
         a.modified().unwrap() >= b.modified().unwrap()
     };
     if !fresh(&out) {
-        let tmp = outdir.join(format!(".{name}.{}", std::process::id()));
+        // Tests run in parallel threads and may compile the same program at once: one temporary name each.
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let tmp = outdir.join(format!(".{name}.{}.{seq}", std::process::id()));
         let st = Command::new("gcc").args(["-O2", "-g", "-pthread", "-o"]).arg(&tmp).arg(&src).status().expect("gcc");
         assert!(st.success(), "gcc {name}.c failed");
         fs::rename(&tmp, &out).unwrap();
