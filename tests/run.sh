@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --quiet
-cargo test --release --workspace --quiet -- --test-threads=2
+cargo test --release --workspace --quiet --no-fail-fast -- --test-threads=2

@@ -85,6 +85,8 @@ pub struct JobImage {
     pub files: Vec<OpenFile>,
     pub pipes: Vec<PipeImage>,
     pub sockets: Vec<SocketImage>,
+    /// TCP and UDP sockets, IPv4 and IPv6.
+    pub inet: Vec<InetSocket>,
     /// Memory shared between processes (or with nothing but itself: deleted files, memfd, MAP_SHARED|MAP_ANONYMOUS).
     pub shared_memory: Vec<SharedMemory>,
     /// The job's controlling terminal, when it had one.
@@ -433,8 +435,10 @@ pub enum FileKind {
     Outside { what: String, stream: u8 },
     /// One end of a pipe or FIFO of the job (`JobImage::pipes`).
     Pipe { pipe: u32, write: bool },
-    /// A socket of the job (`JobImage::sockets`).
+    /// A unix socket of the job (`JobImage::sockets`).
     Socket { socket: u32 },
+    /// A TCP or UDP socket (`JobImage::inet`).
+    Inet { socket: u32 },
     /// The master side of a pseudo-terminal made inside the job (`JobImage::ptys`).
     PtyMaster { pty: u32 },
     /// The terminal side of a pseudo-terminal made inside the job.
@@ -534,6 +538,53 @@ pub struct SocketImage {
     pub rcvbuf: u32,
     /// SHUT_RD / SHUT_WR already done (bit 0: no more reading, bit 1: no more writing).
     pub shutdown: u8,
+}
+
+/// A TCP or UDP socket. Addresses are written as `1.2.3.4:80` or `[::1]:80`.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct InetSocket {
+    /// AF_INET or AF_INET6.
+    pub family: i32,
+    /// SOCK_STREAM (TCP) or SOCK_DGRAM (UDP).
+    pub kind: i32,
+    pub local: Option<String>,
+    pub peer: Option<String>,
+    pub state: InetState,
+    /// Options set on it that differ from a fresh socket's: (level, name, value).
+    pub options: Vec<(i32, i32, i32)>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub enum InetState {
+    /// Made, perhaps bound, not connected (a UDP socket may be connected: `peer`).
+    #[default]
+    Open,
+    Listening { backlog: u32 },
+    /// An established TCP connection, with what TCP_REPAIR needs to make it again.
+    Connected(TcpConnection),
+    /// A TCP connection to a peer outside the job, not kept (no `--tcp-established`): the app sees it reset.
+    Reset,
+}
+
+/// An established TCP connection as TCP_REPAIR reads it.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct TcpConnection {
+    /// The sequence number after the last byte queued to send, and after the last byte received.
+    pub send_seq: u32,
+    pub recv_seq: u32,
+    /// Bytes sent and not acknowledged yet, then bytes not sent yet (the last `unsent` of them).
+    pub send_queue: ByteBuf,
+    pub unsent: u32,
+    /// Bytes received and not read yet.
+    pub recv_queue: ByteBuf,
+    pub mss: u32,
+    /// TCP_INFO's tcpi_options (timestamps, SACK, window scaling) and the window scales.
+    pub tcp_options: u8,
+    pub snd_wscale: u8,
+    pub rcv_wscale: u8,
+    pub timestamp: u32,
+    /// struct tcp_repair_window: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
+    pub window: [u32; 5],
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]

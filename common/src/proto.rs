@@ -54,8 +54,14 @@ pub enum Msg {
 
     // ---- CLI -> supervisor
     /// `vrun checkpoint`: to a path, to the fd that comes with the message (`--to -`), or to the job's directory.
-    Checkpoint { kill: bool, to: Option<String>, fd_attached: bool, bundle: bool },
+    /// `handoff` (migration): once the image is written the job waits, stopped, for `Handoff`.
+    Checkpoint { kill: bool, to: Option<String>, fd_attached: bool, bundle: bool, tcp_established: bool, handoff: bool },
+    /// The job's fate after a handoff checkpoint: it ends (it runs elsewhere now) or goes on. A client that goes
+    /// away without saying means go on.
+    Handoff { exit: bool },
     // ---- supervisor -> CLI
+    /// The image is complete; the job waits for `Handoff`.
+    Written,
     CheckpointDone { path: Option<String>, bytes: u64, millis: u64 },
     CheckpointFailed { why: String },
 }

@@ -12,7 +12,7 @@
 use crate::imagefile::{self, EXT};
 use crate::job::{self, Member};
 use crate::supervisor::{Supervisor, nanos, send_signal, timestamp};
-use crate::{bundle, events, files, host, identity, sysv, terminal};
+use crate::{bundle, events, files, host, identity, inet, sysv, terminal};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::collections::HashMap;
@@ -32,6 +32,10 @@ pub struct Request {
     pub reason: &'static str,
     /// Carry the bytes of the programs and libraries the job maps (`bundle`).
     pub bundle: bool,
+    /// Keep TCP connections to peers outside the job (`--tcp-established`).
+    pub tcp_established: bool,
+    /// A migration's connection: once the image is written, the job waits for its `Handoff` to end or go on.
+    pub handoff: Option<OwnedFd>,
 }
 
 pub enum Dest {
@@ -225,7 +229,7 @@ impl Supervisor {
         check_tree(&job)?;
         identity::identify(&mut job, members)?;
         let own: HashMap<i32, Vec<i32>> = shims.iter().map(|s| (s.pid, s.own_fds.clone())).collect();
-        let mut data = files::capture(&mut job, members, &own)?;
+        let files::Captured { mut data, held } = files::capture(&mut job, members, &own, req.tcp_established)?;
         events::date_timers(&mut job, self.job.init.as_raw());
         data.extend(sysv::capture(self.job.init.as_raw(), &mut job)?);
         data.extend(bundle::capture(&mut job, members, req.bundle)?);
@@ -235,7 +239,7 @@ impl Supervisor {
         mark("job captured");
 
         let (out, tmp, fin) = self.open_dest(&req.dest)?;
-        let r = self.write_image(shims, &job, &skips, &data, out, req, tmp.as_deref(), fin.as_deref(), mark);
+        let r = self.write_image(shims, &job, &skips, &data, held, out, req, tmp.as_deref(), fin.as_deref(), mark);
         if r.is_err() {
             if let Some(t) = &tmp {
                 let _ = std::fs::remove_file(t);
@@ -251,6 +255,7 @@ impl Supervisor {
         job: &JobImage,
         skips: &[Vec<(u64, u64)>],
         data: &[OwnedFd],
+        held: inet::Held,
         out: OwnedFd,
         req: &Request,
         tmp: Option<&Path>,
@@ -283,9 +288,15 @@ impl Supervisor {
         drop(out);
         mark("written");
         w.end(seq).context("writing the image")?;
+        let kill = match &req.handoff {
+            Some(conn) => handoff(conn)?,
+            None => req.kill,
+        };
         // A job that goes on may do so now: its image is complete, and a failure to make it durable below
         // loses nothing (the image is not put in place). A job that ends waits until its image is safe.
-        if !req.kill {
+        let mut held = Some(held);
+        if !kill {
+            held.take();
             for s in shims {
                 s.send(&Msg::Finish { exit: false }, None)?;
             }
@@ -299,7 +310,10 @@ impl Supervisor {
         };
         drop(w);
         mark("synced and renamed");
-        if req.kill {
+        if let Some(h) = held.as_mut().filter(|_| kill) {
+            h.keep();
+        }
+        if kill {
             for s in shims {
                 s.send(&Msg::Finish { exit: true }, None)?;
             }
@@ -364,6 +378,19 @@ impl Supervisor {
         for (_, p) in imgs.into_iter().take(n) {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+/// Tell a migration the image is written and wait for its word: whether the job ends (it runs elsewhere now).
+/// Anything but a clear "end" (the client gone, a broken connection) means the job goes on.
+fn handoff(conn: &OwnedFd) -> Result<bool> {
+    if proto::send(conn.as_raw_fd(), &Msg::Written, None).is_err() {
+        bail!("the migration went away");
+    }
+    set_timeout(conn.as_raw_fd(), Duration::from_secs(600));
+    match proto::recv(conn.as_raw_fd()) {
+        Ok(Some((Msg::Handoff { exit }, _))) => Ok(exit),
+        _ => bail!("the migration went away before the handoff"),
     }
 }
 

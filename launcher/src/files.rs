@@ -8,7 +8,7 @@
 //! supervisor and handed to every restored process, which puts it at its fd numbers (shim/src/files.rs).
 
 use crate::job::Member;
-use crate::{events, sockets};
+use crate::{events, inet, sockets};
 use anyhow::{Result, anyhow, bail};
 use std::collections::HashMap;
 use std::fs::File;
@@ -85,7 +85,9 @@ fn found(pid: i32, fd: i32) -> Result<Found> {
 /// Fill `job.files`, `job.pipes`, `job.sockets` and every process's `fds`. `own` lists, per process (by
 /// namespace pid), fds of the shim's coordinator that are not the app's.
 /// Returns the fds whose contents the image carries in Data chunks (one per `job.data` entry).
-pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i32>>) -> Result<Vec<OwnedFd>> {
+/// `established`: keep TCP connections to peers outside the job (`--tcp-established`); the connections read in
+/// repair mode come back in `Captured::held`.
+pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i32>>, established: bool) -> Result<Captured> {
     let mut seen: Vec<(i32, i32, u64, u64, u32)> = vec![]; // (host pid, fd, dev, ino, file index)
     let mut all: Vec<Fd> = vec![];
     for (pi, p) in job.processes.iter().enumerate() {
@@ -120,6 +122,10 @@ pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i3
         data: vec![],
         sockets: sockets::Capture::new()?,
         socket_inodes: all.iter().filter(|f| f.found.mode & S_IFMT == libc::S_IFSOCK).map(|f| f.found.ino).collect(),
+        inet: inet::Capture::new(
+            &all.iter().filter(|f| f.found.mode & S_IFMT == libc::S_IFSOCK).map(|f| (f.host, f.found.fd)).collect::<Vec<_>>(),
+            established,
+        ),
     };
     for f in &all {
         if !matches!(job.files[f.file as usize].kind, FileKind::Unknown) {
@@ -141,7 +147,7 @@ pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i3
         job.processes[f.process].fds.push(FdImage { fd: f.found.fd, cloexec: f.found.cloexec, file: f.file });
     }
     fixups(job, &all)?;
-    Ok(ctx.data)
+    Ok(Captured { data: ctx.data, held: ctx.inet.held })
 }
 
 /// What each process must redo itself: epoll registrations, pidfds, its POSIX record locks.
@@ -208,6 +214,15 @@ struct Ctx {
     ptys: HashMap<u32, u32>,
     sockets: sockets::Capture,
     socket_inodes: Vec<u64>,
+    inet: inet::Capture,
+}
+
+/// What a capture leaves open until the checkpoint ends.
+pub struct Captured {
+    /// Sources of the contents the image carries (memfds, deleted files), one per `job.data` entry.
+    pub data: Vec<OwnedFd>,
+    /// TCP connections held in repair mode.
+    pub held: inet::Held,
 }
 
 const S_IFMT: u32 = libc::S_IFMT;
@@ -271,13 +286,18 @@ impl Ctx {
                 };
                 Ok(FileKind::Pipe { pipe, write: f.flags & libc::O_ACCMODE == libc::O_WRONLY })
             }
-            libc::S_IFSOCK => match self.sockets.socket(job, &self.socket_inodes, fd.host, f.fd, f.ino)? {
-                Some(socket) => Ok(FileKind::Socket { socket }),
-                None => match stream {
-                    Some(s) => Ok(FileKind::Outside { what: f.target.clone(), stream: s }),
-                    None => bail!("{} is connected to a process outside the job: not supported", f.target),
-                },
-            },
+            libc::S_IFSOCK => {
+                if let Some(socket) = self.inet.socket(job, fd.host, f.fd, f.ino)? {
+                    return Ok(FileKind::Inet { socket });
+                }
+                match self.sockets.socket(job, &self.socket_inodes, fd.host, f.fd, f.ino)? {
+                    Some(socket) => Ok(FileKind::Socket { socket }),
+                    None => match stream {
+                        Some(s) => Ok(FileKind::Outside { what: f.target.clone(), stream: s }),
+                        None => bail!("{} is connected to a process outside the job: not supported", f.target),
+                    },
+                }
+            }
             _ if f.target.starts_with("anon_inode:") && events::capture(&f.target, &f.info)?.is_some() => {
                 match events::capture(&f.target, &f.info)?.unwrap() {
                     FileKind::Inotify { .. } => {
@@ -416,6 +436,7 @@ pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, Raw
     let mut pipes: Vec<Option<(OwnedFd, OwnedFd)>> = (0..job.pipes.len()).map(|_| None).collect();
     let ptys: Vec<(OwnedFd, OwnedFd)> = job.ptys.iter().map(crate::terminal::make_pty).collect::<Result<_>>()?;
     let sockets = sockets::restore(job)?;
+    let inet = inet::restore(job)?;
     let mut out = Vec::with_capacity(job.files.len());
     for (i, f) in job.files.iter().enumerate() {
         let fd: OwnedFd = match &f.kind {
@@ -449,6 +470,7 @@ pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, Raw
                 }
             }
             FileKind::Socket { socket } => sockets[*socket as usize].try_clone()?,
+            FileKind::Inet { socket } => inet[*socket as usize].try_clone()?,
             FileKind::PtyMaster { pty } => ptys[*pty as usize].0.try_clone()?,
             FileKind::PtySlave { pty } => {
                 let (m, sl) = &ptys[*pty as usize];

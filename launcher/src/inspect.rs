@@ -186,6 +186,23 @@ fn describe(job: &JobImage, o: &OpenFile) -> String {
                 if s.queue.is_empty() { String::new() } else { format!(", {} queued", s.queue.iter().map(|q| q.len()).sum::<usize>()) }
             )
         }
+        FileKind::Inet { socket } => {
+            let s = &job.inet[*socket as usize];
+            let proto = if s.kind == libc::SOCK_STREAM { "TCP" } else { "UDP" };
+            let at = s.local.as_deref().unwrap_or("(unbound)");
+            let peer = s.peer.as_deref().unwrap_or("?");
+            match &s.state {
+                vos::image::InetState::Open if s.peer.is_some() => format!("{proto} socket {at}, connected to {peer}"),
+                vos::image::InetState::Open => format!("{proto} socket {at}"),
+                vos::image::InetState::Listening { backlog } => format!("{proto} listener {at} (backlog {backlog})"),
+                vos::image::InetState::Connected(c) => format!(
+                    "{proto} connection {at} -> {peer}, kept ({} bytes to send, {} received unread)",
+                    c.send_queue.len(),
+                    c.recv_queue.len()
+                ),
+                vos::image::InetState::Reset => format!("{proto} connection {at} -> {peer} (outside the job: restored reset)"),
+            }
+        }
         FileKind::PtyMaster { pty } => format!("master of pseudo-terminal /dev/pts/{} ({} bytes in flight)", job.ptys[*pty as usize].index, job.ptys[*pty as usize].input.len() + job.ptys[*pty as usize].output.len()),
         FileKind::PtySlave { pty } => format!("pseudo-terminal /dev/pts/{} (made in the job)", job.ptys[*pty as usize].index),
         FileKind::SignalFd { mask } => format!("signalfd for signals {mask:#x}"),

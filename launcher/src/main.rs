@@ -7,6 +7,7 @@ mod events;
 mod files;
 mod host;
 mod identity;
+mod inet;
 mod imagefile;
 mod inspect;
 mod job;
@@ -99,6 +100,14 @@ struct RebindArgs {
     /// Paths under OLD on the checkpoint host are under NEW here (repeatable; the longest OLD wins)
     #[arg(long = "map", value_name = "OLD=NEW", value_parser = parse_map)]
     map: Vec<(String, String)>,
+    /// The job's sockets bound or connected to OLD use NEW instead: an IP (every port) or IP:port (repeatable)
+    #[arg(long = "map-addr", value_name = "OLD=NEW", value_parser = parse_map_addr)]
+    map_addr: Vec<(String, String)>,
+}
+
+fn parse_map_addr(s: &str) -> Result<(String, String), String> {
+    let (old, new) = s.split_once('=').ok_or_else(|| format!("{s}: expected OLD=NEW"))?;
+    Ok((old.to_string(), new.to_string()))
 }
 
 fn parse_map(s: &str) -> Result<(String, String), String> {
@@ -131,6 +140,9 @@ enum Cmd {
         /// them or has other versions
         #[arg(long)]
         bundle: bool,
+        /// Keep TCP connections to peers outside the job (TCP_REPAIR, root); without it they are restored reset
+        #[arg(long)]
+        tcp_established: bool,
         /// Print only the image's path (and errors)
         #[arg(long, short)]
         quiet: bool,
@@ -185,7 +197,9 @@ fn main() {
         None => launch(cli.run),
         Some(Cmd::Run(a)) => launch(a),
         Some(Cmd::List) => list(),
-        Some(Cmd::Checkpoint { name, kill, to, bundle, quiet }) => client::run(client::Args { name, kill, to, quiet, bundle }),
+        Some(Cmd::Checkpoint { name, kill, to, bundle, tcp_established, quiet }) => {
+            client::run(client::Args { name, kill, to, quiet, bundle, tcp_established })
+        }
         Some(Cmd::Restore { image, job, rebind }) => restore_cmd(image, job, rebind),
         Some(Cmd::Inspect { image, json }) => inspect::run(&image, json),
     };
@@ -301,6 +315,7 @@ fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs) -> Result<()> {
         hostname: rebind.hostname,
         domainname: rebind.domainname,
         map: rebind.map,
+        map_addr: rebind.map_addr,
     };
     restore::run(args, restorer, beside_me("libvos_shim.so")?).map(|_| ())
 }

@@ -37,6 +37,7 @@ pub struct Args {
     pub hostname: Option<String>,
     pub domainname: Option<String>,
     pub map: Vec<(String, String)>,
+    pub map_addr: Vec<(String, String)>,
 }
 
 /// With VOS_TIMING set, `vrun restore` reports how long each phase took (on stderr).
@@ -59,6 +60,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     let swap = vdso::swap(&header.host.vdso, &here.vdso).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
     let mut job = r.job()?;
     rebind_paths(&mut job, &a.map);
+    crate::inet::rebind(&mut job, &a.map_addr)?;
     if job.processes.len() != header.processes as usize || job.processes.is_empty() {
         bail!("{}: the header and the job's metadata disagree on the number of processes", r.name);
     }

@@ -122,7 +122,7 @@ impl Supervisor {
             }
             if let Some(t) = next_interval {
                 if Instant::now() >= t {
-                    let req = Request { kill: false, dest: Dest::Dir, reason: "interval", bundle: false };
+                    let req = Request { kill: false, dest: Dest::Dir, reason: "interval", bundle: false, tcp_established: false, handoff: None };
                     match self.checkpoint(req, None) {
                         Ok(_) => self.prune(),
                         Err(e) => self.say(&format!("periodic checkpoint failed: {e:#}")),
@@ -208,13 +208,15 @@ impl Supervisor {
     fn on_connection(&mut self) {
         let Some((conn, msg, fd)) = self.accept() else { return };
         match msg {
-            Msg::Checkpoint { kill, to, fd_attached, bundle } => {
+            Msg::Checkpoint { kill, to, fd_attached, bundle, tcp_established, handoff } => {
                 let dest = match (to, fd_attached, fd) {
                     (_, true, Some(fd)) => Dest::Fd(crate::ns::owned(fd)),
                     (Some(p), _, _) => Dest::Path(PathBuf::from(p)),
                     _ => Dest::Dir,
                 };
-                let req = Request { kill, dest, reason: "request", bundle };
+                let handoff = if handoff { Some(conn.try_clone().expect("dup")) } else { None };
+                let reason = if handoff.is_some() { "migration" } else { "request" };
+                let req = Request { kill, dest, reason, bundle, tcp_established, handoff };
                 let start = Instant::now();
                 let answer = match self.checkpoint(req, None) {
                     Ok(path) => Msg::CheckpointDone { path, bytes: 0, millis: start.elapsed().as_millis() as u64 },
@@ -226,7 +228,7 @@ impl Supervisor {
                 // A trigger signal from outside (kill -s RTMAX-1): a checkpoint to the job's directory.
                 let Trigger::Signal { sig } = trigger else { return };
                 let kill = sig == self.opts.signals.1;
-                let req = Request { kill, dest: Dest::Dir, reason: "signal", bundle: false };
+                let req = Request { kill, dest: Dest::Dir, reason: "signal", bundle: false, tcp_established: false, handoff: None };
                 match self.checkpoint(req, Some((conn, pid))) {
                     Ok(Some(p)) => self.say(&format!("checkpoint written to {p}")),
                     Ok(None) => {}

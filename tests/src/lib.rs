@@ -134,12 +134,12 @@ impl Running {
 
     /// `vrun checkpoint NAME [--kill]`: the image's path.
     pub fn checkpoint(&self, kill: bool) -> String {
-        let mut c = vrun();
-        c.args(["checkpoint", &self.name]);
-        if kill {
-            c.arg("--kill");
-        }
-        let o = c.output().unwrap();
+        self.checkpoint_with(if kill { &["--kill"] } else { &[] })
+    }
+
+    /// `vrun checkpoint NAME ARGS...`: the image's path.
+    pub fn checkpoint_with(&self, args: &[&str]) -> String {
+        let o = vrun().args(["checkpoint", &self.name]).args(args).output().unwrap();
         assert!(o.status.success(), "vrun checkpoint {} failed: {}", self.name, String::from_utf8_lossy(&o.stderr));
         let path = String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or_default().to_string();
         assert!(Path::new(&path).exists(), "checkpoint printed {path:?}, which does not exist");
@@ -147,8 +147,13 @@ impl Running {
     }
 
     /// Checkpoint and stop the job; `vrun` must exit with 75.
-    pub fn checkpoint_kill(mut self) -> String {
-        let p = self.checkpoint(true);
+    pub fn checkpoint_kill(self) -> String {
+        self.checkpoint_kill_with(&[])
+    }
+
+    /// `checkpoint_kill` with more checkpoint options.
+    pub fn checkpoint_kill_with(mut self, args: &[&str]) -> String {
+        let p = self.checkpoint_with(&[&["--kill"], args].concat());
         let st = self.wait(Duration::from_secs(20));
         assert_eq!(st.code(), Some(75), "vrun after checkpoint --kill: {st:?}");
         p
