@@ -1,7 +1,8 @@
 //! vrun: run a program under vOS, checkpoint it, restore it, inspect its images.
 
-mod checkpoint;
 mod bundle;
+mod channel;
+mod checkpoint;
 mod client;
 mod events;
 mod files;
@@ -11,9 +12,11 @@ mod inet;
 mod imagefile;
 mod inspect;
 mod job;
+mod migrate;
 mod ns;
 mod restore;
 mod runtime;
+mod serve;
 mod sockets;
 mod supervisor;
 mod sysv;
@@ -156,6 +159,51 @@ enum Cmd {
         job: JobArgs,
         #[command(flatten)]
         rebind: RebindArgs,
+        /// Write "running" to this fd once the job runs (for `vrun serve`)
+        #[arg(long, hide = true)]
+        report_fd: Option<i32>,
+    },
+    /// Move a running job to another host's `vrun serve`, memory to memory; it ends here only once it runs there
+    #[command(after_help = "The job stops while its image streams to the destination and goes on there; if anything \
+fails before the destination reports it running, it goes on here.\n\nExamples:\n  vrun migrate calc --to 10.0.0.2:7070 --key /etc/vos/key\n  vrun migrate web --to hostb:7070 --key k --tcp-established")]
+    Migrate {
+        /// The job (may be left out when only one runs)
+        name: Option<String>,
+        /// The destination's `vrun serve` address
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// A key file both hosts hold; the peers prove it to each other before anything is sent
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Keep TCP connections to peers outside the job (TCP_REPAIR, root); without it they are restored reset
+        #[arg(long)]
+        tcp_established: bool,
+        /// Carry the programs and libraries the job maps, for a destination that lacks them
+        #[arg(long)]
+        bundle: bool,
+        /// Sockets bound or connected to OLD use NEW at the destination (as `vrun restore --map-addr`)
+        #[arg(long = "map-addr", value_name = "OLD=NEW", value_parser = parse_map_addr)]
+        map_addr: Vec<(String, String)>,
+        /// No progress and no summary (errors only)
+        #[arg(long, short)]
+        quiet: bool,
+        /// The summary as JSON on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Receive jobs from `vrun migrate` and restore them here
+    #[command(after_help = "Each job received is restored by a `vrun restore` of its own that supervises it, with the job's \
+output in DIR/NAME.log.\n\nExample:\n  head -c 32 /dev/urandom > /etc/vos/key   # the same file on every host\n  vrun serve --listen 0.0.0.0:7070 --key /etc/vos/key --dir /var/lib/vos")]
+    Serve {
+        /// Address and port to listen on
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: String,
+        /// The key file every `vrun migrate` must prove it holds
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Where received jobs keep their images and logs
+        #[arg(long, default_value = "/var/lib/vos")]
+        dir: PathBuf,
     },
     /// Describe what an image holds (and verify it)
     Inspect {
@@ -200,7 +248,11 @@ fn main() {
         Some(Cmd::Checkpoint { name, kill, to, bundle, tcp_established, quiet }) => {
             client::run(client::Args { name, kill, to, quiet, bundle, tcp_established })
         }
-        Some(Cmd::Restore { image, job, rebind }) => restore_cmd(image, job, rebind),
+        Some(Cmd::Restore { image, job, rebind, report_fd }) => restore_cmd(image, job, rebind, report_fd),
+        Some(Cmd::Migrate { name, to, key, tcp_established, bundle, map_addr, quiet, json }) => {
+            migrate::run(migrate::Args { name, to, key, tcp_established, bundle, map_addr, quiet, json })
+        }
+        Some(Cmd::Serve { listen, key, dir }) => serve::run(serve::Args { listen, key, dir }),
         Some(Cmd::Inspect { image, json }) => inspect::run(&image, json),
     };
     if let Err(e) = r {
@@ -301,7 +353,7 @@ fn launch(a: RunArgs) -> Result<()> {
     supervisor::Supervisor::new(opts, listener, started, a.program.clone(), started_ns)?.run()
 }
 
-fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs) -> Result<()> {
+fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs, report_fd: Option<i32>) -> Result<()> {
     let restorer = beside_me("vos-restore")?;
     let o = options(&j, String::new())?;
     let args = restore::Args {
@@ -316,6 +368,7 @@ fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs) -> Result<()> {
         domainname: rebind.domainname,
         map: rebind.map,
         map_addr: rebind.map_addr,
+        report_fd,
     };
     restore::run(args, restorer, beside_me("libvos_shim.so")?).map(|_| ())
 }

@@ -38,6 +38,8 @@ pub struct Args {
     pub domainname: Option<String>,
     pub map: Vec<(String, String)>,
     pub map_addr: Vec<(String, String)>,
+    /// Told "running" once the job runs (`vrun serve` waits for it).
+    pub report_fd: Option<RawFd>,
 }
 
 /// With VOS_TIMING set, `vrun restore` reports how long each phase took (on stderr).
@@ -53,6 +55,12 @@ impl Phases {
 
 pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::Infallible> {
     let mut phases = Phases(std::env::var_os("VOS_TIMING").map(|_| std::time::Instant::now()));
+    // SAFETY: the fd was handed to us for this alone; owning it closes it on every path, and CLOEXEC keeps it
+    // out of the job.
+    let report = a.report_fd.map(|fd| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    if let Some(r) = &report {
+        nix::fcntl::fcntl(r, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC)).context("--report-fd")?;
+    }
     let mut r = Reader::open(&a.src)?;
     let header = r.header()?;
     let here = host::current();
@@ -198,6 +206,9 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         }
     }
     phases.mark("running");
+    if let Some(r) = report {
+        let _ = nix::unistd::write(&r, format!("running {name}\n").as_bytes());
+    }
     drop(ctls);
     drop(r);
     let opts = Options {

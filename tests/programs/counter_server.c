@@ -1,7 +1,7 @@
 /* A counter served over TCP and UDP on one port, to clients outside the job.
- * usage: counter_server PORT
+ * usage: counter_server PORT [BALLAST_MIB]
  * TCP: each line "inc" is answered with the counter's next value; "opt" with the options of the listener and of
- * this connection. UDP: each datagram is answered with the counter's next value. Single-threaded, poll(). */
+ * this connection; "sum" with a checksum of BALLAST_MIB of pseudo-random memory filled at start. UDP: each datagram is answered with the counter's next value. Single-threaded, poll(). */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -21,10 +21,23 @@ static int opt(int fd, int level, int name) {
     return v;
 }
 
+static unsigned long *ballast;
+static size_t words;
+
+static unsigned long checksum(void) {
+    unsigned long h = 1469598103934665603ul;
+    for (size_t i = 0; i < words; i++) h = (h ^ ballast[i]) * 1099511628211ul;
+    return h;
+}
+
 int main(int argc, char **argv) {
     int port = atoi(argv[1]), one = 1, rcvbuf = 65536;
     long counter = 0;
     setvbuf(stdout, NULL, _IOLBF, 0);
+    words = (argc > 2 ? atol(argv[2]) : 0) << 17;
+    ballast = malloc(words * sizeof *ballast + 1);
+    unsigned long x = 88172645463325252ul;
+    for (size_t i = 0; i < words; i++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; ballast[i] = x; }
     struct sockaddr_in6 a = {.sin6_family = AF_INET6, .sin6_port = htons(port), .sin6_addr = in6addr_any};
     int l = socket(AF_INET6, SOCK_STREAM, 0);
     setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -70,6 +83,8 @@ int main(int argc, char **argv) {
             if (!strncmp(b, "opt", 3))
                 m = snprintf(out, sizeof out, "reuseaddr %d keepalive %d rcvbuf %d nodelay %d\n", opt(l, SOL_SOCKET, SO_REUSEADDR),
                              opt(l, SOL_SOCKET, SO_KEEPALIVE), opt(l, SOL_SOCKET, SO_RCVBUF), opt(p[i].fd, IPPROTO_TCP, TCP_NODELAY));
+            else if (!strncmp(b, "sum", 3))
+                m = snprintf(out, sizeof out, "%lx\n", checksum());
             else
                 m = snprintf(out, sizeof out, "%ld\n", ++counter);
             if (write(p[i].fd, out, m) != m) { close(p[i].fd); p[i--] = p[--n]; }

@@ -2,6 +2,8 @@
 //! printed. The binaries under test are the workspace's release build (`cargo build --release` first), or those
 //! in $VOS_BIN.
 
+pub mod hosts;
+
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,170 @@
+//! The connection between `vrun migrate` and `vrun serve`: both ends prove they hold the same key before
+//! anything else is said, and every frame after that carries a MAC, so a stream altered, cut, replayed or
+//! reordered on the way is refused.
+//!
+//! Handshake (each side sends a fresh 32-byte nonce; K is derived from the key file):
+//!   client -> server   MAGIC, Nc
+//!   server -> client   Ns, MAC(K, "server" Nc Ns)
+//!   client -> server   MAC(K, "client" Nc Ns)
+//! The session key is MAC(K, "session" Nc Ns). A frame is kind (1 byte), length (4), payload, and
+//! MAC(session, direction, sequence number, kind, length, payload).
+
+use anyhow::{Context, Result, anyhow, bail};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+const MAGIC: &[u8; 8] = b"vOSmig1\n";
+const MAC_LEN: usize = 32;
+/// The largest frame either side accepts.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// What a frame holds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum Kind {
+    /// Client: the job's name and how to restore it (msgpack of `migrate::Begin`).
+    Begin = 1,
+    /// Client: the next bytes of the image.
+    Data = 2,
+    /// Client: the image is complete.
+    End = 3,
+    /// Server: the job runs here now (its name here).
+    Running = 4,
+    /// Server: the restore failed (why).
+    Failed = 5,
+}
+
+impl Kind {
+    fn from(b: u8) -> Option<Kind> {
+        [Kind::Begin, Kind::Data, Kind::End, Kind::Running, Kind::Failed].into_iter().find(|k| *k as u8 == b)
+    }
+}
+
+/// A shared key: a file of any bytes both hosts hold (e.g. `head -c 32 /dev/urandom`). Without one, frames are
+/// still checked for damage but anyone who can connect is believed.
+pub fn key(file: Option<&Path>) -> Result<[u8; 32]> {
+    let Some(f) = file else { return Ok([0; 32]) };
+    let bytes = std::fs::read(f).with_context(|| format!("reading the key file {}", f.display()))?;
+    if bytes.len() < 16 {
+        bail!("{}: a key needs at least 16 bytes (make one with: head -c 32 /dev/urandom > {})", f.display(), f.display());
+    }
+    Ok(blake3::derive_key("vOS 2026 migration key", &bytes))
+}
+
+fn mac(key: &[u8; 32], label: &[u8], nc: &[u8; 32], ns: &[u8; 32]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(label).update(nc).update(ns);
+    *h.finalize().as_bytes()
+}
+
+fn nonce() -> Result<[u8; 32]> {
+    let mut n = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut n).context("reading /dev/urandom")?;
+    Ok(n)
+}
+
+fn same(a: &[u8; 32], b: &[u8]) -> bool {
+    // blake3::Hash compares in constant time.
+    b.len() == 32 && blake3::Hash::from_bytes(*a) == blake3::Hash::from_bytes(b.try_into().unwrap())
+}
+
+pub struct Channel {
+    pub stream: TcpStream,
+    session: [u8; 32],
+    /// 0 for the client's frames, 1 for the server's.
+    me: u8,
+    sent: u64,
+    received: u64,
+    buf: Vec<u8>,
+}
+
+impl Channel {
+    /// Connect to a `vrun serve` and prove we hold its key (and that it holds ours).
+    pub fn connect(to: &str, key: &[u8; 32]) -> Result<Channel> {
+        use std::net::ToSocketAddrs;
+        let addr = to.to_socket_addrs().with_context(|| format!("{to}: not a HOST:PORT"))?.next().ok_or_else(|| anyhow!("{to}: no address"))?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).with_context(|| format!("connecting to {to}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.set_nodelay(true)?;
+        let nc = nonce()?;
+        s.write_all(MAGIC)?;
+        s.write_all(&nc)?;
+        let mut answer = [0u8; 64];
+        s.read_exact(&mut answer).with_context(|| format!("{to} did not answer as a vrun serve"))?;
+        let ns: [u8; 32] = answer[..32].try_into().unwrap();
+        if !same(&mac(key, b"server", &nc, &ns), &answer[32..]) {
+            bail!("{to} does not hold the same key: refusing to send it anything");
+        }
+        s.write_all(&mac(key, b"client", &nc, &ns))?;
+        Ok(Channel::new(s, mac(key, b"session", &nc, &ns), 0))
+    }
+
+    /// Check a connecting client: it must prove it holds `key`. The error says why it was refused.
+    pub fn accept(mut s: TcpStream, key: &[u8; 32]) -> Result<Channel> {
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_nodelay(true)?;
+        let mut hello = [0u8; 40];
+        s.read_exact(&mut hello).context("no greeting")?;
+        if &hello[..8] != MAGIC {
+            bail!("not a vrun migrate");
+        }
+        let nc: [u8; 32] = hello[8..].try_into().unwrap();
+        let ns = nonce()?;
+        s.write_all(&ns)?;
+        s.write_all(&mac(key, b"server", &nc, &ns))?;
+        let mut proof = [0u8; 32];
+        s.read_exact(&mut proof).context("no proof of the key")?;
+        if !same(&mac(key, b"client", &nc, &ns), &proof) {
+            bail!("wrong key");
+        }
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(Channel::new(s, mac(key, b"session", &nc, &ns), 1))
+    }
+
+    fn new(stream: TcpStream, session: [u8; 32], me: u8) -> Channel {
+        Channel { stream, session, me, sent: 0, received: 0, buf: Vec::with_capacity(MAX_FRAME + 64) }
+    }
+
+    fn frame_mac(&self, from: u8, seq: u64, head: &[u8], payload: &[u8]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.session);
+        h.update(&[from]).update(&seq.to_le_bytes()).update(head).update(payload);
+        *h.finalize().as_bytes()
+    }
+
+    pub fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<()> {
+        assert!(payload.len() <= MAX_FRAME);
+        let mut head = [0u8; 5];
+        head[0] = kind as u8;
+        head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        let m = self.frame_mac(self.me, self.sent, &head, payload);
+        self.sent += 1;
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        buf.extend_from_slice(&head);
+        buf.extend_from_slice(payload);
+        buf.extend_from_slice(&m);
+        let r = self.stream.write_all(&buf);
+        self.buf = buf;
+        r.context("sending to the other host")
+    }
+
+    pub fn recv(&mut self) -> Result<(Kind, Vec<u8>)> {
+        let mut head = [0u8; 5];
+        self.stream.read_exact(&mut head).context("the other host went away")?;
+        let len = u32::from_le_bytes(head[1..].try_into().unwrap()) as usize;
+        if len > MAX_FRAME {
+            bail!("a frame of {len} bytes: the stream is damaged");
+        }
+        let mut payload = vec![0u8; len + MAC_LEN];
+        self.stream.read_exact(&mut payload).context("the other host went away in the middle of a frame")?;
+        let got = payload.split_off(len);
+        if !same(&self.frame_mac(1 - self.me, self.received, &head, &payload), &got) {
+            bail!("a frame failed its integrity check: the stream was altered or damaged");
+        }
+        self.received += 1;
+        let kind = Kind::from(head[0]).ok_or_else(|| anyhow!("a frame of unknown kind {}", head[0]))?;
+        Ok((kind, payload))
+    }
+}

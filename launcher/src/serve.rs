@@ -1,0 +1,139 @@
+//! `vrun serve`: the daemon on each host that receives jobs from `vrun migrate` and restores them. Each job
+//! comes over an authenticated connection and goes, memory to memory, into a `vrun restore -` started for it;
+//! that restore supervises the job from then on, detached from the daemon, with the job's output in
+//! DIR/NAME.log. The daemon answers "running" only once the whole image was checked and the job resumed.
+
+use crate::channel::{self, Channel, Kind};
+use crate::migrate::Begin;
+use anyhow::{Context, Result, anyhow, bail};
+use std::io::{BufRead, Write};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+pub struct Args {
+    pub listen: String,
+    pub key: Option<PathBuf>,
+    pub dir: PathBuf,
+}
+
+fn log(what: &str) {
+    eprintln!("vrun serve: {what}");
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let key = channel::key(a.key.as_deref())?;
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    let l = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
+    log(&format!("listening on {}, jobs go to {}", l.local_addr()?, a.dir.display()));
+    if a.key.is_none() {
+        log("no --key: any peer that can reach this port may send jobs here");
+    }
+    for s in l.incoming() {
+        let Ok(s) = s else { continue };
+        let dir = a.dir.clone();
+        std::thread::spawn(move || {
+            let peer = s.peer_addr().map_or("?".into(), |p| p.to_string());
+            let ch = match Channel::accept(s, &key) {
+                Ok(ch) => ch,
+                Err(e) => return log(&format!("refused {peer}: {e:#}")),
+            };
+            if let Err(e) = receive(ch, &dir, &peer) {
+                log(&format!("{peer}: {e:#}"));
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Receive one job and restore it; tell the sender whether it runs.
+fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
+    let (kind, b) = ch.recv()?;
+    if kind != Kind::Begin {
+        bail!("expected the job's description, got {kind:?}");
+    }
+    let begin: Begin = rmp_serde::from_slice(&b).context("a malformed job description")?;
+    let name = crate::runtime::unique_name(&begin.name);
+    log(&format!("{peer}: receiving job {} as {name}", begin.name));
+    let log_path = dir.join(format!("{name}.log"));
+    let (mut child, report) = match start_restore(&name, dir, &begin, &log_path) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ch.send(Kind::Failed, format!("{e:#}").as_bytes());
+            return Err(e);
+        }
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    let mut bytes = 0u64;
+    let mut taken = true;
+    let relay = loop {
+        match ch.recv() {
+            Ok((Kind::Data, d)) => {
+                bytes += d.len() as u64;
+                // A restore that refused the image has ended (its log says why); the rest is read and dropped,
+                // so the sender hears why rather than a reset.
+                taken = taken && stdin.write_all(&d).is_ok();
+            }
+            Ok((Kind::End, _)) => break Ok(()),
+            Ok((k, _)) => break Err(anyhow!("unexpected {k:?} in the middle of the image")),
+            Err(e) => break Err(e),
+        }
+    };
+    // A cut stream leaves the restore a truncated image, which it refuses before the job runs.
+    drop(stdin);
+    // One line; the job's processes may hold the pipe open, so no end of file is waited for.
+    let mut said = String::new();
+    let _ = std::io::BufReader::new(std::fs::File::from(report)).read_line(&mut said);
+    let running = said.starts_with("running");
+    if !running {
+        let _ = child.wait();
+    }
+    // The restore supervises the job from now on; a thread reaps it when it ends.
+    std::thread::spawn(move || child.wait());
+    relay?;
+    if running {
+        log(&format!("{peer}: job {name} runs here ({:.1} MiB received); its output goes to {}", bytes as f64 / (1 << 20) as f64, log_path.display()));
+        ch.send(Kind::Running, name.as_bytes())
+    } else {
+        let why = why_failed(&log_path);
+        log(&format!("{peer}: job {name} could not be restored: {why}"));
+        ch.send(Kind::Failed, why.as_bytes())
+    }
+}
+
+/// `vrun restore -` for the job, detached in its own session; it writes "running" to the returned pipe once the
+/// job runs.
+fn start_restore(name: &str, dir: &Path, begin: &Begin, log_path: &Path) -> Result<(std::process::Child, OwnedFd)> {
+    let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let out = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let mut c = Command::new(std::env::current_exe()?);
+    c.args(["restore", "-", "--name", name, "--dir"]).arg(dir).args(["--report-fd", &report_w.as_raw_fd().to_string()]);
+    for (old, new) in &begin.map_addr {
+        c.arg("--map-addr").arg(format!("{old}={new}"));
+    }
+    c.stdin(Stdio::piped()).stdout(out.try_clone()?).stderr(out);
+    let w = report_w.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls: setsid and fcntl.
+    unsafe {
+        c.pre_exec(move || {
+            libc::setsid();
+            libc::fcntl(w, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let child = c.spawn().context("starting vrun restore")?;
+    drop(report_w);
+    Ok((child, report_r))
+}
+
+/// The restore's own error lines from its log.
+fn why_failed(log_path: &Path) -> String {
+    let text = std::fs::read_to_string(log_path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("vrun")).collect();
+    match lines.last() {
+        Some(l) => l.trim_start_matches("vrun: ").to_string(),
+        None => format!("the restore ended without a word (see {})", log_path.display()),
+    }
+}

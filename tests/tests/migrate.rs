@@ -1,0 +1,189 @@
+//! Live migration between test hosts (network namespaces joined by a bridge, each with a `vrun serve`): jobs
+//! move with their state, clients outside the job go on, and a failed or refused migration leaves the job
+//! running where it was.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vos_tests::hosts::{Host, Net};
+use vos_tests::*;
+
+const PORT: u16 = 9000;
+
+fn key(w: &Work, name: &str) -> PathBuf {
+    let p = w.path(name);
+    let mut k = vec![0u8; 32];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut k)).unwrap();
+    std::fs::write(&p, k).unwrap();
+    p
+}
+
+/// A line-protocol client of counter_server at `ip`.
+struct Client {
+    r: BufReader<TcpStream>,
+}
+
+impl Client {
+    fn connect(ip: &str) -> Client {
+        let t = Instant::now();
+        loop {
+            match TcpStream::connect_timeout(&format!("{ip}:{PORT}").parse().unwrap(), Duration::from_secs(2)) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    return Client { r: BufReader::new(s) };
+                }
+                Err(e) => assert!(t.elapsed() < Duration::from_secs(20), "nothing listens at {ip}:{PORT}: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    fn ask(&mut self, what: &str) -> std::io::Result<String> {
+        self.r.get_mut().write_all(format!("{what}\n").as_bytes())?;
+        let mut l = String::new();
+        if self.r.read_line(&mut l)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+        }
+        Ok(l.trim().to_string())
+    }
+    fn inc(&mut self) -> i64 {
+        self.ask("inc").unwrap().parse().unwrap()
+    }
+}
+
+fn udp_inc(ip: &str) -> i64 {
+    let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    u.send_to(b"inc", (ip, PORT)).unwrap();
+    let mut b = [0u8; 64];
+    let n = u.recv(&mut b).unwrap();
+    String::from_utf8_lossy(&b[..n]).trim().parse().unwrap()
+}
+
+/// Start `argv` under vrun on `host` as job `name`; its output goes to `out`.
+fn launch_on(host: &Host, name: &str, argv: &[&str], out: &Path, w: &Work) -> Running {
+    let mut c = host.vrun();
+    c.args(["--name", name, "--dir"]).arg(&host.dir).arg("--").args(argv);
+    spawn(c, name, out, &w.path("vrun.err"))
+}
+
+/// Hosts with a serve each, all holding `key`.
+fn net(n: usize, w: &Work, key: &Path) -> Net {
+    let mut net = Net::new(n, &w.dir);
+    for h in &mut net.hosts {
+        h.serve(key);
+    }
+    net
+}
+
+#[test]
+fn counter_moves_a_b_c_a_and_clients_reconnect() {
+    let w = Work::new("migrate-abca");
+    let k = key(&w, "key");
+    let net = net(3, &w, &k);
+    let prog = gcc("counter_server");
+    let out = w.path("out.txt");
+    let mut name = w.name("counter");
+    let mut job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string()], &out, &w);
+    wait_for(&out, "the server listening", Duration::from_secs(10), |s| s.contains("listening"));
+    let mut at = 0;
+    let mut c = Client::connect(&net.hosts[at].ip);
+    let opts = c.ask("opt").unwrap();
+    let mut expect = 1;
+    for to in [1, 2, 0] {
+        for _ in 0..3 {
+            assert_eq!(c.inc(), expect);
+            expect += 1;
+        }
+        assert_eq!(udp_inc(&net.hosts[at].ip), expect);
+        expect += 1;
+        name = net.hosts[at].migrate(&name, &net.hosts[to], &k, &[]).unwrap_or_else(|e| panic!("migrating {at} -> {to}: {e}"));
+        if at == 0 {
+            // The job left its first host: its vrun ends with "checkpointed and stopped".
+            assert_eq!(job.wait(Duration::from_secs(20)).code(), Some(75));
+        }
+        // The connection to the old host is gone; the client reconnects to the new one and the counter goes on.
+        assert!(c.ask("inc").is_err(), "the old host still answers");
+        at = to;
+        c = Client::connect(&net.hosts[at].ip);
+        assert_eq!(c.ask("opt").unwrap(), opts, "options changed on the way");
+        assert_eq!(c.inc(), expect, "the counter did not go on where it was after reaching host {at}");
+        expect += 1;
+    }
+    assert!(net.hosts[0].serve_log().contains("runs here"), "host 0 never received the job back");
+    drop(job);
+}
+
+#[test]
+fn process_tree_with_pipes_moves_mid_run() {
+    let w = Work::new("migrate-pingpong");
+    let k = key(&w, "key");
+    let net = net(2, &w, &k);
+    let prog = gcc("pingpong");
+    let out = w.path("out.txt");
+    let name = w.name("pingpong");
+    let steps = 400;
+    let mut job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &steps.to_string()], &out, &w);
+    wait_step(&out, 20);
+    net.hosts[0].migrate(&name, &net.hosts[1], &k, &[]).expect("migrating");
+    assert_eq!(job.wait(Duration::from_secs(20)).code(), Some(75));
+    // Its stdout is a regular file, reopened at its offset on the destination (the hosts share this disk).
+    let all = wait_for(&out, "the job to finish at the destination", Duration::from_secs(60), |s| s.ends_with("done\n"));
+    assert_steps(&all, steps);
+}
+
+#[test]
+fn a_wrong_key_is_refused_and_the_job_goes_on() {
+    let w = Work::new("migrate-key");
+    let k = key(&w, "key");
+    let other = key(&w, "other-key");
+    let net = net(2, &w, &k);
+    let prog = gcc("counter_server");
+    let out = w.path("out.txt");
+    let name = w.name("counter");
+    let mut job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string()], &out, &w);
+    wait_for(&out, "the server listening", Duration::from_secs(10), |s| s.contains("listening"));
+    let mut c = Client::connect(&net.hosts[0].ip);
+    assert_eq!(c.inc(), 1);
+    let e = net.hosts[0].migrate(&name, &net.hosts[1], &other, &[]).expect_err("a wrong key was accepted");
+    assert!(e.contains("does not hold the same key"), "{e}");
+    assert!(net.hosts[1].serve_log().contains("refused"), "the destination did not log the refusal: {}", net.hosts[1].serve_log());
+    assert!(!net.hosts[1].serve_log().contains("receiving"), "the destination took a job from a wrong key");
+    // Untouched: the same connection goes on.
+    assert_eq!(c.inc(), 2);
+    drop(job);
+}
+
+#[test]
+fn destination_killed_mid_transfer_leaves_the_job_running() {
+    let w = Work::new("migrate-kill");
+    let k = key(&w, "key");
+    let mut net = net(2, &w, &k);
+    let prog = gcc("counter_server");
+    let out = w.path("out.txt");
+    let name = w.name("counter");
+    // 768 MiB of memory to send: the transfer takes long enough to be cut.
+    let mut job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string(), "768"], &out, &w);
+    wait_for(&out, "the server listening", Duration::from_secs(30), |s| s.contains("listening"));
+    let mut c = Client::connect(&net.hosts[0].ip);
+    assert_eq!(c.inc(), 1);
+    let sum = c.ask("sum").unwrap();
+    let (src, dst) = net.hosts.split_at_mut(1);
+    let mut m = src[0].vrun();
+    m.args(["migrate", &name, "--to", &dst[0].serve_addr(), "--key"]).arg(&k);
+    let m = m.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let t = Instant::now();
+    while !dst[0].serve_log().contains("receiving job") {
+        assert!(t.elapsed() < Duration::from_secs(20), "the transfer did not start");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    dst[0].kill_serve();
+    let o = m.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the migration succeeded although its destination was killed: {err}");
+    assert!(err.contains("goes on here"), "{err}");
+    // The job goes on where it was, its memory and counter intact, on the same connection.
+    assert_eq!(c.inc(), 2, "the job did not go on");
+    assert_eq!(c.ask("sum").unwrap(), sum, "the job's memory changed");
+    drop(job);
+}
