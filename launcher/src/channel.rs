@@ -34,11 +34,13 @@ pub enum Kind {
     Running = 4,
     /// Server: the restore failed (why).
     Failed = 5,
+    /// Client: the source host let go of the job's address (`--move-addr`).
+    Released = 6,
 }
 
 impl Kind {
     fn from(b: u8) -> Option<Kind> {
-        [Kind::Begin, Kind::Data, Kind::End, Kind::Running, Kind::Failed].into_iter().find(|k| *k as u8 == b)
+        [Kind::Begin, Kind::Data, Kind::End, Kind::Running, Kind::Failed, Kind::Released].into_iter().find(|k| *k as u8 == b)
     }
 }
 

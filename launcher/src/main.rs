@@ -1,5 +1,6 @@
 //! vrun: run a program under vOS, checkpoint it, restore it, inspect its images.
 
+mod address;
 mod bundle;
 mod channel;
 mod checkpoint;
@@ -184,6 +185,10 @@ fails before the destination reports it running, it goes on here.\n\nExamples:\n
         /// Sockets bound or connected to OLD use NEW at the destination (as `vrun restore --map-addr`)
         #[arg(long = "map-addr", value_name = "OLD=NEW", value_parser = parse_map_addr)]
         map_addr: Vec<(String, String)>,
+        /// The job's own IPv4 address moves with it: the destination takes it, this host lets go of it, and
+        /// peers are told by gratuitous ARP (with --tcp-established, their connections go on)
+        #[arg(long, value_name = "IP/PREFIX")]
+        move_addr: Option<address::Address>,
         /// No progress and no summary (errors only)
         #[arg(long, short)]
         quiet: bool,
@@ -249,8 +254,8 @@ fn main() {
             client::run(client::Args { name, kill, to, quiet, bundle, tcp_established })
         }
         Some(Cmd::Restore { image, job, rebind, report_fd }) => restore_cmd(image, job, rebind, report_fd),
-        Some(Cmd::Migrate { name, to, key, tcp_established, bundle, map_addr, quiet, json }) => {
-            migrate::run(migrate::Args { name, to, key, tcp_established, bundle, map_addr, quiet, json })
+        Some(Cmd::Migrate { name, to, key, tcp_established, bundle, map_addr, move_addr, quiet, json }) => {
+            migrate::run(migrate::Args { name, to, key, tcp_established, bundle, map_addr, move_addr, quiet, json })
         }
         Some(Cmd::Serve { listen, key, dir }) => serve::run(serve::Args { listen, key, dir }),
         Some(Cmd::Inspect { image, json }) => inspect::run(&image, json),

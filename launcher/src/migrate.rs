@@ -8,6 +8,7 @@
 //! its word arrives. Then both copies run (the destination's is never killed once running: that would lose
 //! its new state); `vrun migrate` says so.
 
+use crate::address::{self, Address};
 use crate::channel::{self, Channel, Kind, MAX_FRAME};
 use crate::runtime;
 use anyhow::{Context, Result, anyhow, bail};
@@ -25,6 +26,8 @@ pub struct Begin {
     pub name: String,
     /// `--map-addr` re-bindings for the restore there.
     pub map_addr: Vec<(String, String)>,
+    /// `--move-addr`: the address the destination takes before the restore.
+    pub address: Option<String>,
 }
 
 pub struct Args {
@@ -34,6 +37,7 @@ pub struct Args {
     pub tcp_established: bool,
     pub bundle: bool,
     pub map_addr: Vec<(String, String)>,
+    pub move_addr: Option<Address>,
     pub quiet: bool,
     pub json: bool,
 }
@@ -66,9 +70,12 @@ fn mib(b: u64) -> f64 {
 pub fn run(a: Args) -> Result<()> {
     let job = runtime::find(a.name.as_deref())?;
     let key = channel::key(a.key.as_deref())?;
+    if let Some(m) = &a.move_addr {
+        address::holder(m)?.ok_or_else(|| anyhow!("--move-addr {m}: this host does not hold that address"))?;
+    }
     let start = Instant::now();
     let mut ch = Channel::connect(&a.to, &key)?;
-    let begin = Begin { name: job.name.clone(), map_addr: a.map_addr.clone() };
+    let begin = Begin { name: job.name.clone(), map_addr: a.map_addr.clone(), address: a.move_addr.as_ref().map(|m| m.to_string()) };
     ch.send(Kind::Begin, &rmp_serde::to_vec_named(&begin)?)?;
 
     let raw = proto::connect(&job.sock).map_err(|e| anyhow!("cannot reach the supervisor of job {}: {e}", job.name))?;
@@ -142,11 +149,20 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     let downtime = paused.elapsed();
+    // The job's sockets here close as it ends: first the address goes, so nothing answers its peers with a reset.
+    if let Some(m) = &a.move_addr {
+        if let Err(e) = address::release(m) {
+            eprintln!("vrun: migrate: letting go of {m}: {e:#}");
+        }
+    }
     proto::send(sup.as_raw_fd(), &Msg::Handoff { exit: true }, None).map_err(|e| anyhow!("the job runs on {} as {there}, but ending it here failed: {e}", a.to))?;
     match proto::recv(sup.as_raw_fd()) {
         Ok(Some((Msg::CheckpointDone { .. }, _))) | Ok(None) => {}
         Ok(Some((Msg::CheckpointFailed { why }, _))) => bail!("the job runs on {} as {there}, but ending it here failed: {why}", a.to),
         _ => {}
+    }
+    if a.move_addr.is_some() {
+        let _ = ch.send(Kind::Released, &[]);
     }
     let total = start.elapsed();
     if a.json {

@@ -3,6 +3,7 @@
 //! that restore supervises the job from then on, detached from the daemon, with the job's output in
 //! DIR/NAME.log. The daemon answers "running" only once the whole image was checked and the job resumed.
 
+use crate::address::{self, Address};
 use crate::channel::{self, Channel, Kind};
 use crate::migrate::Begin;
 use anyhow::{Context, Result, anyhow, bail};
@@ -58,7 +59,21 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
     let name = crate::runtime::unique_name(&begin.name);
     log(&format!("{peer}: receiving job {} as {name}", begin.name));
     let log_path = dir.join(format!("{name}.log"));
-    let (mut child, report) = match start_restore(&name, dir, &begin, &log_path) {
+    let address = begin.address.as_deref().map(|a| a.parse::<Address>().map_err(|e| anyhow!(e))).transpose();
+    let started = address.and_then(|a| {
+        // The job's own address is here before its sockets are made.
+        let taken = a.map(|a| address::take(&a).map(|dev| (a, dev))).transpose()?;
+        match start_restore(&name, dir, &begin, &log_path) {
+            Ok(c) => Ok((c, taken)),
+            Err(e) => {
+                if let Some((a, dev)) = &taken {
+                    address::drop_taken(a, dev);
+                }
+                Err(e)
+            }
+        }
+    });
+    let ((mut child, report), taken) = match started {
         Ok(c) => c,
         Err(e) => {
             let _ = ch.send(Kind::Failed, format!("{e:#}").as_bytes());
@@ -67,14 +82,14 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
     };
     let mut stdin = child.stdin.take().unwrap();
     let mut bytes = 0u64;
-    let mut taken = true;
+    let mut accepted = true;
     let relay = loop {
         match ch.recv() {
             Ok((Kind::Data, d)) => {
                 bytes += d.len() as u64;
                 // A restore that refused the image has ended (its log says why); the rest is read and dropped,
                 // so the sender hears why rather than a reset.
-                taken = taken && stdin.write_all(&d).is_ok();
+                accepted = accepted && stdin.write_all(&d).is_ok();
             }
             Ok((Kind::End, _)) => break Ok(()),
             Ok((k, _)) => break Err(anyhow!("unexpected {k:?} in the middle of the image")),
@@ -92,15 +107,28 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
     }
     // The restore supervises the job from now on; a thread reaps it when it ends.
     std::thread::spawn(move || child.wait());
+    if !running {
+        if let Some((a, dev)) = &taken {
+            address::drop_taken(a, dev);
+        }
+    }
     relay?;
-    if running {
-        log(&format!("{peer}: job {name} runs here ({:.1} MiB received); its output goes to {}", bytes as f64 / (1 << 20) as f64, log_path.display()));
-        ch.send(Kind::Running, name.as_bytes())
-    } else {
+    if !running {
         let why = why_failed(&log_path);
         log(&format!("{peer}: job {name} could not be restored: {why}"));
-        ch.send(Kind::Failed, why.as_bytes())
+        return ch.send(Kind::Failed, why.as_bytes());
     }
+    log(&format!("{peer}: job {name} runs here ({:.1} MiB received); its output goes to {}", bytes as f64 / (1 << 20) as f64, log_path.display()));
+    ch.send(Kind::Running, name.as_bytes())?;
+    if let Some((a, dev)) = &taken {
+        // Peers learn the address's new home now, and again once the source has let go of it.
+        address::announce(a, dev)?;
+        ch.stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        let released = matches!(ch.recv(), Ok((Kind::Released, _)));
+        address::announce(a, dev)?;
+        log(&format!("{peer}: {a} is here now{}", if released { "" } else { " (the source did not say it let go of it)" }));
+    }
+    Ok(())
 }
 
 /// `vrun restore -` for the job, detached in its own session; it writes "running" to the returned pipe once the

@@ -16,7 +16,7 @@ pub fn sh(cmd: &str) -> Output {
     Command::new("sh").args(["-c", cmd]).output().expect("sh")
 }
 
-fn must(cmd: &str) {
+pub fn must(cmd: &str) {
     let o = sh(cmd);
     assert!(o.status.success(), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
 }
@@ -123,6 +123,13 @@ impl Net {
             hosts.push(Host { ns, ip, dir: hdir, serve: None });
         }
         Net { bridge, hosts, gateway }
+    }
+}
+
+impl Net {
+    /// An address on the hosts' subnet that no host holds: a job's own address.
+    pub fn spare_ip(&self) -> String {
+        format!("{}.100", self.gateway.rsplit_once('.').unwrap().0)
     }
 }
 

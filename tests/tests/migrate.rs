@@ -187,3 +187,36 @@ fn destination_killed_mid_transfer_leaves_the_job_running() {
     assert_eq!(c.ask("sum").unwrap(), sum, "the job's memory changed");
     drop(job);
 }
+
+#[test]
+fn tcp_established_connections_move_with_the_jobs_address() {
+    let w = Work::new("migrate-established");
+    let k = key(&w, "key");
+    let net = net(3, &w, &k);
+    let vip = net.spare_ip();
+    vos_tests::hosts::must(&format!("ip -n {} addr add {vip}/24 dev eth0", net.hosts[0].ns));
+    let prog = gcc("counter_server");
+    let out = w.path("out.txt");
+    let mut name = w.name("counter");
+    let job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string()], &out, &w);
+    wait_for(&out, "the server listening", Duration::from_secs(10), |s| s.contains("listening"));
+    let mut c = Client::connect(&vip);
+    let mut expect = 1;
+    let mut at = 0;
+    for to in [1, 2, 0] {
+        for _ in 0..3 {
+            assert_eq!(c.inc(), expect);
+            expect += 1;
+        }
+        let args = ["--tcp-established", "--move-addr", &format!("{vip}/24")];
+        name = net.hosts[at].migrate(&name, &net.hosts[to], &k, &args).unwrap_or_else(|e| panic!("migrating {at} -> {to}: {e}"));
+        at = to;
+        // The very same connection goes on at the new host: no request lost or repeated.
+        assert_eq!(c.inc(), expect, "the connection lost its place after moving to host {at}");
+        expect += 1;
+        assert_eq!(c.ask("opt").unwrap().split(' ').last(), Some("1"), "TCP_NODELAY was lost");
+        let held = vos_tests::hosts::sh(&format!("ip -n {} -o addr show to {vip}/32", net.hosts[at].ns));
+        assert!(!held.stdout.is_empty(), "host {at} does not hold the job's address");
+    }
+    drop(job);
+}
