@@ -141,7 +141,7 @@ fn a_wrong_key_is_refused_and_the_job_goes_on() {
     let prog = gcc("counter_server");
     let out = w.path("out.txt");
     let name = w.name("counter");
-    let mut job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string()], &out, &w);
+    let job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string()], &out, &w);
     wait_for(&out, "the server listening", Duration::from_secs(10), |s| s.contains("listening"));
     let mut c = Client::connect(&net.hosts[0].ip);
     assert_eq!(c.inc(), 1);
@@ -163,7 +163,7 @@ fn destination_killed_mid_transfer_leaves_the_job_running() {
     let out = w.path("out.txt");
     let name = w.name("counter");
     // 768 MiB of memory to send: the transfer takes long enough to be cut.
-    let mut job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string(), "768"], &out, &w);
+    let job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string(), "768"], &out, &w);
     wait_for(&out, "the server listening", Duration::from_secs(30), |s| s.contains("listening"));
     let mut c = Client::connect(&net.hosts[0].ip);
     assert_eq!(c.inc(), 1);
@@ -218,5 +218,87 @@ fn tcp_established_connections_move_with_the_jobs_address() {
         let held = vos_tests::hosts::sh(&format!("ip -n {} -o addr show to {vip}/32", net.hosts[at].ns));
         assert!(!held.stdout.is_empty(), "host {at} does not hold the job's address");
     }
+    drop(job);
+}
+
+/// A minimal Redis client: one command, one reply (simple strings, integers, bulk strings).
+struct Redis {
+    r: BufReader<TcpStream>,
+}
+
+impl Redis {
+    fn connect(ip: &str, port: u16) -> Redis {
+        let t = Instant::now();
+        loop {
+            if let Ok(s) = TcpStream::connect_timeout(&format!("{ip}:{port}").parse().unwrap(), Duration::from_secs(2)) {
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                return Redis { r: BufReader::new(s) };
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "redis does not answer at {ip}:{port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    fn cmd(&mut self, args: &[&str]) -> std::io::Result<String> {
+        let mut m = format!("*{}\r\n", args.len());
+        for a in args {
+            m += &format!("${}\r\n{a}\r\n", a.len());
+        }
+        self.r.get_mut().write_all(m.as_bytes())?;
+        let mut l = String::new();
+        if self.r.read_line(&mut l)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+        }
+        let l = l.trim_end().to_string();
+        match l.as_bytes().first() {
+            Some(b'$') if l != "$-1" => {
+                let mut v = String::new();
+                self.r.read_line(&mut v)?;
+                Ok(v.trim_end().to_string())
+            }
+            _ => Ok(l[1..].to_string()),
+        }
+    }
+}
+
+#[test]
+fn redis_moves_with_its_data_and_clients() {
+    let redis = ["/usr/bin/redis-server", "/usr/sbin/redis-server"].into_iter().find(|p| Path::new(p).exists());
+    let redis = redis.expect("redis-server is missing: apt-get install redis-server (.ci/run installs it)");
+    let w = Work::new("migrate-redis");
+    let k = key(&w, "key");
+    let net = net(3, &w, &k);
+    let vip = net.spare_ip();
+    vos_tests::hosts::must(&format!("ip -n {} addr add {vip}/24 dev eth0", net.hosts[0].ns));
+    let out = w.path("out.txt");
+    let mut name = w.name("redis");
+    let port = "6390";
+    let dir = w.s("");
+    let argv = [redis, "--port", port, "--bind", "0.0.0.0", "--save", "", "--appendonly", "no", "--protected-mode", "no", "--dir", &dir];
+    let job = launch_on(&net.hosts[0], &name, &argv, &out, &w);
+    let mut c = Redis::connect(&vip, 6390);
+    let mut n = 0;
+    let mut numbered = |c: &mut Redis, count: usize| {
+        for _ in 0..count {
+            n += 1;
+            assert_eq!(c.cmd(&["SET", &format!("key:{n}"), &n.to_string()]).unwrap(), "OK");
+            assert_eq!(c.cmd(&["INCR", "requests"]).unwrap(), n.to_string(), "a request was lost or repeated");
+        }
+    };
+    numbered(&mut c, 200);
+    // By default the client's connection is reset at the move: it reconnects and finds everything.
+    let addr = ["--move-addr", &format!("{vip}/24")];
+    name = net.hosts[0].migrate(&name, &net.hosts[1], &k, &addr).unwrap_or_else(|e| panic!("migrating 0 -> 1: {e}"));
+    assert!(c.cmd(&["PING"]).is_err(), "the connection survived without --tcp-established");
+    c = Redis::connect(&vip, 6390);
+    numbered(&mut c, 200);
+    // With --tcp-established the very same connection goes on.
+    let args = [&addr[..], &["--tcp-established"]].concat();
+    net.hosts[1].migrate(&name, &net.hosts[2], &k, &args).unwrap_or_else(|e| panic!("migrating 1 -> 2: {e}"));
+    numbered(&mut c, 200);
+    for i in (1..=600).step_by(37) {
+        assert_eq!(c.cmd(&["GET", &format!("key:{i}")]).unwrap(), i.to_string(), "key:{i} is lost");
+    }
+    assert_eq!(c.cmd(&["DBSIZE"]).unwrap(), "601");
+    assert!(net.hosts[2].serve_log().contains("runs here"));
     drop(job);
 }
