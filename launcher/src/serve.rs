@@ -81,6 +81,8 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
         }
     };
     let mut stdin = child.stdin.take().unwrap();
+    // Big pipe writes: the restore reads page data straight into place, a pipe's worth per read.
+    let _ = nix::fcntl::fcntl(&stdin, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4 << 20));
     let mut bytes = 0u64;
     let mut accepted = true;
     let relay = loop {
