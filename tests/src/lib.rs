@@ -101,10 +101,10 @@ pub fn gcc(name: &str) -> PathBuf {
 
 /// A `vrun` process (a launched or restored job, in the foreground).
 pub struct Running {
-    pub child: Option<Child>,
-    pub name: String,
     /// Where its supervisor registers (vrun's runtime directory as this test sees it).
     pub runtime: PathBuf,
+    pub child: Option<Child>,
+    pub name: String,
 }
 
 /// Start `c` (a vrun that runs or restores job `name`), appending its stdout and stderr to the files.
@@ -162,9 +162,7 @@ impl Running {
     }
 
     pub fn pid(&self) -> i32 {
-        let j = fs::read_to_string(self.runtime.join(format!("{}.json", self.name))).unwrap_or_default();
-        let key = "\"pid\":";
-        j.find(key).and_then(|i| j[i + key.len()..].trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
+        pid_in(&self.runtime, &self.name)
     }
 
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
@@ -181,6 +179,17 @@ impl Running {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The host pid of running job `name`'s main process (0 when none runs), from vrun's runtime directory.
+pub fn job_pid(name: &str) -> i32 {
+    pid_in(Path::new("/run/vos"), name)
+}
+
+fn pid_in(runtime: &Path, name: &str) -> i32 {
+    let j = fs::read_to_string(runtime.join(format!("{name}.json"))).unwrap_or_default();
+    let key = "\"pid\":";
+    j.find(key).and_then(|i| j[i + key.len()..].trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
 }
 
 impl Drop for Running {

@@ -7,7 +7,9 @@
 //!   reading them back into fresh memory;
 //! - the app's own longest pause during a checkpoint that lets it go on;
 //! - the image and checkpoint time of a trivial program;
-//! - the per-call cost of open+close, clock_gettime, malloc+free and write under the shim vs natively.
+//! - the per-call cost of open+close, clock_gettime, malloc+free and write under the shim vs natively;
+//! - `vrun migrate` of N MiB between two test hosts (network namespaces), idle and while the job rewrites
+//!   10 MB/s, against sending the same bytes over TCP into fresh memory (`--migrate-only` runs just this).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -178,6 +180,108 @@ fn bench_mem(dir: &Path, mib: usize) -> MemResult {
     }
 }
 
+/// Seconds to send `mib` MiB over loopback TCP into fresh memory: what any migration must at least pay here.
+fn tcp_baseline(mib: usize) -> f64 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = Instant::now();
+    let recv = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf: Vec<u8> = Vec::with_capacity(mib << 20);
+        s.read_to_end(&mut buf).unwrap();
+        buf.len()
+    });
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    for _ in 0..mib {
+        s.write_all(&chunk).unwrap();
+    }
+    drop(s);
+    assert_eq!(recv.join().unwrap(), mib << 20);
+    t.elapsed().as_secs_f64()
+}
+
+struct Migration {
+    total: f64,
+    downtime: f64,
+    stall: f64,
+    bytes: u64,
+}
+
+/// Migrate a job holding `mib` MiB (rewriting `dirty` MB/s of it) from one test host to another and back.
+fn bench_migrate(dir: &Path, mib: usize, dirty: u32) -> Vec<Migration> {
+    use vos_tests::hosts::Net;
+    let w = Work { dir: dir.join(format!("migrate{mib}")) };
+    let _ = fs::remove_dir_all(&w.dir);
+    fs::create_dir_all(&w.dir).unwrap();
+    let key = w.path("key");
+    fs::write(&key, [7u8; 32]).unwrap();
+    let mut net = Net::new(2, &w.dir);
+    for h in &mut net.hosts {
+        h.serve(&key);
+    }
+    let prog = gcc("bench_mem");
+    let out = w.path("out.txt");
+    let mut name = w.name("bench");
+    let mut c = net.hosts[0].vrun();
+    c.args(["--name", &name, "--dir"]).arg(&net.hosts[0].dir).arg("--").args([prog.to_str().unwrap(), &mib.to_string(), &dirty.to_string()]);
+    let job = spawn(c, &name, &out, &w.path("vrun.err"));
+    wait_line(&out, "ready", 0);
+    let mut results = vec![];
+    for (from, to) in [(0, 1), (1, 0), (0, 1)] {
+        let pid = job_pid(&name);
+        let n = lines(&out);
+        signal(pid, libc::SIGUSR1);
+        wait_line(&out, "gap", n);
+        let mut m = net.hosts[from].vrun();
+        m.args(["migrate", &name, "--to", &net.hosts[to].serve_addr(), "--json", "--key"]).arg(&key);
+        let o = m.output().unwrap();
+        assert!(o.status.success(), "migrate: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        name = v["name_there"].as_str().unwrap().to_string();
+        while !registered(&name) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let pid = job_pid(&name);
+        let n = lines(&out);
+        signal(pid, libc::SIGUSR1);
+        let (g, _) = wait_line(&out, "gap", n);
+        results.push(Migration {
+            total: v["total_ms"].as_f64().unwrap() / 1e3,
+            downtime: v["downtime_ms"].as_f64().unwrap() / 1e3,
+            stall: g[4..].parse::<f64>().unwrap() / 1e6,
+            bytes: v["bytes"].as_u64().unwrap(),
+        });
+    }
+    drop(job);
+    drop(net);
+    let _ = fs::remove_dir_all(&w.dir);
+    results
+}
+
+fn print_migrations(mib: usize) {
+    let base = median((0..3).map(|_| tcp_baseline(mib)).collect());
+    println!("migration: vrun migrate of N MiB random data between two test hosts, 3 moves (A->B, B->A, A->B)");
+    println!("  baseline: {mib} MiB over TCP into fresh memory: {base:.3}s");
+    println!("  CRIU page server, 1 GiB, measured earlier on this machine (notes): 1.2-1.35 s; no pre-copy possible here");
+    println!("{:>6} {:>8} {:>10} {:>9} {:>12} {:>12} {:>10}", "MiB", "dirty", "total", "ratio", "downtime", "app stall", "sent MiB");
+    for dirty in [0, 10] {
+        for m in bench_migrate(&repo().join("target/vos-bench"), mib, dirty) {
+            println!(
+                "{:>6} {:>6}MB/s {:>9.3}s {:>8.2}x {:>10.1}ms {:>10.1}ms {:>10.1}",
+                mib,
+                dirty,
+                m.total,
+                m.total / base,
+                m.downtime * 1e3,
+                m.stall * 1e3,
+                m.bytes as f64 / (1 << 20) as f64
+            );
+        }
+    }
+    println!("  (stop-and-copy: the job is stopped for the whole transfer; fresh memory at the destination costs most here)");
+}
+
 fn bench_trivial(dir: &Path) -> (f64, u64) {
     let prog = gcc("trivial");
     let w = Work { dir: dir.join("trivial") };
@@ -283,12 +387,16 @@ fn main() {
     let sizes: Vec<usize> = opt("--sizes").unwrap_or("256,1024".into()).split(',').map(|s| s.parse().unwrap()).collect();
     let dir = PathBuf::from(opt("--dir").unwrap_or_else(|| repo().join("target/vos-bench").display().to_string()));
     fs::create_dir_all(&dir).unwrap();
+    if args.iter().any(|a| a == "--migrate-only") {
+        print_migrations(*sizes.last().unwrap());
+        return;
+    }
     warm_up(6);
     println!("vos-bench on {} (images and baselines in {})", std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(), dir.display());
     println!();
     println!("memory: N MiB random + N MiB untouched; medians of 3; ratio = vOS / baseline of the same bytes");
     println!("{:>6} {:>10} {:>10} {:>10} {:>9} {:>11} {:>12} {:>12} {:>10} {:>10}", "MiB", "write+sync", "ckpt", "ckpt+kill", "ratio", "app pause", "read back", "restore", "ratio", "image MiB");
-    for mib in sizes {
+    for &mib in &sizes {
         let r = bench_mem(&dir, mib);
         println!(
             "{:>6} {:>9.3}s {:>9.3}s {:>9.3}s {:>8.2}x {:>9.1}ms {:>11.3}s {:>11.3}s {:>9.2}x {:>10.1}",
@@ -309,6 +417,8 @@ fn main() {
     let (t, size) = bench_trivial(&dir);
     println!();
     println!("trivial C program: checkpoint {:.1} ms (vrun checkpoint, end to end), image {:.2} MiB", t * 1000.0, size as f64 / (1 << 20) as f64);
+    println!();
+    print_migrations(*sizes.last().unwrap());
     println!();
     println!("shim overhead (ns per call, best of 3 alternating runs of 5 rounds each)");
     println!("{:<16} {:>10} {:>10} {:>8}", "call", "native", "vrun", "ratio");
