@@ -46,6 +46,9 @@ pub enum Kind {
     /// Contents of an object the job's metadata lists in `data` (memfd, deleted file): `object:u32 0:u32
     /// offset:u64 bytes`. Data chunks follow the Job chunk.
     Data = 6,
+    /// Pages of one process that a migration's destination already holds from pre-copy: a run table like a
+    /// Pages chunk's, with no data.
+    Reuse = 7,
 }
 
 impl Kind {
@@ -57,6 +60,7 @@ impl Kind {
             4 => Kind::ProcessEnd,
             5 => Kind::End,
             6 => Kind::Data,
+            7 => Kind::Reuse,
             _ => return None,
         })
     }

@@ -7,6 +7,7 @@
 extern crate alloc;
 
 pub mod chunk;
+pub mod pagemap;
 pub mod hashring;
 pub mod plan;
 pub mod sys;

@@ -91,7 +91,8 @@ pub struct PrctlMmMap {
 pub struct PlanHead {
     pub magic: u64,
     pub nmaps: u32,
-    pub _pad: u32,
+    /// This process's pages received by pre-copy (a sparse file, each page at its address), or -1.
+    pub base_fd: i32,
     /// Offset of the `nmaps` MapOps.
     pub ops_off: u64,
     /// Image stream, positioned at this process's first Pages chunk.

@@ -32,13 +32,18 @@ pub enum Msg {
     Dumped { error: Option<String>, next_seq: u64, bytes: u64 },
     /// The app runs again.
     Resumed,
+    /// Write tracking is on (or why not) for this process's private memory.
+    Tracked { error: Option<String> },
 
     // ---- supervisor -> shim coordinator
     /// Go ahead: park every thread and describe the process.
     Begin { kill: bool },
     /// Write this process's page chunks now to the fd that comes along, numbering them from `first_seq` (every
-    /// process of the job is quiesced). Pages in the `skip` ranges are stored by another process (shared memory).
-    Dump { first_seq: u64, skip: Vec<(u64, u64)> },
+    /// process of the job is quiesced). Pages in the `skip` ranges are stored by another process (shared memory);
+    /// pages in the `reuse` ranges (sorted) reached the destination before, unchanged since: listed, not sent.
+    Dump { first_seq: u64, skip: Vec<(u64, u64)>, reuse: Vec<(u64, u64)> },
+    /// Start tracking writes to private memory (userfaultfd write-protect, async), then wait for `Finish`.
+    Track,
     /// Done: resume the app, or end it (checkpoint --kill).
     Finish { exit: bool },
     /// Abandon the checkpoint; the app goes on.
@@ -55,7 +60,11 @@ pub enum Msg {
     // ---- CLI -> supervisor
     /// `vrun checkpoint`: to a path, to the fd that comes with the message (`--to -`), or to the job's directory.
     /// `handoff` (migration): once the image is written the job waits, stopped, for `Handoff`.
-    Checkpoint { kill: bool, to: Option<String>, fd_attached: bool, bundle: bool, tcp_established: bool, handoff: bool },
+    /// `precopy`: the destination holds the pages of the last `Precopy`; unchanged ones are only listed.
+    Checkpoint { kill: bool, to: Option<String>, fd_attached: bool, bundle: bool, tcp_established: bool, handoff: bool, precopy: bool },
+    /// `vrun migrate`: send the job's memory to the fd that comes along while it runs, in rounds, each round the
+    /// pages written since the last one, until few change.
+    Precopy,
     /// The job's fate after a handoff checkpoint: it ends (it runs elsewhere now) or goes on. A client that goes
     /// away without saying means go on.
     Handoff { exit: bool },
@@ -64,6 +73,9 @@ pub enum Msg {
     Written,
     CheckpointDone { path: Option<String>, bytes: u64, millis: u64 },
     CheckpointFailed { why: String },
+    /// One pre-copy round is written: its number and bytes.
+    PrecopyRound { round: u32, bytes: u64 },
+    PrecopyDone,
 }
 
 pub fn encode(m: &Msg) -> Vec<u8> {

@@ -36,11 +36,13 @@ pub enum Kind {
     Failed = 5,
     /// Client: the source host let go of the job's address (`--move-addr`).
     Released = 6,
+    /// Client: pages sent ahead while the job runs (records of pid, address, length, bytes).
+    Precopy = 7,
 }
 
 impl Kind {
     fn from(b: u8) -> Option<Kind> {
-        [Kind::Begin, Kind::Data, Kind::End, Kind::Running, Kind::Failed, Kind::Released].into_iter().find(|k| *k as u8 == b)
+        [Kind::Begin, Kind::Data, Kind::End, Kind::Running, Kind::Failed, Kind::Released, Kind::Precopy].into_iter().find(|k| *k as u8 == b)
     }
 }
 

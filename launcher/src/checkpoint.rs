@@ -12,7 +12,7 @@
 use crate::imagefile::{self, EXT};
 use crate::job::{self, Member};
 use crate::supervisor::{Supervisor, nanos, send_signal, timestamp};
-use crate::{bundle, events, files, host, identity, inet, sysv, terminal};
+use crate::{bundle, events, files, host, identity, inet, precopy, sysv, terminal};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::collections::HashMap;
@@ -36,6 +36,8 @@ pub struct Request {
     pub tcp_established: bool,
     /// A migration's connection: once the image is written, the job waits for its `Handoff` to end or go on.
     pub handoff: Option<OwnedFd>,
+    /// The migration's destination holds what the last pre-copy sent: unchanged pages are only listed.
+    pub precopy: bool,
 }
 
 pub enum Dest {
@@ -47,18 +49,18 @@ pub enum Dest {
 }
 
 /// The shim of one process, connected.
-struct Shim {
-    pid: i32,
+pub(crate) struct Shim {
+    pub(crate) pid: i32,
     conn: OwnedFd,
     image: Option<ProcessImage>,
     own_fds: Vec<i32>,
 }
 
 impl Shim {
-    fn send(&self, m: &Msg, fd: Option<i32>) -> Result<()> {
+    pub(crate) fn send(&self, m: &Msg, fd: Option<i32>) -> Result<()> {
         proto::send(self.conn.as_raw_fd(), m, fd).map_err(|e| anyhow!("talking to pid {}: {e}", self.pid))
     }
-    fn recv(&self) -> Result<(Msg, Option<i32>)> {
+    pub(crate) fn recv(&self) -> Result<(Msg, Option<i32>)> {
         match proto::recv(self.conn.as_raw_fd()) {
             Ok(Some(m)) => Ok(m),
             Ok(None) => bail!("pid {} went away during the checkpoint", self.pid),
@@ -68,7 +70,7 @@ impl Shim {
 }
 
 /// Tell every shim to go on (the checkpoint is abandoned).
-fn cancel(shims: &[Shim], why: &str) {
+pub(crate) fn cancel(shims: &[Shim], why: &str) {
     for s in shims {
         let _ = s.send(&Msg::Cancel { why: why.into() }, None);
     }
@@ -110,7 +112,7 @@ impl Supervisor {
     }
 
     /// Ask every process of the job to park, until every process is parked. Returns the job's processes.
-    fn quiesce(&mut self, shims: &mut Vec<Shim>, kill: bool) -> Result<Vec<Member>> {
+    pub(crate) fn quiesce(&mut self, shims: &mut Vec<Shim>, kill: bool) -> Result<Vec<Member>> {
         loop {
             let members = self.members_with_shims()?;
             let todo: Vec<&Member> = members.iter().filter(|m| !m.zombie && !shims.iter().any(|s| s.pid == m.ids.pid)).collect();
@@ -236,10 +238,22 @@ impl Supervisor {
         job.terminal = terminal::capture(&job, members)?;
         terminal::controlling_ptys(&mut job, members)?;
         let skips = share_memory(&mut job);
+        // Pages pre-copy sent and nobody changed since: the destination has them.
+        let precopied = self.precopied.take().filter(|_| req.precopy);
+        let reuse: Vec<Vec<(u64, u64)>> = shims
+            .iter()
+            .map(|s| {
+                let host = members.iter().find(|m| m.ids.pid == s.pid).map(|m| m.host.as_raw());
+                match (&precopied, host) {
+                    (Some(sent), Some(host)) => precopy::reuse(sent, s.pid, host),
+                    _ => Ok(vec![]),
+                }
+            })
+            .collect::<Result<_>>()?;
         mark("job captured");
 
         let (out, tmp, fin) = self.open_dest(&req.dest)?;
-        let r = self.write_image(shims, &job, &skips, &data, held, out, req, tmp.as_deref(), fin.as_deref(), mark);
+        let r = self.write_image(shims, &job, &skips, &reuse, &data, held, out, req, tmp.as_deref(), fin.as_deref(), mark);
         if r.is_err() {
             if let Some(t) = &tmp {
                 let _ = std::fs::remove_file(t);
@@ -254,6 +268,7 @@ impl Supervisor {
         shims: &[Shim],
         job: &JobImage,
         skips: &[Vec<(u64, u64)>],
+        reuse: &[Vec<(u64, u64)>],
         data: &[OwnedFd],
         held: inet::Held,
         out: OwnedFd,
@@ -277,8 +292,8 @@ impl Supervisor {
         for (i, src) in data.iter().enumerate() {
             seq = w.data(seq, i as u32, src.as_raw_fd(), job.data[i].size).context("writing the image")?;
         }
-        for (s, skip) in shims.iter().zip(skips) {
-            s.send(&Msg::Dump { first_seq: seq, skip: skip.clone() }, Some(out.as_raw_fd()))?;
+        for ((s, skip), reuse) in shims.iter().zip(skips).zip(reuse) {
+            s.send(&Msg::Dump { first_seq: seq, skip: skip.clone(), reuse: reuse.clone() }, Some(out.as_raw_fd()))?;
             seq = match s.recv()?.0 {
                 Msg::Dumped { error: None, next_seq, .. } => next_seq,
                 Msg::Dumped { error: Some(e), .. } => bail!("pid {}: {e}", s.pid),

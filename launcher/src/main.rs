@@ -15,6 +15,7 @@ mod inspect;
 mod job;
 mod migrate;
 mod ns;
+mod precopy;
 mod restore;
 mod runtime;
 mod serve;
@@ -109,6 +110,11 @@ struct RebindArgs {
     map_addr: Vec<(String, String)>,
 }
 
+fn parse_base(s: &str) -> Result<(i32, i32), String> {
+    let (p, f) = s.split_once(':').ok_or_else(|| format!("{s}: expected PID:FD"))?;
+    Ok((p.parse().map_err(|_| format!("{s}: bad pid"))?, f.parse().map_err(|_| format!("{s}: bad fd"))?))
+}
+
 fn parse_map_addr(s: &str) -> Result<(String, String), String> {
     let (old, new) = s.split_once('=').ok_or_else(|| format!("{s}: expected OLD=NEW"))?;
     Ok((old.to_string(), new.to_string()))
@@ -163,6 +169,9 @@ enum Cmd {
         /// Write "running" to this fd once the job runs (for `vrun serve`)
         #[arg(long, hide = true)]
         report_fd: Option<i32>,
+        /// PID:FD, the pages of process PID received by pre-copy (for `vrun serve`)
+        #[arg(long = "base", hide = true, value_parser = parse_base)]
+        bases: Vec<(i32, i32)>,
     },
     /// Move a running job to another host's `vrun serve`, memory to memory; it ends here only once it runs there
     #[command(after_help = "The job stops while its image streams to the destination and goes on there; if anything \
@@ -189,6 +198,10 @@ fails before the destination reports it running, it goes on here.\n\nExamples:\n
         /// peers are told by gratuitous ARP (with --tcp-established, their connections go on)
         #[arg(long, value_name = "IP/PREFIX")]
         move_addr: Option<address::Address>,
+        /// No pre-copy: stop the job for the whole transfer (the default sends memory while it runs, then
+        /// only what changed)
+        #[arg(long)]
+        stop_and_copy: bool,
         /// No progress and no summary (errors only)
         #[arg(long, short)]
         quiet: bool,
@@ -253,9 +266,9 @@ fn main() {
         Some(Cmd::Checkpoint { name, kill, to, bundle, tcp_established, quiet }) => {
             client::run(client::Args { name, kill, to, quiet, bundle, tcp_established })
         }
-        Some(Cmd::Restore { image, job, rebind, report_fd }) => restore_cmd(image, job, rebind, report_fd),
-        Some(Cmd::Migrate { name, to, key, tcp_established, bundle, map_addr, move_addr, quiet, json }) => {
-            migrate::run(migrate::Args { name, to, key, tcp_established, bundle, map_addr, move_addr, quiet, json })
+        Some(Cmd::Restore { image, job, rebind, report_fd, bases }) => restore_cmd(image, job, rebind, report_fd, bases),
+        Some(Cmd::Migrate { name, to, key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, quiet, json }) => {
+            migrate::run(migrate::Args { name, to, key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, quiet, json })
         }
         Some(Cmd::Serve { listen, key, dir }) => serve::run(serve::Args { listen, key, dir }),
         Some(Cmd::Inspect { image, json }) => inspect::run(&image, json),
@@ -358,7 +371,7 @@ fn launch(a: RunArgs) -> Result<()> {
     supervisor::Supervisor::new(opts, listener, started, a.program.clone(), started_ns)?.run()
 }
 
-fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs, report_fd: Option<i32>) -> Result<()> {
+fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs, report_fd: Option<i32>, bases: Vec<(i32, i32)>) -> Result<()> {
     let restorer = beside_me("vos-restore")?;
     let o = options(&j, String::new())?;
     let args = restore::Args {
@@ -374,6 +387,7 @@ fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs, report_fd: Option<
         map: rebind.map,
         map_addr: rebind.map_addr,
         report_fd,
+        bases,
     };
     restore::run(args, restorer, beside_me("libvos_shim.so")?).map(|_| ())
 }

@@ -38,6 +38,8 @@ pub struct Args {
     pub bundle: bool,
     pub map_addr: Vec<(String, String)>,
     pub move_addr: Option<Address>,
+    /// No pre-copy: the job stops for the whole transfer.
+    pub stop_and_copy: bool,
     pub quiet: bool,
     pub json: bool,
 }
@@ -48,19 +50,89 @@ struct Progress {
     tty: bool,
     start: Instant,
     last: Instant,
+    /// The round being sent (the last one is the final, stopped one).
+    round: u32,
+    total: u64,
 }
 
 impl Progress {
-    fn show(&mut self, bytes: u64, done: bool) {
-        if !self.on || (!done && self.last.elapsed() < Duration::from_millis(if self.tty { 100 } else { 1000 })) {
+    fn show(&mut self, round_bytes: u64) {
+        let total = self.total;
+        if !self.on || self.last.elapsed() < Duration::from_millis(if self.tty { 100 } else { 1000 }) {
             return;
         }
         self.last = Instant::now();
         let secs = self.start.elapsed().as_secs_f64().max(1e-3);
-        let line = format!("vrun: migrate: {:.1} MiB sent, {:.0} MiB/s", mib(bytes), mib(bytes) / secs);
+        let line = format!("vrun: migrate: round {}: {:.1} MiB, {:.1} MiB in all, {:.0} MiB/s", self.round, mib(round_bytes), mib(total), mib(total) / secs);
         let mut e = std::io::stderr();
-        let _ = if self.tty { write!(e, "\r{line}\x1b[K{}", if done { "\n" } else { "" }) } else { writeln!(e, "{line}") };
+        let _ = if self.tty { write!(e, "\r{line}\x1b[K") } else { writeln!(e, "{line}") };
     }
+    fn done(&self) {
+        if self.on && self.tty {
+            eprintln!();
+        }
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+    Ok((r, w))
+}
+
+/// Send what the supervisor writes into `pipe` to the destination as `kind` frames, until the supervisor says
+/// something on `sup` other than a round's end; returns that, and the bytes of each round.
+fn relay(ch: &mut Channel, pipe: &OwnedFd, sup: &OwnedFd, kind: Kind, progress: &mut Progress) -> Result<(Msg, Vec<u64>)> {
+    let mut buf = vec![0u8; MAX_FRAME];
+    let (mut rounds, mut round) = (vec![], 0u64);
+    let mut send = |ch: &mut Channel, nonblocking: bool, round: &mut u64, progress: &mut Progress| -> Result<bool> {
+        let n = match nix::unistd::read(pipe, &mut buf) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN) if nonblocking => return Ok(false),
+            Err(nix::errno::Errno::EINTR) => return Ok(true),
+            Err(e) => bail!("reading from the supervisor: {e}"),
+        };
+        if n == 0 {
+            return Ok(false);
+        }
+        ch.send(kind, &buf[..n]).context("the destination went away during the transfer; the job goes on here")?;
+        *round += n as u64;
+        progress.total += n as u64;
+        progress.show(*round);
+        Ok(true)
+    };
+    let end = loop {
+        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN), PollFd::new(sup.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => bail!("poll: {e}"),
+        }
+        if fds[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLIN)) {
+            send(ch, false, &mut round, progress)?;
+            continue;
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            match proto::recv(sup.as_raw_fd()) {
+                Ok(Some((Msg::PrecopyRound { .. }, _))) => {
+                    // Everything of that round is in the pipe: send it, then count the next.
+                    nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
+                    while send(ch, true, &mut round, progress)? {}
+                    nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()))?;
+                    rounds.push(std::mem::take(&mut round));
+                    progress.round += 1;
+                }
+                Ok(Some((m, _))) => break m,
+                _ => bail!("the supervisor went away"),
+            }
+        }
+    };
+    // Whatever ended it, all that was written is in the pipe: send what is left.
+    nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
+    while send(ch, true, &mut round, progress)? {}
+    if round > 0 || kind == Kind::Data {
+        rounds.push(round);
+    }
+    Ok((end, rounds))
 }
 
 fn mib(b: u64) -> f64 {
@@ -78,59 +150,55 @@ pub fn run(a: Args) -> Result<()> {
     let begin = Begin { name: job.name.clone(), map_addr: a.map_addr.clone(), address: a.move_addr.as_ref().map(|m| m.to_string()) };
     ch.send(Kind::Begin, &rmp_serde::to_vec_named(&begin)?)?;
 
-    let raw = proto::connect(&job.sock).map_err(|e| anyhow!("cannot reach the supervisor of job {}: {e}", job.name))?;
-    // SAFETY: a fresh fd from connect, ours alone.
-    let sup = unsafe { OwnedFd::from_raw_fd(raw) };
-    let (image, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
-    let ask = Msg::Checkpoint { kill: false, to: None, fd_attached: true, bundle: a.bundle, tcp_established: a.tcp_established, handoff: true };
+    let connect = || -> Result<OwnedFd> {
+        let raw = proto::connect(&job.sock).map_err(|e| anyhow!("cannot reach the supervisor of job {}: {e}", job.name))?;
+        // SAFETY: a fresh fd from connect, ours alone.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    };
+    let t = Instant::now();
+    let mut progress = Progress { on: !a.quiet && !a.json, tty: std::io::stderr().is_terminal(), start: t, last: t, round: 0, total: 0 };
+    let mut rounds: Vec<u64> = vec![];
+
+    // Live: memory goes over while the job runs, then again what it wrote meanwhile, until little changes.
+    let mut precopied = false;
+    if !a.stop_and_copy {
+        let sup = connect()?;
+        let (pipe, w) = pipe()?;
+        proto::send(sup.as_raw_fd(), &Msg::Precopy, Some(w.as_raw_fd())).map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
+        drop(w);
+        match relay(&mut ch, &pipe, &sup, Kind::Precopy, &mut progress)? {
+            (Msg::PrecopyDone, r) => {
+                rounds = r;
+                precopied = true;
+            }
+            (Msg::CheckpointFailed { why }, _) => {
+                if !a.quiet && !a.json {
+                    eprintln!("vrun: migrate: no pre-copy ({why}); the job stops for the whole transfer");
+                }
+            }
+            (m, _) => bail!("unexpected answer from the supervisor: {m:?}"),
+        }
+    }
+
+    // The final round: the job stops, and its image (with only the pages that changed) goes over.
+    let sup = connect()?;
+    let (image, w) = pipe()?;
+    let ask = Msg::Checkpoint { kill: false, to: None, fd_attached: true, bundle: a.bundle, tcp_established: a.tcp_established, handoff: true, precopy: precopied };
     proto::send(sup.as_raw_fd(), &ask, Some(w.as_raw_fd())).map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
     drop(w);
     let paused = Instant::now();
-    let mut progress = Progress { on: !a.quiet && !a.json, tty: std::io::stderr().is_terminal(), start: paused, last: paused };
-
+    progress.round = rounds.len() as u32;
     // From here until the handoff the job is stopped; leaving early (an error) drops `sup`, and a supervisor
     // that loses its migration lets the job go on.
-    let mut buf = vec![0u8; MAX_FRAME];
-    let mut sent = 0u64;
-    let mut relay = |ch: &mut Channel, nonblocking: bool| -> Result<bool> {
-        let n = match nix::unistd::read(&image, &mut buf) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EAGAIN) if nonblocking => return Ok(false),
-            Err(nix::errno::Errno::EINTR) => return Ok(true),
-            Err(e) => bail!("reading the image: {e}"),
-        };
-        if n == 0 {
-            return Ok(false);
-        }
-        ch.send(Kind::Data, &buf[..n]).context("the destination went away during the transfer; the job goes on here")?;
-        sent += n as u64;
-        progress.show(sent, false);
-        Ok(true)
+    let last = match relay(&mut ch, &image, &sup, Kind::Data, &mut progress)? {
+        (Msg::Written, r) => r,
+        (Msg::CheckpointFailed { why }, _) => bail!("checkpoint of {} failed: {why}; it goes on here", job.name),
+        (m, _) => bail!("unexpected answer from the supervisor: {m:?}"),
     };
-    loop {
-        let mut fds = [PollFd::new(image.as_fd(), PollFlags::POLLIN), PollFd::new(sup.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => bail!("poll: {e}"),
-        }
-        if fds[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLIN)) {
-            relay(&mut ch, false)?;
-            continue;
-        }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-            match proto::recv(sup.as_raw_fd()) {
-                Ok(Some((Msg::Written, _))) => break,
-                Ok(Some((Msg::CheckpointFailed { why }, _))) => bail!("checkpoint of {} failed: {why}; it goes on here", job.name),
-                _ => bail!("the supervisor of {} went away", job.name),
-            }
-        }
-    }
-    // The whole image is in the pipe now: send what is left of it.
-    nix::fcntl::fcntl(&image, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
-    while relay(&mut ch, true)? {}
+    rounds.extend(last);
+    let sent: u64 = rounds.iter().sum();
     ch.send(Kind::End, &[])?;
-    progress.show(sent, true);
+    progress.done();
     ch.stream.set_read_timeout(Some(Duration::from_secs(300)))?;
     let answer = ch.recv();
     let there = match answer {
@@ -168,17 +236,20 @@ pub fn run(a: Args) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"job": job.name, "to": a.to, "name_there": there, "bytes": sent, "rounds": [sent],
+            serde_json::json!({"job": job.name, "to": a.to, "name_there": there, "bytes": sent, "rounds": rounds,
                 "total_ms": total.as_secs_f64() * 1e3, "downtime_ms": downtime.as_secs_f64() * 1e3})
         );
     } else if !a.quiet {
+        let per_round: Vec<String> = rounds.iter().map(|b| format!("{:.1}", mib(*b))).collect();
         eprintln!(
-            "vrun: {} moved to {} as {there} in {:.0} ms: {:.1} MiB sent in 1 round ({:.0} MiB/s); the job was paused for {:.0} ms",
+            "vrun: {} moved to {} as {there} in {:.0} ms: {:.1} MiB sent in {} round{} (MiB: {}); the job was stopped for {:.0} ms",
             job.name,
             a.to,
             total.as_secs_f64() * 1e3,
             mib(sent),
-            mib(sent) / downtime.as_secs_f64().max(1e-3),
+            rounds.len(),
+            if rounds.len() == 1 { "" } else { "s" },
+            per_round.join(", "),
             downtime.as_secs_f64() * 1e3
         );
     }

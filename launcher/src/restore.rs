@@ -40,6 +40,8 @@ pub struct Args {
     pub map_addr: Vec<(String, String)>,
     /// Told "running" once the job runs (`vrun serve` waits for it).
     pub report_fd: Option<RawFd>,
+    /// Pages received by pre-copy, per process (pid as in the image): sparse files, each page at its address.
+    pub bases: Vec<(i32, RawFd)>,
 }
 
 /// With VOS_TIMING set, `vrun restore` reports how long each phase took (on stderr).
@@ -139,7 +141,8 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
             log: runtime::log_path(&name).display().to_string(),
             shim: shim.display().to_string(),
         };
-        let plan = process_plan(p, &spec, &mut fds, &mut keep, image_at, ctl_at, &shm_at, r.seq, swap.as_ref())?;
+        let base_at = a.bases.iter().find(|b| b.0 == p.pid).map_or(-1, |b| fds.put(b.1));
+        let plan = process_plan(p, &spec, &mut fds, &mut keep, image_at, ctl_at, &shm_at, r.seq, swap.as_ref(), base_at)?;
         plans.push((plan, i));
     }
     let plan_fd = job_plan(&job, &plans)?;
@@ -438,7 +441,7 @@ impl Fds {
     }
 }
 
-fn memfd(name: &str, size: u64) -> Result<OwnedFd> {
+pub(crate) fn memfd(name: &str, size: u64) -> Result<OwnedFd> {
     let n = CString::new(format!("vos:{}", name.trim_start_matches('/')).replace(" (deleted)", "")).unwrap_or_default();
     let fd = nix::sys::memfd::memfd_create(n.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
     nix::unistd::ftruncate(&fd, size as i64)?;
@@ -457,6 +460,7 @@ fn process_plan(
     shm_at: &[i32],
     first_seq: u64,
     swap: Option<&vdso::Swap>,
+    base_fd: i32,
 ) -> Result<Vec<u8>> {
     let mut regions: Vec<_> = p.regions.iter().collect();
     regions.sort_by_key(|r| r.start);
@@ -554,7 +558,7 @@ fn process_plan(
     let head = PlanHead {
         magic: plan::PLAN_MAGIC,
         nmaps: ops.len() as u32,
-        _pad: 0,
+        base_fd,
         ops_off,
         image_fd,
         ctl_fd,

@@ -59,11 +59,21 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
     let name = crate::runtime::unique_name(&begin.name);
     log(&format!("{peer}: receiving job {} as {name}", begin.name));
     let log_path = dir.join(format!("{name}.log"));
+    // Pages sent ahead while the job still ran at the source, until its image begins.
+    let mut ahead = Ahead::default();
+    let first = loop {
+        match ch.recv()? {
+            (Kind::Precopy, d) => ahead.take(&d)?,
+            (Kind::Data, d) => break d,
+            (k, _) => bail!("unexpected {k:?} before the image"),
+        }
+    };
     let address = begin.address.as_deref().map(|a| a.parse::<Address>().map_err(|e| anyhow!(e))).transpose();
     let started = address.and_then(|a| {
-        // The job's own address is here before its sockets are made.
+        // The job's own address is here before its sockets are made (and not before: until the source stops
+        // the job, its peers must reach it there).
         let taken = a.map(|a| address::take(&a).map(|dev| (a, dev))).transpose()?;
-        match start_restore(&name, dir, &begin, &log_path) {
+        match start_restore(&name, dir, &begin, &log_path, &ahead) {
             Ok(c) => Ok((c, taken)),
             Err(e) => {
                 if let Some((a, dev)) = &taken {
@@ -80,11 +90,12 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
             return Err(e);
         }
     };
+    drop(ahead);
     let mut stdin = child.stdin.take().unwrap();
     // Big pipe writes: the restore reads page data straight into place, a pipe's worth per read.
     let _ = nix::fcntl::fcntl(&stdin, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4 << 20));
-    let mut bytes = 0u64;
-    let mut accepted = true;
+    let mut bytes = first.len() as u64;
+    let mut accepted = stdin.write_all(&first).is_ok();
     let relay = loop {
         match ch.recv() {
             Ok((Kind::Data, d)) => {
@@ -135,7 +146,7 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
 
 /// `vrun restore -` for the job, detached in its own session; it writes "running" to the returned pipe once the
 /// job runs.
-fn start_restore(name: &str, dir: &Path, begin: &Begin, log_path: &Path) -> Result<(std::process::Child, OwnedFd)> {
+fn start_restore(name: &str, dir: &Path, begin: &Begin, log_path: &Path, ahead: &Ahead) -> Result<(std::process::Child, OwnedFd)> {
     let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let out = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(log_path).with_context(|| format!("opening {}", log_path.display()))?;
     let mut c = Command::new(std::env::current_exe()?);
@@ -143,13 +154,19 @@ fn start_restore(name: &str, dir: &Path, begin: &Begin, log_path: &Path) -> Resu
     for (old, new) in &begin.map_addr {
         c.arg("--map-addr").arg(format!("{old}={new}"));
     }
+    let mut inherit = vec![report_w.as_raw_fd()];
+    for (pid, f) in &ahead.files {
+        c.arg("--base").arg(format!("{pid}:{}", f.as_raw_fd()));
+        inherit.push(f.as_raw_fd());
+    }
     c.stdin(Stdio::piped()).stdout(out.try_clone()?).stderr(out);
-    let w = report_w.as_raw_fd();
     // SAFETY: between fork and exec only async-signal-safe calls: setsid and fcntl.
     unsafe {
         c.pre_exec(move || {
             libc::setsid();
-            libc::fcntl(w, libc::F_SETFD, 0);
+            for &fd in &inherit {
+                libc::fcntl(fd, libc::F_SETFD, 0);
+            }
             Ok(())
         });
     }
@@ -165,5 +182,51 @@ fn why_failed(log_path: &Path) -> String {
     match lines.last() {
         Some(l) => l.trim_start_matches("vrun: ").to_string(),
         None => format!("the restore ended without a word (see {})", log_path.display()),
+    }
+}
+
+/// Pages pre-copy sent ahead, per process (pid as the job sees it): sparse memfds, each page at its address,
+/// for the restore to take the ones the image says are unchanged.
+#[derive(Default)]
+struct Ahead {
+    files: std::collections::HashMap<i32, std::fs::File>,
+    head: Vec<u8>,
+    /// The record being received: pid, where its next bytes go, how many are left.
+    cur: Option<(i32, u64, u64)>,
+}
+
+impl Ahead {
+    /// Take the next bytes of the stream of records (`pid:u32 0:u32 addr:u64 len:u64` and `len` bytes).
+    fn take(&mut self, mut d: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        while !d.is_empty() {
+            match self.cur {
+                None => {
+                    let n = (24 - self.head.len()).min(d.len());
+                    self.head.extend_from_slice(&d[..n]);
+                    d = &d[n..];
+                    if self.head.len() == 24 {
+                        let h = std::mem::take(&mut self.head);
+                        let pid = i32::from_le_bytes(h[..4].try_into().unwrap());
+                        let addr = u64::from_le_bytes(h[8..16].try_into().unwrap());
+                        let len = u64::from_le_bytes(h[16..].try_into().unwrap());
+                        if addr % 4096 != 0 || len % 4096 != 0 || addr.checked_add(len).is_none_or(|e| e > 1 << 57) {
+                            bail!("a malformed pre-copy record");
+                        }
+                        if !self.files.contains_key(&pid) {
+                            self.files.insert(pid, crate::restore::memfd("precopy", 0)?.into());
+                        }
+                        self.cur = (len > 0).then_some((pid, addr, len));
+                    }
+                }
+                Some((pid, addr, left)) => {
+                    let n = left.min(d.len() as u64);
+                    self.files[&pid].write_all_at(&d[..n as usize], addr).context("keeping pre-copied pages")?;
+                    d = &d[n as usize..];
+                    self.cur = (left > n).then_some((pid, addr + n, left - n));
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -58,6 +58,8 @@ pub struct Supervisor {
     pub(crate) started_unix_ns: u64,
     sigfd: SignalFd,
     pub(crate) checkpointed_and_stopped: Option<String>,
+    /// What the last pre-copy sent, for the migration's final checkpoint.
+    pub(crate) precopied: Option<crate::precopy::Sent>,
 }
 
 /// Signals the supervisor forwards to the job (and the one it waits for).
@@ -78,7 +80,7 @@ pub fn block_signals() -> Result<()> {
 impl Supervisor {
     pub fn new(opts: Options, listener: Listener, job: Started, argv: Vec<String>, started_unix_ns: u64) -> Result<Supervisor> {
         let sigfd = SignalFd::with_flags(&handled(), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
-        let s = Supervisor { opts, listener, job, argv, started_unix_ns, sigfd, checkpointed_and_stopped: None };
+        let s = Supervisor { opts, listener, job, argv, started_unix_ns, sigfd, checkpointed_and_stopped: None, precopied: None };
         runtime::register(&runtime::Entry {
             name: s.opts.name.clone(),
             supervisor: std::process::id() as i32,
@@ -122,7 +124,7 @@ impl Supervisor {
             }
             if let Some(t) = next_interval {
                 if Instant::now() >= t {
-                    let req = Request { kill: false, dest: Dest::Dir, reason: "interval", bundle: false, tcp_established: false, handoff: None };
+                    let req = Request { kill: false, dest: Dest::Dir, reason: "interval", bundle: false, tcp_established: false, handoff: None, precopy: false };
                     match self.checkpoint(req, None) {
                         Ok(_) => self.prune(),
                         Err(e) => self.say(&format!("periodic checkpoint failed: {e:#}")),
@@ -208,7 +210,15 @@ impl Supervisor {
     fn on_connection(&mut self) {
         let Some((conn, msg, fd)) = self.accept() else { return };
         match msg {
-            Msg::Checkpoint { kill, to, fd_attached, bundle, tcp_established, handoff } => {
+            Msg::Precopy => {
+                let Some(out) = fd.map(crate::ns::owned) else { return };
+                let answer = match self.precopy(out, &conn) {
+                    Ok(()) => Msg::PrecopyDone,
+                    Err(e) => Msg::CheckpointFailed { why: format!("{e:#}") },
+                };
+                let _ = proto::send(conn.as_raw_fd(), &answer, None);
+            }
+            Msg::Checkpoint { kill, to, fd_attached, bundle, tcp_established, handoff, precopy } => {
                 let dest = match (to, fd_attached, fd) {
                     (_, true, Some(fd)) => Dest::Fd(crate::ns::owned(fd)),
                     (Some(p), _, _) => Dest::Path(PathBuf::from(p)),
@@ -216,7 +226,7 @@ impl Supervisor {
                 };
                 let handoff = if handoff { Some(conn.try_clone().expect("dup")) } else { None };
                 let reason = if handoff.is_some() { "migration" } else { "request" };
-                let req = Request { kill, dest, reason, bundle, tcp_established, handoff };
+                let req = Request { kill, dest, reason, bundle, tcp_established, handoff, precopy };
                 let start = Instant::now();
                 let answer = match self.checkpoint(req, None) {
                     Ok(path) => Msg::CheckpointDone { path, bytes: 0, millis: start.elapsed().as_millis() as u64 },
@@ -228,7 +238,7 @@ impl Supervisor {
                 // A trigger signal from outside (kill -s RTMAX-1): a checkpoint to the job's directory.
                 let Trigger::Signal { sig } = trigger else { return };
                 let kill = sig == self.opts.signals.1;
-                let req = Request { kill, dest: Dest::Dir, reason: "signal", bundle: false, tcp_established: false, handoff: None };
+                let req = Request { kill, dest: Dest::Dir, reason: "signal", bundle: false, tcp_established: false, handoff: None, precopy: false };
                 match self.checkpoint(req, Some((conn, pid))) {
                     Ok(Some(p)) => self.say(&format!("checkpoint written to {p}")),
                     Ok(None) => {}

@@ -132,7 +132,7 @@ fn restore_process(buf: &[u8], entry: &ProcEntry) -> ! {
     memory::clear_address_space();
     memory::map_regions(ops, buf);
     let first_seq = tree::wait_turn(entry.order, head.first_seq);
-    let (next_seq, pages) = memory::read_pages(head.image_fd, first_seq, ops);
+    let (next_seq, pages) = memory::read_pages(head.image_fd, first_seq, ops, head.base_fd);
     tree::pass_turn(next_seq);
     memory::protect_regions(ops);
     if head.vdso_addr != 0 {

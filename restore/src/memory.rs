@@ -209,7 +209,7 @@ static RING: Ring = Ring::new();
 
 /// Read this process's Pages chunks (and its closing ProcessEnd chunk) straight into place; a second thread
 /// verifies each chunk's checksum meanwhile. Returns the next chunk number and the pages read.
-pub fn read_pages(fd: i32, first_seq: u64, ops: &[MapOp]) -> (u64, u64) {
+pub fn read_pages(fd: i32, first_seq: u64, ops: &[MapOp], base_fd: i32) -> (u64, u64) {
     let mut src = Fd(fd);
     let mut seq = first_seq;
     let mut pages = 0u64;
@@ -222,6 +222,11 @@ pub fn read_pages(fd: i32, first_seq: u64, ops: &[MapOp]) -> (u64, u64) {
         let head = chunk::read_head(&mut src, seq).unwrap_or_else(|e| image_fail(e));
         match head.kind {
             Kind::Pages => {}
+            Kind::Reuse => {
+                pages += reuse(&mut src, seq, head.len, head.payload_hash, ops, base_fd);
+                seq += 1;
+                continue;
+            }
             Kind::ProcessEnd => {
                 if let Some(bad) = RING.finish() {
                     image_fail(ImageError::PayloadCorrupt { seq: bad });
@@ -278,6 +283,52 @@ pub fn read_pages(fd: i32, first_seq: u64, ops: &[MapOp]) -> (u64, u64) {
         RING.submit();
         seq += 1;
     }
+}
+
+/// A Reuse chunk: copy the runs it lists from the pages pre-copy brought (`base_fd`, each page at its address).
+fn reuse(src: &mut Fd, seq: u64, len: u64, hash: u64, ops: &[MapOp], base_fd: i32) -> u64 {
+    let mut table = [0u8; 8 + chunk::MAX_RUNS as usize * chunk::RUN_LEN];
+    if len < 8 || len > table.len() as u64 {
+        image_fail(ImageError::Malformed { seq, what: "bad reuse table" });
+    }
+    src.read_exact(&mut table[..len as usize]).unwrap_or_else(|e| image_fail(read_err(e)));
+    let mut h = PayloadHasher::default();
+    h.update(&table[..len as usize]);
+    if h.finish() != hash {
+        image_fail(ImageError::PayloadCorrupt { seq });
+    }
+    let nruns = u32::from_le_bytes([table[0], table[1], table[2], table[3]]) as usize;
+    if 8 + nruns * chunk::RUN_LEN != len as usize {
+        image_fail(ImageError::Malformed { seq, what: "bad reuse table" });
+    }
+    if base_fd < 0 {
+        fail(&Msg::new("vos-restore: the image refers to pages sent ahead by a migration, and none came"));
+    }
+    let mut pages = 0;
+    for i in 0..nruns {
+        let run = PageRun::decode(&table[8 + i * chunk::RUN_LEN..]);
+        let aligned = run.addr % chunk::PAGE as u64 == 0 && run.len % chunk::PAGE as u64 == 0 && run.len > 0;
+        if !aligned || !fill_target(ops, &run) {
+            image_fail(ImageError::Malformed { seq, what: "reused run outside the process's memory" });
+        }
+        let mut done = 0u64;
+        // SAFETY: fill_target checked the run lies inside a region we mapped writable.
+        unsafe {
+            let _ = sys::madvise(run.addr as usize, run.len as usize, MADV_POPULATE_WRITE);
+        }
+        while done < run.len {
+            // SAFETY: as above; pread writes inside the run.
+            let dst = unsafe { core::slice::from_raw_parts_mut((run.addr + done) as *mut u8, (run.len - done) as usize) };
+            match sys::pread(base_fd, dst, run.addr + done) {
+                Ok(0) => fail(&Msg::new("vos-restore: pages sent ahead by the migration are missing at ").hex(run.addr + done)),
+                Ok(n) => done += n as u64,
+                Err(e) if e.0 == libc::EINTR => {}
+                Err(e) => fail(&Msg::new("vos-restore: reading pages sent ahead: ").errno(e)),
+            }
+        }
+        pages += run.len / chunk::PAGE as u64;
+    }
+    pages
 }
 
 fn read_err(e: Option<Errno>) -> ImageError {

@@ -7,7 +7,7 @@
 
 use crate::global::{CONFIG, Global};
 use crate::writer::Writer;
-use crate::{arena, interrupts, log, memory, process, procfs, restart, signals, threads};
+use crate::{arena, interrupts, log, memory, process, procfs, restart, signals, threads, tracking};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -132,7 +132,8 @@ fn run(sig: i32) -> Result<(), String> {
     }
 
     interrupts::GEN.fetch_add(1, Ordering::AcqRel);
-    let own_fds = alloc::vec![conn.0];
+    let mut own_fds = alloc::vec![conn.0];
+    own_fds.extend(tracking::fd());
     let parked = match threads::park_all(PARK_TIMEOUT_NS) {
         Ok(p) => p,
         Err(e) => {
@@ -168,14 +169,23 @@ fn run(sig: i32) -> Result<(), String> {
     if let Err(e) = sent {
         return resume(e);
     }
-    let (first_seq, skip, out) = match conn.recv() {
-        Ok((Msg::Dump { first_seq, skip }, Some(fd))) => (first_seq, skip, Fd(move_high(fd))),
+    let (first_seq, skip, reuse, out) = match conn.recv() {
+        Ok((Msg::Dump { first_seq, skip, reuse }, Some(fd))) => (first_seq, skip, reuse, Fd(move_high(fd))),
+        Ok((Msg::Track, _)) => {
+            let tracked = Msg::Tracked { error: tracking::start(move_high).err() };
+            if let Err(e) = conn.send(&tracked, None) {
+                return resume(e);
+            }
+            return finish(&conn, &shared_pending);
+        }
         Ok((Msg::Cancel { why }, _)) => return resume(format!("cancelled: {why}")),
         Ok((m, _)) => return resume(format!("unexpected message from the supervisor: {m:?}")),
         Err(e) => return resume(e),
     };
     let mut w = Writer::new(out.0, first_seq);
-    let written = write(&mut w, &image, &skip);
+    let written = write(&mut w, &image, &skip, &reuse);
+    // The migration this tracking served has its image: whatever comes next, tracking is over.
+    tracking::stop();
     let dumped = Msg::Dumped { error: written.as_ref().err().cloned(), next_seq: w.seq, bytes: w.bytes };
     drop(out);
     if let Err(e) = conn.send(&dumped, None) {
@@ -184,6 +194,16 @@ fn run(sig: i32) -> Result<(), String> {
     if let Err(e) = written {
         return resume(e);
     }
+    finish(&conn, &shared_pending)
+}
+
+/// Wait for the supervisor's word: end the process (the image is safe) or let the app go on.
+fn finish(conn: &Conn, shared_pending: &[serde_bytes::ByteBuf]) -> Result<(), String> {
+    let resume = |why: String| -> Result<(), String> {
+        signals::requeue_shared(shared_pending);
+        threads::release_all();
+        Err(why)
+    };
     match conn.recv() {
         Ok((Msg::Finish { exit: true }, _)) => {
             // The image is safe: end here, before any app code runs again.
@@ -194,7 +214,7 @@ fn run(sig: i32) -> Result<(), String> {
         Ok((m, _)) => return resume(format!("unexpected message from the supervisor: {m:?}")),
         Err(e) => return resume(e),
     }
-    signals::requeue_shared(&shared_pending);
+    signals::requeue_shared(shared_pending);
     threads::release_all();
     let _ = conn.send(&Msg::Resumed, None);
     Ok(())
@@ -272,10 +292,10 @@ fn own_id(nr: i64) -> i64 {
 }
 
 /// This process's chunks: its pages, its summary. `skip`: shared memory another process stores.
-fn write(w: &mut Writer, image: &ProcessImage, skip: &[(u64, u64)]) -> Result<(), String> {
+fn write(w: &mut Writer, image: &ProcessImage, skip: &[(u64, u64)], reuse: &[(u64, u64)]) -> Result<(), String> {
     let mut exclude = alloc::vec![stack_range(), restart::stack_range(), memory::ring_range(), arena::session_state()];
     exclude.extend_from_slice(skip);
-    let summary: ProcessSummary = memory::write_pages(w, &image.regions, &exclude)?;
+    let summary: ProcessSummary = memory::write_pages(w, &image.regions, &exclude, reuse)?;
     let s = rmp_serde::to_vec_named(&summary).map_err(|e| format!("encoding the summary: {e}"))?;
     w.chunk(Kind::ProcessEnd, &s).map_err(|e| format!("writing the image: {e}"))?;
     Ok(())

@@ -29,6 +29,7 @@ mod restart;
 mod signals;
 mod threads;
 mod timers;
+mod tracking;
 mod writer;
 
 mod arena;

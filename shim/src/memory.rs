@@ -212,36 +212,7 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
 
 // ---- page scanning ---------------------------------------------------------------------------------------------
 
-const PAGEMAP_SCAN: u64 = 0xc060_6610;
-const PAGE_IS_FILE: u64 = 1 << 2;
-const PAGE_IS_PRESENT: u64 = 1 << 3;
-const PAGE_IS_SWAPPED: u64 = 1 << 4;
-const PAGE_IS_PFNZERO: u64 = 1 << 5;
-
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
+use vos::pagemap::{PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGEMAP_SCAN, PageRegion, PmScanArg};
 
 /// Finds the pages of a region worth storing.
 pub struct Scanner {
@@ -479,9 +450,50 @@ fn write_oldest(w: &mut Writer) -> Result<(), String> {
     r
 }
 
+/// [a, b) split by the sorted, disjoint `reuse` ranges: `f(start, end, reused)` for each piece, in order.
+fn split_reuse(a: u64, b: u64, reuse: &[(u64, u64)], f: &mut dyn FnMut(u64, u64, bool) -> Result<(), String>) -> Result<(), String> {
+    let mut p = a;
+    let mut i = reuse.partition_point(|r| r.1 <= a);
+    while p < b {
+        match reuse.get(i) {
+            Some(&(rs, re)) if rs < b => {
+                if p < rs {
+                    f(p, rs, false)?;
+                }
+                let (s, e) = (p.max(rs), re.min(b));
+                if s < e {
+                    f(s, e, true)?;
+                }
+                p = e.max(p);
+                i += 1;
+            }
+            _ => {
+                f(p, b, false)?;
+                p = b;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Write Reuse chunks listing `runs`.
+fn write_reuse(w: &mut Writer, runs: &[PageRun]) -> Result<(), String> {
+    for part in runs.chunks(chunk::MAX_RUNS as usize) {
+        let mut payload = Vec::with_capacity(8 + part.len() * chunk::RUN_LEN);
+        payload.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        payload.extend_from_slice(&0u32.to_le_bytes());
+        for r in part {
+            payload.extend_from_slice(&r.encode());
+        }
+        w.chunk(chunk::Kind::Reuse, &payload).map_err(|e| format!("writing the image: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Write the Pages chunks of every region; `exclude` lists shim-private ranges whose contents never travel
-/// (the coordinator's own stack). Returns what was stored per region.
-pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)]) -> Result<ProcessSummary, String> {
+/// (the coordinator's own stack); pages in the sorted `reuse` ranges are only listed (the destination holds
+/// them from pre-copy). Returns what was stored per region.
+pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)], reuse: &[(u64, u64)]) -> Result<ProcessSummary, String> {
     let mut scanner = Scanner::open()?;
     let mem = sys::open(b"/proc/self/mem\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/self/mem: {e}"))?;
     let mut batch = Batch {
@@ -494,6 +506,7 @@ pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)]) -
         region: 0,
     };
     let mut summary = ProcessSummary { regions: Vec::with_capacity(regions.len()), bytes: 0 };
+    let mut reused_runs: Vec<PageRun> = Vec::new();
     let start_bytes = w.bytes;
     RING.start(false);
     let result = (|| {
@@ -503,7 +516,17 @@ pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)]) -
                 let readable = r.prot & libc::PROT_READ as u32 != 0;
                 let anon = r.kind != RegionKind::File;
                 scanner.ranges(r, &mut |start, end| {
-                    for (a, b) in subtract(start, end, exclude) {
+                    for (a0, b0) in subtract(start, end, exclude) {
+                        split_reuse(a0, b0, reuse, &mut |a, b, reused| {
+                        if reused {
+                            // Runs never span regions; the ranges given here lie inside one.
+                            match reused_runs.last_mut() {
+                                Some(last) if last.addr + last.len == a && a != r.start => last.len += b - a,
+                                _ => reused_runs.push(PageRun { addr: a, len: b - a }),
+                            }
+                            s.stored += (b - a) / PAGE as u64;
+                            return Ok(());
+                        }
                         let mut p = a;
                         while p < b {
                             // Zero pages of anonymous memory need not travel; a zero page copied from a file
@@ -521,13 +544,16 @@ pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)]) -
                             s.stored += (q - p) / PAGE as u64;
                             p = q;
                         }
+                        Ok(())
+                        })?;
                     }
                     Ok(())
                 })?;
             }
             summary.regions.push(s);
         }
-        batch.drain(w)
+        batch.drain(w)?;
+        write_reuse(w, &reused_runs)
     })();
     // Whatever happened, the hashing thread ends before the app may run again.
     while RING.in_flight() > 0 {

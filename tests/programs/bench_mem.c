@@ -2,7 +2,8 @@
  * usage: bench_mem MIB [DIRTY_MB_PER_S]
  * Prints "ready" once filled. Then it spins, tracking the largest gap between two looks at CLOCK_REALTIME
  * (its own pause as the world sees it: a restored job's monotonic clock hides the time it was away), and
- * rewrites DIRTY_MB_PER_S of its data per second (the same values, so the checksum holds). SIGUSR1: print "gap US" and reset. SIGUSR2: re-read all data, check its checksum, print
+ * changes DIRTY_MB_PER_S of its data per second (adding one to successive words, and to the checksum it keeps).
+ * SIGUSR1: print "gap US" and reset. SIGUSR2: re-read all data, check its checksum, print
  * "verified MS" (the time to touch it all) or "CORRUPT". */
 #include <signal.h>
 #include <stdint.h>
@@ -35,7 +36,7 @@ int main(int argc, char **argv) {
         uint64_t t = now_us();
         if (t - last > gap) gap = t - last;
         for (size_t k = (size_t)((t - last) * dirty_per_us); k > 0; k--, next = (next + 1) % n)
-            ((volatile uint64_t *)data)[next] = data[next];
+            ((volatile uint64_t *)data)[next] += 1, sum += 1;
         last = t;
         if (want_gap) { want_gap = 0; printf("gap %llu\n", (unsigned long long)gap); gap = 0; last = now_us(); }
         if (want_verify) {

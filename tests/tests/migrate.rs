@@ -302,3 +302,46 @@ fn redis_moves_with_its_data_and_clients() {
     assert!(net.hosts[2].serve_log().contains("runs here"));
     drop(job);
 }
+
+#[test]
+fn precopy_keeps_every_write_made_while_it_ran() {
+    let w = Work::new("migrate-precopy");
+    let k = key(&w, "key");
+    let net = net(2, &w, &k);
+    let prog = gcc("bench_mem");
+    let out = w.path("out.txt");
+    let mut name = w.name("mem");
+    // 96 MiB of data, 30 MB/s of it changing (each change also added to the checksum the program keeps).
+    let job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), "96", "30"], &out, &w);
+    wait_for(&out, "the data filled", Duration::from_secs(30), |s| s.contains("ready"));
+    let mut at = 0;
+    for (to, args) in [(1, &[][..]), (0, &["--stop-and-copy"][..]), (1, &[][..])] {
+        let mut c = net.hosts[at].vrun();
+        c.args(["migrate", &name, "--to", &net.hosts[to].serve_addr(), "--json", "--key"]).arg(&k).args(args);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "migrating {at} -> {to}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        name = v["name_there"].as_str().unwrap().to_string();
+        let rounds: Vec<u64> = v["rounds"].as_array().unwrap().iter().map(|r| r.as_u64().unwrap()).collect();
+        if args.is_empty() {
+            // Memory went over while the job ran; the final, stopped round carried only what changed.
+            assert!(rounds.len() >= 2, "no pre-copy rounds: {rounds:?}");
+            assert!(*rounds.last().unwrap() * 4 < rounds[0], "the final round was not small: {rounds:?}");
+        } else {
+            assert_eq!(rounds.len(), 1, "--stop-and-copy made rounds: {rounds:?}");
+        }
+        at = to;
+        // Every change made while memory was on its way is there: the data matches the running checksum.
+        let before = std::fs::read_to_string(&out).unwrap().lines().count();
+        let t = Instant::now();
+        while job_pid(&name) == 0 {
+            assert!(t.elapsed() < Duration::from_secs(20), "{name} is not registered at host {at}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: kill has no memory effects.
+        unsafe { libc::kill(job_pid(&name), libc::SIGUSR2) };
+        let text = wait_for(&out, "the data verified", Duration::from_secs(30), |s| s.lines().skip(before).any(|l| l.starts_with("verified") || l.starts_with("CORRUPT")));
+        assert!(!text.lines().skip(before).any(|l| l.starts_with("CORRUPT")), "memory differs after moving to host {at}");
+    }
+    drop(job);
+}

@@ -1,0 +1,37 @@
+//! The PAGEMAP_SCAN ioctl on /proc/PID/pagemap (Linux 6.7): which pages of a range are present, copied on
+//! write, written since they were last write-protected. The shim uses it to find the pages worth storing; the
+//! supervisor, on another process's pagemap, to find what a running job wrote between pre-copy rounds.
+
+pub const PAGEMAP_SCAN: u64 = 0xc060_6610;
+/// Write-protect the pages found (async userfaultfd tracking starts over for them).
+pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub const PAGE_IS_FILE: u64 = 1 << 2;
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
+
+#[repr(C)]
+#[derive(Default)]
+pub struct PmScanArg {
+    pub size: u64,
+    pub flags: u64,
+    pub start: u64,
+    pub end: u64,
+    pub walk_end: u64,
+    pub vec: u64,
+    pub vec_len: u64,
+    pub max_pages: u64,
+    pub category_inverted: u64,
+    pub category_mask: u64,
+    pub category_anyof_mask: u64,
+    pub return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+pub struct PageRegion {
+    pub start: u64,
+    pub end: u64,
+    pub categories: u64,
+}
