@@ -190,8 +190,15 @@ pub struct RestorerReport {
     /// The sequence number of the next chunk in the stream, which the launcher reads on.
     pub next_seq: u64,
     pub pages: u64,
+    /// Runs of pre-copied pages left to be filled after the job resumes: a message with the userfaultfd that
+    /// covers them and their table (`PageRun`s) follows the report.
+    pub lazy_runs: u32,
+    pub _pad: u32,
     pub msg: [u8; 240],
 }
+
+/// Most runs of pre-copied pages one process leaves to be filled lazily (the rest are copied at once).
+pub const MAX_LAZY_RUNS: usize = 2048;
 
 impl RestorerReport {
     pub fn as_bytes(&self) -> &[u8] {

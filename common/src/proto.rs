@@ -73,6 +73,8 @@ pub enum Msg {
     Written,
     CheckpointDone { path: Option<String>, bytes: u64, millis: u64 },
     CheckpointFailed { why: String },
+    /// vrun restore -> its filler: fill these runs of process `pid` through the userfaultfd that comes along.
+    Fill { pid: i32, runs: Vec<(u64, u64)> },
     /// One pre-copy round is written: its number and bytes.
     PrecopyRound { round: u32, bytes: u64 },
     PrecopyDone,

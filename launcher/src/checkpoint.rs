@@ -95,6 +95,8 @@ impl Supervisor {
                 eprintln!("vrun: checkpoint: {what} at {:.1} ms", t0.elapsed().as_secs_f64() * 1000.0);
             }
         };
+        self.await_filled();
+        mark("memory in place");
         let mut shims: Vec<Shim> = first.map(|(conn, pid)| Shim { pid, conn, image: None, own_fds: vec![] }).into_iter().collect();
         let members = match self.quiesce(&mut shims, req.kill) {
             Ok(m) => m,
@@ -109,6 +111,14 @@ impl Supervisor {
             cancel(&shims, &format!("{e:#}"));
         }
         r
+    }
+
+    /// Memory a migration left to fill (see `fill`) must be in place before it is read or tracked.
+    pub(crate) fn await_filled(&mut self) {
+        if let Some(f) = self.filling.take() {
+            let mut b = [0u8; 64];
+            while nix::sys::socket::recv(f.as_raw_fd(), &mut b, nix::sys::socket::MsgFlags::empty()).is_ok_and(|n| n > 0) {}
+        }
     }
 
     /// Ask every process of the job to park, until every process is parked. Returns the job's processes.

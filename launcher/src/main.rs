@@ -7,6 +7,7 @@ mod checkpoint;
 mod client;
 mod events;
 mod files;
+mod fill;
 mod host;
 mod identity;
 mod inet;

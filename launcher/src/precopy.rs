@@ -126,6 +126,7 @@ impl Supervisor {
     /// the final checkpoint (a migration's, with `precopy`).
     pub(crate) fn precopy(&mut self, out: OwnedFd, conn: &OwnedFd) -> Result<()> {
         self.precopied = None;
+        self.await_filled();
         let members = self.track()?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, File::from(out));
         let mut sent = Sent::default();

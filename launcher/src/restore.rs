@@ -167,6 +167,9 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         sysv: job.sysv.clone(),
         sysv_contents: sysv_contents.iter().map(|f| f.as_raw_fd()).collect(),
     };
+    // Pre-copied pages are filled after the job resumes, by a process of their own, started before the job's
+    // namespaces exist.
+    let filler = if a.bases.is_empty() { None } else { Some(crate::fill::start(&a.bases)?) };
     let started = ns::start(child, clocks, own_mounts)?;
     phases.mark("restorer started");
     drop((keep, objects, shm, sysv_contents, bundled, plan_fd, stdin));
@@ -181,6 +184,16 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     for (i, c) in ctls.iter().enumerate() {
         let report = wait_report(c, &started.status, job.processes[i].pid).map_err(fail)?;
         last_seq = last_seq.max(report.next_seq);
+        if report.lazy_runs > 0 {
+            let (uffd, runs) = lazy_runs(c).map_err(fail)?;
+            let f = filler.as_ref().ok_or_else(|| fail(anyhow!("pid {}: pages left to fill, and no filler", job.processes[i].pid)))?;
+            proto::send(f.as_raw_fd(), &Msg::Fill { pid: job.processes[i].pid, runs }, Some(uffd.as_raw_fd()))
+                .map_err(|e| fail(anyhow!("handing pages to fill: {e}")))?;
+        }
+    }
+    if let Some(f) = &filler {
+        // All is handed over: the filler ends once it has filled it all.
+        let _ = nix::sys::socket::shutdown(f.as_raw_fd(), nix::sys::socket::Shutdown::Write);
     }
     phases.mark("memory restored");
     for (i, c) in ctls.iter().enumerate() {
@@ -222,12 +235,33 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         signals: a.signals,
         quiet: a.quiet,
     };
-    Supervisor::new(opts, listener, started, header.job.argv.clone(), header.job.started_unix_ns)?.run()
+    let mut sup = Supervisor::new(opts, listener, started, header.job.argv.clone(), header.job.started_unix_ns)?;
+    sup.filling = filler;
+    sup.run()
 }
 
 fn unsafe_borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
     // SAFETY: the fd belongs to an object alive for the whole restore.
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}
+
+/// The userfaultfd and the table of runs a restorer left to fill, sent after its report.
+fn lazy_runs(ctl: &OwnedFd) -> Result<(OwnedFd, Vec<(u64, u64)>)> {
+    let mut table = vec![0u8; plan::MAX_LAZY_RUNS * vos::chunk::RUN_LEN];
+    let mut iov = [std::io::IoSliceMut::new(&mut table)];
+    let mut space = nix::cmsg_space!(RawFd);
+    let m = nix::sys::socket::recvmsg::<()>(ctl.as_raw_fd(), &mut iov, Some(&mut space), nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let n = m.bytes;
+    let fd = m.cmsgs()?.find_map(|c| match c {
+        nix::sys::socket::ControlMessageOwned::ScmRights(f) => f.first().copied(),
+        _ => None,
+    });
+    let fd = fd.ok_or_else(|| anyhow!("the restorer's pages to fill came without their userfaultfd"))?;
+    let runs = table[..n].chunks_exact(vos::chunk::RUN_LEN).map(|r| {
+        let run = vos::chunk::PageRun::decode(r);
+        (run.addr, run.addr + run.len)
+    });
+    Ok((crate::ns::owned(fd), runs.collect()))
 }
 
 /// Wait for a restorer's report on `ctl`, noticing if the job died instead.

@@ -60,6 +60,8 @@ pub struct Supervisor {
     pub(crate) checkpointed_and_stopped: Option<String>,
     /// What the last pre-copy sent, for the migration's final checkpoint.
     pub(crate) precopied: Option<crate::precopy::Sent>,
+    /// A migrated job's filler, still putting pre-copied pages in place (see `fill`).
+    pub(crate) filling: Option<OwnedFd>,
 }
 
 /// Signals the supervisor forwards to the job (and the one it waits for).
@@ -80,7 +82,7 @@ pub fn block_signals() -> Result<()> {
 impl Supervisor {
     pub fn new(opts: Options, listener: Listener, job: Started, argv: Vec<String>, started_unix_ns: u64) -> Result<Supervisor> {
         let sigfd = SignalFd::with_flags(&handled(), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
-        let s = Supervisor { opts, listener, job, argv, started_unix_ns, sigfd, checkpointed_and_stopped: None, precopied: None };
+        let s = Supervisor { opts, listener, job, argv, started_unix_ns, sigfd, checkpointed_and_stopped: None, precopied: None, filling: None };
         runtime::register(&runtime::Entry {
             name: s.opts.name.clone(),
             supervisor: std::process::id() as i32,

@@ -56,12 +56,16 @@ pub fn fail(m: &Msg) -> ! {
 }
 
 fn report(status: u32, next_seq: u64, pages: u64, text: &str) {
-    let mut r = RestorerReport { magic: plan::REPORT_MAGIC, status, next_seq, pages, msg: [0; 240] };
+    let lazy_runs = if status == plan::REPORT_OK { memory::lazy_runs() as u32 } else { 0 };
+    let mut r = RestorerReport { magic: plan::REPORT_MAGIC, status, next_seq, pages, lazy_runs, _pad: 0, msg: [0; 240] };
     let n = text.len().min(r.msg.len() - 1);
     r.msg[..n].copy_from_slice(&text.as_bytes()[..n]);
     let ctl = CTL.load(Ordering::Relaxed);
     if ctl >= 0 {
         let _ = sys::write(ctl, r.as_bytes());
+        if lazy_runs > 0 {
+            memory::hand_over_lazy(ctl);
+        }
     } else {
         let _ = sys::write(2, text.as_bytes());
     }

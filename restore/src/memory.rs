@@ -285,7 +285,94 @@ pub fn read_pages(fd: i32, first_seq: u64, ops: &[MapOp], base_fd: i32) -> (u64,
     }
 }
 
-/// A Reuse chunk: copy the runs it lists from the pages pre-copy brought (`base_fd`, each page at its address).
+const UFFD_API: u64 = 0xAA;
+const UFFDIO_API: u64 = 0xc018_aa3f;
+const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
+/// Pre-copied runs left to be filled after the job resumes, through a userfaultfd (missing-page mode) that
+/// the launcher's filler serves from the same pages: the job need not wait for its memory to be copied.
+static LAZY_FD: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(-2);
+static LAZY_N: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+static mut LAZY_RUNS: [[u8; chunk::RUN_LEN]; plan::MAX_LAZY_RUNS] = [[0; chunk::RUN_LEN]; plan::MAX_LAZY_RUNS];
+
+/// The userfaultfd for lazy runs, made on first use; -1 when this kernel or process cannot have one.
+fn lazy_fd() -> i32 {
+    use core::sync::atomic::Ordering::Relaxed;
+    let fd = LAZY_FD.load(Relaxed);
+    if fd != -2 {
+        return fd;
+    }
+    // SAFETY: userfaultfd(2) takes flags only.
+    let raw = unsafe { sys::syscall6(libc::SYS_userfaultfd, libc::O_CLOEXEC as usize, 0, 0, 0, 0, 0) };
+    let mut fd = -1;
+    if raw >= 0 {
+        // Out of the way of the app's fds, which are put in place later at their numbers.
+        fd = sys::fcntl(raw as i32, libc::F_DUPFD_CLOEXEC, 950).map_or(-1, |h| h as i32);
+        let _ = sys::close(raw as i32);
+        let mut api = [UFFD_API, 0, 0];
+        if fd >= 0 && sys::ioctl(fd, UFFDIO_API, api.as_mut_ptr() as usize).is_err() {
+            let _ = sys::close(fd);
+            fd = -1;
+        }
+    }
+    LAZY_FD.store(fd, Relaxed);
+    fd
+}
+
+/// Leave `run` missing, to be filled after the job resumes; false if it must be copied now.
+fn defer(run: &PageRun) -> bool {
+    use core::sync::atomic::Ordering::Relaxed;
+    let n = LAZY_N.load(Relaxed);
+    let fd = lazy_fd();
+    if n == plan::MAX_LAZY_RUNS || fd < 0 {
+        return false;
+    }
+    // Only anonymous memory takes missing-page tracking; the call fails for the rest, which is copied.
+    let mut reg = [run.addr, run.len, UFFDIO_REGISTER_MODE_MISSING, 0];
+    if sys::ioctl(fd, UFFDIO_REGISTER, reg.as_mut_ptr() as usize).is_err() {
+        return false;
+    }
+    // SAFETY: only the main thread touches LAZY_RUNS, and only here and in hand_over_lazy.
+    unsafe { (*(&raw mut LAZY_RUNS))[n] = run.encode() };
+    LAZY_N.store(n + 1, Relaxed);
+    true
+}
+
+pub fn lazy_runs() -> usize {
+    LAZY_N.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// Send the userfaultfd and the table of lazy runs to the launcher on `ctl`, then close our copy: the job
+/// must not find it among its fds.
+pub fn hand_over_lazy(ctl: i32) {
+    let n = lazy_runs();
+    let fd = LAZY_FD.load(core::sync::atomic::Ordering::Relaxed);
+    // SAFETY: the table is complete; nothing writes it any more.
+    let table = unsafe { core::slice::from_raw_parts((&raw const LAZY_RUNS) as *const u8, n * chunk::RUN_LEN) };
+    let mut iov = libc::iovec { iov_base: table.as_ptr() as *mut libc::c_void, iov_len: table.len() };
+    #[repr(C)]
+    struct Cmsg {
+        hdr: libc::cmsghdr,
+        fd: i32,
+        _pad: i32,
+    }
+    let mut c = Cmsg { hdr: libc::cmsghdr { cmsg_len: 20, cmsg_level: libc::SOL_SOCKET, cmsg_type: libc::SCM_RIGHTS }, fd, _pad: 0 };
+    // SAFETY: msghdr is plain data; every pointer in it refers to live locals.
+    let mut msg: libc::msghdr = unsafe { core::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = &mut c as *mut Cmsg as *mut libc::c_void;
+    msg.msg_controllen = core::mem::size_of::<Cmsg>();
+    // SAFETY: msg describes valid buffers.
+    if unsafe { sys::sendmsg(ctl, &msg, 0) }.is_err() {
+        fail(&Msg::new("vos-restore: handing over the pages left to fill failed"));
+    }
+    let _ = sys::close(fd);
+}
+
+/// A Reuse chunk: copy the runs it lists from the pages pre-copy brought (`base_fd`, each page at its address),
+/// or leave them to be filled after the job resumes.
 fn reuse(src: &mut Fd, seq: u64, len: u64, hash: u64, ops: &[MapOp], base_fd: i32) -> u64 {
     let mut table = [0u8; 8 + chunk::MAX_RUNS as usize * chunk::RUN_LEN];
     if len < 8 || len > table.len() as u64 {
@@ -311,6 +398,10 @@ fn reuse(src: &mut Fd, seq: u64, len: u64, hash: u64, ops: &[MapOp], base_fd: i3
         if !aligned || !fill_target(ops, &run) {
             image_fail(ImageError::Malformed { seq, what: "reused run outside the process's memory" });
         }
+        pages += run.len / chunk::PAGE as u64;
+        if defer(&run) {
+            continue;
+        }
         let mut done = 0u64;
         // SAFETY: fill_target checked the run lies inside a region we mapped writable.
         unsafe {
@@ -326,7 +417,6 @@ fn reuse(src: &mut Fd, seq: u64, len: u64, hash: u64, ops: &[MapOp], base_fd: i3
                 Err(e) => fail(&Msg::new("vos-restore: reading pages sent ahead: ").errno(e)),
             }
         }
-        pages += run.len / chunk::PAGE as u64;
     }
     pages
 }

@@ -112,7 +112,8 @@ impl Net {
             let ns = format!("vos{id}h{i}");
             let ip = format!("10.231.{id}.{}", i + 2);
             let (a, b) = (format!("vos{id}h{i}a"), format!("vos{id}h{i}b"));
-            let _ = sh(&format!("ip netns del {ns} 2>/dev/null"));
+            // Leftovers of an earlier run that was killed.
+            let _ = sh(&format!("ip netns del {ns} 2>/dev/null; ip link del {a} 2>/dev/null"));
             must(&format!(
                 "ip netns add {ns} && ip link add {a} type veth peer name {b} && ip link set {a} master {bridge} up && \
                  ip link set {b} netns {ns} && ip -n {ns} link set {b} name eth0 && ip -n {ns} addr add {ip}/24 dev eth0 && \

@@ -279,7 +279,9 @@ fn print_migrations(mib: usize) {
             );
         }
     }
-    println!("  (stop-and-copy: the job is stopped for the whole transfer; fresh memory at the destination costs most here)");
+    println!("  (live: pre-copy rounds while the job runs, then a stop for what changed; the destination fills the");
+    println!("   pre-copied memory after the job resumes. total = first byte to the job running there; downtime as");
+    println!("   vrun migrate sees it; app stall = the job's own longest pause on the real-time clock)");
 }
 
 fn bench_trivial(dir: &Path) -> (f64, u64) {
