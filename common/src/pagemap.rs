@@ -35,3 +35,23 @@ pub struct PageRegion {
     pub end: u64,
     pub categories: u64,
 }
+
+impl PmScanArg {
+    /// A scan of [start, end) for pages that hold data (present or swapped) and have every category of `mask`,
+    /// those also in `inverted` negated; found ranges go to `vec`. `flags`: PM_SCAN_WP_MATCHING or 0.
+    pub fn new(start: u64, end: u64, vec: &mut [PageRegion], flags: u64, inverted: u64, mask: u64) -> PmScanArg {
+        PmScanArg {
+            size: core::mem::size_of::<PmScanArg>() as u64,
+            flags,
+            start,
+            end,
+            vec: vec.as_mut_ptr() as u64,
+            vec_len: vec.len() as u64,
+            category_inverted: inverted,
+            category_mask: mask,
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            ..Default::default()
+        }
+    }
+}

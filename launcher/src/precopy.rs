@@ -80,19 +80,7 @@ fn scan(pagemap: &File, v: &Vma, written: bool, protect: bool) -> Result<Vec<(u6
     let mut out = vec![];
     let mut start = v.start;
     while start < v.end {
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: if protect { PM_SCAN_WP_MATCHING } else { 0 },
-            start,
-            end: v.end,
-            vec: vec.as_mut_ptr() as u64,
-            vec_len: vec.len() as u64,
-            category_inverted: inverted,
-            category_mask: mask,
-            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            ..Default::default()
-        };
+        let mut arg = PmScanArg::new(start, v.end, &mut vec, if protect { PM_SCAN_WP_MATCHING } else { 0 }, inverted, mask);
         // SAFETY: arg and the vector it points to are ours and live across the call.
         let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
         if n < 0 {

@@ -212,7 +212,7 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
 
 // ---- page scanning ---------------------------------------------------------------------------------------------
 
-use vos::pagemap::{PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGEMAP_SCAN, PageRegion, PmScanArg};
+use vos::pagemap::{PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGEMAP_SCAN, PageRegion, PmScanArg};
 
 /// Finds the pages of a region worth storing.
 pub struct Scanner {
@@ -243,18 +243,7 @@ impl Scanner {
             let mut vec = [PageRegion::default(); 512];
             let mut start = r.start;
             while start < r.end {
-                let mut arg = PmScanArg {
-                    size: core::mem::size_of::<PmScanArg>() as u64,
-                    start,
-                    end: r.end,
-                    vec: vec.as_mut_ptr() as u64,
-                    vec_len: vec.len() as u64,
-                    category_inverted: inverted,
-                    category_mask: mask,
-                    category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-                    return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-                    ..Default::default()
-                };
+                let mut arg = PmScanArg::new(start, r.end, &mut vec, 0, inverted, mask);
                 match sys::ioctl(self.pagemap, PAGEMAP_SCAN, &mut arg as *mut PmScanArg as usize) {
                     Ok(n) => {
                         for pr in &vec[..n] {

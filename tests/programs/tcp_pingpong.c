@@ -16,20 +16,7 @@
 
 #define LAG 5
 
-static void put(int fd, int64_t v) {
-    if (write(fd, &v, sizeof v) != sizeof v) { perror("write"); exit(97); }
-}
-
-static int64_t get(int fd) {
-    int64_t v;
-    size_t got = 0;
-    while (got < sizeof v) {
-        ssize_t n = read(fd, (char *)&v + got, sizeof v - got);
-        if (n <= 0) { perror("read"); exit(98); }
-        got += n;
-    }
-    return v;
-}
+#include "numbered.h"
 
 static struct sockaddr_in at(int port) {
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};

@@ -80,16 +80,19 @@ impl Host {
 
     /// `vrun migrate JOB --to TO --key KEY ARGS... --json` run on this host: the job's name there, or why not.
     pub fn migrate(&self, job: &str, to: &Host, key: &std::path::Path, args: &[&str]) -> Result<String, String> {
+        self.migrate_report(job, to, key, args).map(|v| v["name_there"].as_str().unwrap().to_string())
+    }
+
+    /// The same, with the whole summary (`name_there`, `rounds`, `bytes`, `total_ms`, `downtime_ms`).
+    pub fn migrate_report(&self, job: &str, to: &Host, key: &std::path::Path, args: &[&str]) -> Result<serde_json::Value, String> {
         let mut c = self.vrun();
         c.args(["migrate", job, "--to", &to.serve_addr(), "--json", "--key"]).arg(key).args(args);
         let o = c.output().unwrap();
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
         if !o.status.success() {
-            return Err(err);
+            return Err(String::from_utf8_lossy(&o.stderr).into_owned());
         }
         let out = String::from_utf8_lossy(&o.stdout);
-        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("migrate --json printed {out:?}: {e}"));
-        Ok(v["name_there"].as_str().unwrap().to_string())
+        Ok(serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("migrate --json printed {out:?}: {e}")))
     }
 }
 

@@ -84,10 +84,14 @@ pub fn gcc(name: &str) -> PathBuf {
     let outdir = repo().join("target/vos-test-programs");
     fs::create_dir_all(&outdir).unwrap();
     let out = outdir.join(name);
-    let fresh = |o: &Path| {
-        let (Ok(a), Ok(b)) = (fs::metadata(o), fs::metadata(&src)) else { return false };
-        a.modified().unwrap() >= b.modified().unwrap()
-    };
+    // Newer than its source and the headers beside it.
+    let newest = fs::read_dir(repo().join("tests/programs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path() == src || e.path().extension().is_some_and(|x| x == "h"))
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max();
+    let fresh = |o: &Path| fs::metadata(o).ok().and_then(|m| m.modified().ok()).zip(newest).is_some_and(|(a, b)| a >= b);
     if !fresh(&out) {
         // Tests run in parallel threads and may compile the same program at once: one temporary name each.
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
@@ -297,4 +301,41 @@ pub fn twice(test: &str, argv: &[&str], steps: i64, w: &Work) -> String {
     assert!(at.iter().all(|(_, s)| *s < steps), "checkpoints must fall inside the run ({at:?} of {steps})");
     assert_steps(&text, steps);
     text
+}
+
+/// A client of a line protocol (tests/programs/counter_server.c): one line out, one line back.
+pub struct LineClient {
+    r: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl LineClient {
+    /// Connect to `addr` (IP:PORT), retrying for up to 20 s while nothing listens there.
+    pub fn connect(addr: &str) -> LineClient {
+        let to: std::net::SocketAddr = addr.parse().unwrap();
+        let t = Instant::now();
+        loop {
+            match std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    return LineClient { r: std::io::BufReader::new(s) };
+                }
+                Err(e) => assert!(t.elapsed() < Duration::from_secs(20), "nothing listens at {addr}: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn ask(&mut self, what: &str) -> std::io::Result<String> {
+        use std::io::{BufRead, Write};
+        self.r.get_mut().write_all(format!("{what}\n").as_bytes())?;
+        let mut l = String::new();
+        if self.r.read_line(&mut l)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+        }
+        Ok(l.trim().to_string())
+    }
+
+    pub fn inc(&mut self) -> i64 {
+        self.ask("inc").unwrap().parse().unwrap()
+    }
 }

@@ -19,38 +19,6 @@ fn key(w: &Work, name: &str) -> PathBuf {
     p
 }
 
-/// A line-protocol client of counter_server at `ip`.
-struct Client {
-    r: BufReader<TcpStream>,
-}
-
-impl Client {
-    fn connect(ip: &str) -> Client {
-        let t = Instant::now();
-        loop {
-            match TcpStream::connect_timeout(&format!("{ip}:{PORT}").parse().unwrap(), Duration::from_secs(2)) {
-                Ok(s) => {
-                    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                    return Client { r: BufReader::new(s) };
-                }
-                Err(e) => assert!(t.elapsed() < Duration::from_secs(20), "nothing listens at {ip}:{PORT}: {e}"),
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    fn ask(&mut self, what: &str) -> std::io::Result<String> {
-        self.r.get_mut().write_all(format!("{what}\n").as_bytes())?;
-        let mut l = String::new();
-        if self.r.read_line(&mut l)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
-        }
-        Ok(l.trim().to_string())
-    }
-    fn inc(&mut self) -> i64 {
-        self.ask("inc").unwrap().parse().unwrap()
-    }
-}
-
 fn udp_inc(ip: &str) -> i64 {
     let u = UdpSocket::bind("0.0.0.0:0").unwrap();
     u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -87,7 +55,7 @@ fn counter_moves_a_b_c_a_and_clients_reconnect() {
     let mut job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string()], &out, &w);
     wait_for(&out, "the server listening", Duration::from_secs(10), |s| s.contains("listening"));
     let mut at = 0;
-    let mut c = Client::connect(&net.hosts[at].ip);
+    let mut c = LineClient::connect(&format!("{}:{PORT}", net.hosts[at].ip));
     let opts = c.ask("opt").unwrap();
     let mut expect = 1;
     for to in [1, 2, 0] {
@@ -105,7 +73,7 @@ fn counter_moves_a_b_c_a_and_clients_reconnect() {
         // The connection to the old host is gone; the client reconnects to the new one and the counter goes on.
         assert!(c.ask("inc").is_err(), "the old host still answers");
         at = to;
-        c = Client::connect(&net.hosts[at].ip);
+        c = LineClient::connect(&format!("{}:{PORT}", net.hosts[at].ip));
         assert_eq!(c.ask("opt").unwrap(), opts, "options changed on the way");
         assert_eq!(c.inc(), expect, "the counter did not go on where it was after reaching host {at}");
         expect += 1;
@@ -143,7 +111,7 @@ fn a_wrong_key_is_refused_and_the_job_goes_on() {
     let name = w.name("counter");
     let job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string()], &out, &w);
     wait_for(&out, "the server listening", Duration::from_secs(10), |s| s.contains("listening"));
-    let mut c = Client::connect(&net.hosts[0].ip);
+    let mut c = LineClient::connect(&format!("{}:{PORT}", net.hosts[0].ip));
     assert_eq!(c.inc(), 1);
     let e = net.hosts[0].migrate(&name, &net.hosts[1], &other, &[]).expect_err("a wrong key was accepted");
     assert!(e.contains("does not hold the same key"), "{e}");
@@ -165,7 +133,7 @@ fn destination_killed_mid_transfer_leaves_the_job_running() {
     // 768 MiB of memory to send: the transfer takes long enough to be cut.
     let job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string(), "768"], &out, &w);
     wait_for(&out, "the server listening", Duration::from_secs(30), |s| s.contains("listening"));
-    let mut c = Client::connect(&net.hosts[0].ip);
+    let mut c = LineClient::connect(&format!("{}:{PORT}", net.hosts[0].ip));
     assert_eq!(c.inc(), 1);
     let sum = c.ask("sum").unwrap();
     let (src, dst) = net.hosts.split_at_mut(1);
@@ -200,7 +168,7 @@ fn tcp_established_connections_move_with_the_jobs_address() {
     let mut name = w.name("counter");
     let job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string()], &out, &w);
     wait_for(&out, "the server listening", Duration::from_secs(10), |s| s.contains("listening"));
-    let mut c = Client::connect(&vip);
+    let mut c = LineClient::connect(&format!("{}:{PORT}", vip));
     let mut expect = 1;
     let mut at = 0;
     for to in [1, 2, 0] {
@@ -316,11 +284,7 @@ fn precopy_keeps_every_write_made_while_it_ran() {
     wait_for(&out, "the data filled", Duration::from_secs(30), |s| s.contains("ready"));
     let mut at = 0;
     for (to, args) in [(1, &[][..]), (0, &["--stop-and-copy"][..]), (1, &[][..])] {
-        let mut c = net.hosts[at].vrun();
-        c.args(["migrate", &name, "--to", &net.hosts[to].serve_addr(), "--json", "--key"]).arg(&k).args(args);
-        let o = c.output().unwrap();
-        assert!(o.status.success(), "migrating {at} -> {to}: {}", String::from_utf8_lossy(&o.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v = net.hosts[at].migrate_report(&name, &net.hosts[to], &k, args).unwrap_or_else(|e| panic!("migrating {at} -> {to}: {e}"));
         name = v["name_there"].as_str().unwrap().to_string();
         let rounds: Vec<u64> = v["rounds"].as_array().unwrap().iter().map(|r| r.as_u64().unwrap()).collect();
         if args.is_empty() {

@@ -2,7 +2,6 @@
 //! their ports with their options; outside clients see a reset and reconnect, or (`--tcp-established`) keep
 //! their connection.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::time::Duration;
 use vos_tests::*;
@@ -19,30 +18,6 @@ fn tcp_connection_inside_the_job() {
     let p = port(21000).to_string();
     // The program itself checks that its listener is back on its port with its options.
     twice("tcp", &[prog.to_str().unwrap(), &p, "200"], 200, &w);
-}
-
-/// A client of the counter server: one line out, one line back.
-struct Client {
-    r: BufReader<TcpStream>,
-}
-
-impl Client {
-    fn connect(port: u16) -> Client {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Client { r: BufReader::new(s) }
-    }
-    fn ask(&mut self, what: &str) -> std::io::Result<String> {
-        self.r.get_mut().write_all(format!("{what}\n").as_bytes())?;
-        let mut l = String::new();
-        if self.r.read_line(&mut l)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
-        }
-        Ok(l.trim().to_string())
-    }
-    fn inc(&mut self) -> i64 {
-        self.ask("inc").unwrap().parse().unwrap()
-    }
 }
 
 fn udp_inc(port: u16) -> i64 {
@@ -77,7 +52,7 @@ fn outside_client_sees_a_reset_and_reconnects() {
     let port = port(21500);
     let name = w.name("counter");
     let mut job = server(&w, &name, port);
-    let mut c = Client::connect(port);
+    let mut c = LineClient::connect(&format!("127.0.0.1:{port}"));
     let opts = c.ask("opt").unwrap();
     let mut expect = 1;
     for round in 1..=2 {
@@ -92,7 +67,7 @@ fn outside_client_sees_a_reset_and_reconnects() {
         // The old connection is gone: the client sees it reset or closed, then reconnects to the same port.
         assert!(c.ask("inc").is_err(), "the connection to the old server still answers");
         wait_listening(port);
-        c = Client::connect(port);
+        c = LineClient::connect(&format!("127.0.0.1:{port}"));
         assert_eq!(c.ask("opt").unwrap(), opts, "the listener's or connection's options changed");
         assert_eq!(c.inc(), expect, "the counter did not go on where it was");
         expect += 1;
@@ -108,7 +83,7 @@ fn tcp_established_keeps_the_connection() {
     let port = port(22000);
     let name = w.name("counter");
     let mut job = server(&w, &name, port);
-    let mut c = Client::connect(port);
+    let mut c = LineClient::connect(&format!("127.0.0.1:{port}"));
     let mut expect = 1;
     for round in 1..=2 {
         for _ in 0..3 {
@@ -136,7 +111,7 @@ fn map_addr_moves_the_listener() {
     let (old, new) = (port(23000), port(23000) + 600);
     let name = w.name("counter");
     let job = server(&w, &name, old);
-    let mut c = Client::connect(old);
+    let mut c = LineClient::connect(&format!("127.0.0.1:{old}"));
     assert_eq!(c.inc(), 1);
     let img = job.checkpoint_kill();
     let mut cmd = vrun();
@@ -145,7 +120,7 @@ fn map_addr_moves_the_listener() {
     cmd.args(["--map-addr", &format!("[::]:{old}=[::]:{new}"), "--map-addr", &format!("0.0.0.0:{old}=0.0.0.0:{new}")]).arg(&img);
     let job = spawn(cmd, &name, &w.path("restore.out"), &w.path("vrun.err"));
     wait_listening(new);
-    assert_eq!(Client::connect(new).inc(), 2, "the counter did not go on at the new port");
+    assert_eq!(LineClient::connect(&format!("127.0.0.1:{new}")).inc(), 2, "the counter did not go on at the new port");
     assert_eq!(udp_inc(new), 3, "the UDP socket did not move to the new port");
     assert!(TcpStream::connect(("127.0.0.1", old)).is_err(), "something still listens on the old port");
     drop(job);

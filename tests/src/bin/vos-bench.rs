@@ -233,11 +233,7 @@ fn bench_migrate(dir: &Path, mib: usize, dirty: u32) -> Vec<Migration> {
         let n = lines(&out);
         signal(pid, libc::SIGUSR1);
         wait_line(&out, "gap", n);
-        let mut m = net.hosts[from].vrun();
-        m.args(["migrate", &name, "--to", &net.hosts[to].serve_addr(), "--json", "--key"]).arg(&key);
-        let o = m.output().unwrap();
-        assert!(o.status.success(), "migrate: {}", String::from_utf8_lossy(&o.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v = net.hosts[from].migrate_report(&name, &net.hosts[to], &key, &[]).unwrap_or_else(|e| panic!("migrate: {e}"));
         name = v["name_there"].as_str().unwrap().to_string();
         while !registered(&name) {
             std::thread::sleep(Duration::from_millis(1));
