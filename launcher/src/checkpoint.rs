@@ -248,6 +248,7 @@ impl Supervisor {
         job.terminal = terminal::capture(&job, members)?;
         terminal::controlling_ptys(&mut job, members)?;
         let skips = share_memory(&mut job);
+        mark("job captured");
         // Pages pre-copy sent and nobody changed since: the destination has them.
         let precopied = self.precopied.take().filter(|_| req.precopy);
         let reuse: Vec<Vec<(u64, u64)>> = shims
@@ -260,7 +261,9 @@ impl Supervisor {
                 }
             })
             .collect::<Result<_>>()?;
-        mark("job captured");
+        if precopied.is_some() {
+            mark("unchanged pages found");
+        }
 
         let (out, tmp, fin) = self.open_dest(&req.dest)?;
         let r = self.write_image(shims, &job, &skips, &reuse, &data, held, out, req, tmp.as_deref(), fin.as_deref(), mark);

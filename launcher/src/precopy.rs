@@ -33,10 +33,27 @@ const SMALL_ROUND: u64 = 8 << 20;
 /// Largest reuse list one process's Dump message carries; pages beyond it are simply sent.
 const MAX_REUSE_RUNS: usize = 3000;
 
-/// What pre-copy sent, per process (pid as the job sees it): each page with the frame it was read from.
+/// What pre-copy sent, per process (pid as the job sees it): each page with the frame it was read from,
+/// appended round after round, then sorted by address with only the last sending of each page kept.
 #[derive(Default)]
 pub struct Sent {
-    procs: HashMap<i32, HashMap<u64, u64>>,
+    procs: HashMap<i32, Vec<(u64, u64)>>,
+}
+
+impl Sent {
+    fn settle(&mut self) {
+        for pages in self.procs.values_mut() {
+            pages.sort_by_key(|p| p.0);
+            let mut out: Vec<(u64, u64)> = Vec::with_capacity(pages.len());
+            for &p in pages.iter() {
+                match out.last_mut() {
+                    Some(last) if last.0 == p.0 => *last = p,
+                    _ => out.push(p),
+                }
+            }
+            *pages = out;
+        }
+    }
 }
 
 /// A mapping of another process worth pre-copying: private and tracked.
@@ -147,9 +164,7 @@ impl Supervisor {
                             head[8..16].copy_from_slice(&p.to_le_bytes());
                             head[16..].copy_from_slice(&n.to_le_bytes());
                             out.write_all(&head).and_then(|_| out.write_all(&buf[..n as usize])).context("sending pre-copied pages")?;
-                            for k in 0..n / PAGE {
-                                pages.insert(p + k * PAGE, fr[((p - a) / PAGE + k) as usize]);
-                            }
+                            pages.extend((0..n / PAGE).map(|k| (p + k * PAGE, fr[((p - a) / PAGE + k) as usize])));
                             bytes += n;
                             p += n;
                         }
@@ -163,6 +178,7 @@ impl Supervisor {
             }
             last = bytes;
         }
+        sent.settle();
         self.precopied = Some(sent);
         Ok(())
     }
@@ -208,36 +224,35 @@ impl Supervisor {
 pub fn reuse(sent: &Sent, pid: i32, host: i32) -> Result<Vec<(u64, u64)>> {
     let Some(pages) = sent.procs.get(&pid).filter(|p| !p.is_empty()) else { return Ok(vec![]) };
     let pagemap = File::open(format!("/proc/{host}/pagemap")).with_context(|| format!("pid {pid}: pagemap"))?;
-    let mut all: Vec<u64> = pages.keys().copied().collect();
-    all.sort_unstable();
+    // Written since the last round, over the whole span at once: pages of mappings no longer tracked count as
+    // written too (no write-protect bit).
+    let span = Vma { start: pages[0].0, end: pages[pages.len() - 1].0 + PAGE, file: false };
+    let written = scan(&pagemap, &span, true, false)?;
     let mut out: Vec<(u64, u64)> = vec![];
-    for v in tracked_vmas(host)? {
-        let written = scan(&pagemap, &v, true, false)?;
-        let mine = &all[all.partition_point(|&p| p < v.start)..all.partition_point(|&p| p < v.end)];
-        let mut w = 0;
-        let mut i = 0;
-        while i < mine.len() {
-            // A run of consecutive sent pages: one pagemap read for all of it.
-            let mut j = i + 1;
-            while j < mine.len() && mine[j] == mine[j - 1] + PAGE {
-                j += 1;
-            }
-            let fr = frames(&pagemap, mine[i], mine[j - 1] + PAGE)?;
-            for (k, &p) in mine[i..j].iter().enumerate() {
-                while w < written.len() && written[w].1 <= p {
-                    w += 1;
-                }
-                let dirty = w < written.len() && written[w].0 <= p;
-                if dirty || fr[k] == 0 || pages.get(&p) != Some(&fr[k]) {
-                    continue;
-                }
-                match out.last_mut() {
-                    Some(last) if last.1 == p && p != v.start => last.1 += PAGE,
-                    _ => out.push((p, p + PAGE)),
-                }
-            }
-            i = j;
+    let mut w = 0;
+    let mut i = 0;
+    while i < pages.len() {
+        // A run of consecutive sent pages: one pagemap read for all of it.
+        let mut j = i + 1;
+        while j < pages.len() && pages[j].0 == pages[j - 1].0 + PAGE {
+            j += 1;
         }
+        let now = frames(&pagemap, pages[i].0, pages[j - 1].0 + PAGE)?;
+        for (&(p, then), now) in pages[i..j].iter().zip(now) {
+            while w < written.len() && written[w].1 <= p {
+                w += 1;
+            }
+            let dirty = w < written.len() && written[w].0 <= p;
+            if dirty || now == 0 || now != then {
+                continue;
+            }
+            // Runs may span mappings here; the shim splits them by region.
+            match out.last_mut() {
+                Some(last) if last.1 == p => last.1 += PAGE,
+                _ => out.push((p, p + PAGE)),
+            }
+        }
+        i = j;
     }
     out.truncate(MAX_REUSE_RUNS);
     Ok(out)
