@@ -224,6 +224,14 @@ output in DIR/NAME.log.\n\nExample:\n  head -c 32 /dev/urandom > /etc/vos/key   
         #[arg(long, default_value = "/var/lib/vos")]
         dir: PathBuf,
     },
+    /// Print shell completions (bash, zsh, fish, ...) to standard output
+    #[command(after_help = "Examples:\n  vrun completions bash > /etc/bash_completion.d/vrun\n  vrun completions zsh > \"${fpath[1]}/_vrun\"")]
+    Completions {
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to standard output
+    #[command(after_help = "Example:\n  vrun man > /usr/local/share/man/man1/vrun.1 && man vrun")]
+    Man,
     /// Describe what an image holds (and verify it)
     Inspect {
         /// Image file, directory, or - for standard input
@@ -255,7 +263,7 @@ fn parse_signal(s: &str) -> Result<i32, String> {
 
 fn main() {
     let cli = Cli::parse();
-    if matches!(cli.cmd, Some(Cmd::Inspect { .. } | Cmd::List)) {
+    if matches!(cli.cmd, Some(Cmd::Inspect { .. } | Cmd::List | Cmd::Completions { .. } | Cmd::Man)) {
         // Reports end quietly when their reader goes away (`vrun inspect IMG | head`).
         // SAFETY: plain signal disposition change, before anything else runs.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
@@ -273,6 +281,11 @@ fn main() {
         }
         Some(Cmd::Serve { listen, key, dir }) => serve::run(serve::Args { listen, key, dir }),
         Some(Cmd::Inspect { image, json }) => inspect::run(&image, json),
+        Some(Cmd::Completions { shell }) => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "vrun", &mut std::io::stdout());
+            Ok(())
+        }
+        Some(Cmd::Man) => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout()).map_err(Into::into),
     };
     if let Err(e) = r {
         eprintln!("vrun: {e:#}");

@@ -210,3 +210,18 @@ wait
     let caps = fs::read_to_string(w.path("caps.txt")).unwrap();
     assert!(caps.lines().all(|l| l.ends_with("0000000000000000")), "the restored job holds capabilities:\n{caps}");
 }
+
+#[test]
+fn manual_page_and_completions_cover_every_command() {
+    let (st, man, _) = run_vrun(&["man"]);
+    assert!(st.success());
+    assert!(man.starts_with(".ie") && man.contains(".TH vrun 1"), "not a roff manual page: {}", &man[..man.len().min(200)]);
+    for shell in ["bash", "zsh"] {
+        let (st, out, err) = run_vrun(&["completions", shell]);
+        assert!(st.success(), "{err}");
+        for cmd in ["checkpoint", "restore", "migrate", "serve", "inspect"] {
+            assert!(out.contains(cmd), "{shell} completions lack {cmd}");
+            assert!(man.contains(cmd), "the manual page lacks {cmd}");
+        }
+    }
+}
