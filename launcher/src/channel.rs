@@ -155,20 +155,26 @@ impl Channel {
     }
 
     pub fn recv(&mut self) -> Result<(Kind, Vec<u8>)> {
+        let mut b = vec![];
+        let k = self.recv_into(&mut b)?;
+        Ok((k, b))
+    }
+
+    /// Receive a frame's payload into `payload` (reused: big frames need no fresh memory each time).
+    pub fn recv_into(&mut self, payload: &mut Vec<u8>) -> Result<Kind> {
         let mut head = [0u8; 5];
         self.stream.read_exact(&mut head).context("the other host went away")?;
         let len = u32::from_le_bytes(head[1..].try_into().unwrap()) as usize;
         if len > MAX_FRAME {
             bail!("a frame of {len} bytes: the stream is damaged");
         }
-        let mut payload = vec![0u8; len + MAC_LEN];
-        self.stream.read_exact(&mut payload).context("the other host went away in the middle of a frame")?;
-        let got = payload.split_off(len);
-        if !same(&self.frame_mac(1 - self.me, self.received, &head, &payload), &got) {
+        payload.resize(len, 0);
+        let mut got = [0u8; MAC_LEN];
+        self.stream.read_exact(payload).and_then(|_| self.stream.read_exact(&mut got)).context("the other host went away in the middle of a frame")?;
+        if !same(&self.frame_mac(1 - self.me, self.received, &head, payload), &got) {
             bail!("a frame failed its integrity check: the stream was altered or damaged");
         }
         self.received += 1;
-        let kind = Kind::from(head[0]).ok_or_else(|| anyhow!("a frame of unknown kind {}", head[0]))?;
-        Ok((kind, payload))
+        Kind::from(head[0]).ok_or_else(|| anyhow!("a frame of unknown kind {}", head[0]))
     }
 }

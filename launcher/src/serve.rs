@@ -61,13 +61,15 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
     let log_path = dir.join(format!("{name}.log"));
     // Pages sent ahead while the job still ran at the source, until its image begins.
     let mut ahead = Ahead::default();
-    let first = loop {
-        match ch.recv()? {
-            (Kind::Precopy, d) => ahead.take(&d)?,
-            (Kind::Data, d) => break d,
-            (k, _) => bail!("unexpected {k:?} before the image"),
+    let mut frame = Vec::with_capacity(channel::MAX_FRAME);
+    loop {
+        match ch.recv_into(&mut frame)? {
+            Kind::Precopy => ahead.take(&frame)?,
+            Kind::Data => break,
+            k => bail!("unexpected {k:?} before the image"),
         }
-    };
+    }
+    let first = std::mem::take(&mut frame);
     let address = begin.address.as_deref().map(|a| a.parse::<Address>().map_err(|e| anyhow!(e))).transpose();
     let started = address.and_then(|a| {
         // The job's own address is here before its sockets are made (and not before: until the source stops
@@ -96,16 +98,17 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
     let _ = nix::fcntl::fcntl(&stdin, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4 << 20));
     let mut bytes = first.len() as u64;
     let mut accepted = stdin.write_all(&first).is_ok();
+    let mut frame = first;
     let relay = loop {
-        match ch.recv() {
-            Ok((Kind::Data, d)) => {
-                bytes += d.len() as u64;
+        match ch.recv_into(&mut frame) {
+            Ok(Kind::Data) => {
+                bytes += frame.len() as u64;
                 // A restore that refused the image has ended (its log says why); the rest is read and dropped,
                 // so the sender hears why rather than a reset.
-                accepted = accepted && stdin.write_all(&d).is_ok();
+                accepted = accepted && stdin.write_all(&frame).is_ok();
             }
-            Ok((Kind::End, _)) => break Ok(()),
-            Ok((k, _)) => break Err(anyhow!("unexpected {k:?} in the middle of the image")),
+            Ok(Kind::End) => break Ok(()),
+            Ok(k) => break Err(anyhow!("unexpected {k:?} in the middle of the image")),
             Err(e) => break Err(e),
         }
     };
