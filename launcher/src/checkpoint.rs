@@ -56,15 +56,34 @@ pub(crate) struct Shim {
     own_fds: Vec<i32>,
 }
 
+/// A process of the job ended (or was killed) in the middle of a checkpoint: the job is no longer the one being
+/// captured, and the checkpoint is taken again.
+#[derive(Debug)]
+pub(crate) struct Gone(pub i32);
+
+impl std::fmt::Display for Gone {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "pid {} went away during the checkpoint", self.0)
+    }
+}
+
+impl std::error::Error for Gone {}
+
 impl Shim {
+    fn failed(&self, e: vos::sys::Errno) -> anyhow::Error {
+        match e.0 {
+            libc::EPIPE | libc::ECONNRESET => Gone(self.pid).into(),
+            _ => anyhow!("talking to pid {}: {e}", self.pid),
+        }
+    }
     pub(crate) fn send(&self, m: &Msg, fd: Option<i32>) -> Result<()> {
-        proto::send(self.conn.as_raw_fd(), m, fd).map_err(|e| anyhow!("talking to pid {}: {e}", self.pid))
+        proto::send(self.conn.as_raw_fd(), m, fd).map_err(|e| self.failed(e))
     }
     pub(crate) fn recv(&self) -> Result<(Msg, Option<i32>)> {
         match proto::recv(self.conn.as_raw_fd()) {
             Ok(Some(m)) => Ok(m),
-            Ok(None) => bail!("pid {} went away during the checkpoint", self.pid),
-            Err(e) => bail!("talking to pid {}: {e}", self.pid),
+            Ok(None) => Err(Gone(self.pid).into()),
+            Err(e) => Err(self.failed(e)),
         }
     }
 }
@@ -88,6 +107,19 @@ impl Supervisor {
     /// Run one checkpoint. `first` is a shim that already said hello (a trigger from outside). Returns the
     /// image's path (None when it went to a client's fd).
     pub(crate) fn checkpoint(&mut self, req: Request, first: Option<(OwnedFd, i32)>) -> Result<Option<String>> {
+        // Taken again when a process ended meanwhile, unless something of it already went to a stream.
+        let again = first.is_none() && req.handoff.is_none() && !matches!(req.dest, Dest::Fd(_));
+        let mut r = self.checkpoint_once(&req, first);
+        for _ in 0..3 {
+            match &r {
+                Err(e) if again && e.chain().any(|c| c.downcast_ref::<Gone>().is_some()) => r = self.checkpoint_once(&req, None),
+                _ => break,
+            }
+        }
+        r
+    }
+
+    fn checkpoint_once(&mut self, req: &Request, first: Option<(OwnedFd, i32)>) -> Result<Option<String>> {
         let t0 = Instant::now();
         let timing = std::env::var_os("VOS_TIMING").is_some();
         let mark = |what: &str| {
@@ -106,7 +138,7 @@ impl Supervisor {
             }
         };
         mark("quiesced and captured");
-        let r = self.write_and_commit(&mut shims, &members, &req, &mark);
+        let r = self.write_and_commit(&mut shims, &members, req, &mark);
         if let Err(e) = &r {
             cancel(&shims, &format!("{e:#}"));
         }

@@ -23,9 +23,9 @@ fn shell_pipeline() {
     let w = Work::new("pipeline");
     let script = repo().join("tests/programs/pipeline.sh");
     let (out, reference) = (w.s("result.txt"), w.s("reference.txt"));
-    let st = Command::new(&script).args([&reference, "20000"]).stdout(std::process::Stdio::null()).status().unwrap();
+    let st = Command::new(&script).args([&reference, "40000"]).stdout(std::process::Stdio::null()).status().unwrap();
     assert!(st.success());
-    let mut job = cycle(&w, "pipeline", &[script.to_str().unwrap(), &out, "20000"], &w.path("out.txt"), &|_| sleep(700));
+    let mut job = cycle(&w, "pipeline", &[script.to_str().unwrap(), &out, "40000"], &w.path("out.txt"), &|_| sleep(700));
     assert!(job.wait(Duration::from_secs(60)).success());
     assert!(!fs::read_to_string(&reference).unwrap().is_empty());
     assert_eq!(fs::read_to_string(&out).unwrap(), fs::read_to_string(&reference).unwrap(), "the pipeline's result differs");
