@@ -75,6 +75,8 @@ pub enum Msg {
     CheckpointFailed { why: String },
     /// vrun restore -> its filler: fill these runs of process `pid` through the userfaultfd that comes along.
     Fill { pid: i32, runs: Vec<(u64, u64)> },
+    /// A pre-copy round begins: its number and the bytes it will send.
+    PrecopyPlan { round: u32, bytes: u64 },
     /// One pre-copy round is written: its number and bytes.
     PrecopyRound { round: u32, bytes: u64 },
     PrecopyDone,

@@ -50,8 +50,9 @@ struct Progress {
     tty: bool,
     start: Instant,
     last: Instant,
-    /// The round being sent (the last one is the final, stopped one).
+    /// The round being sent (the last one is the final, stopped one), and its size when known.
     round: u32,
+    planned: Option<u64>,
     total: u64,
 }
 
@@ -63,7 +64,13 @@ impl Progress {
         }
         self.last = Instant::now();
         let secs = self.start.elapsed().as_secs_f64().max(1e-3);
-        let line = format!("vrun: migrate: round {}: {:.1} MiB, {:.1} MiB in all, {:.0} MiB/s", self.round, mib(round_bytes), mib(total), mib(total) / secs);
+        let rate = total as f64 / secs;
+        let eta = match self.planned {
+            Some(p) if p > round_bytes => format!(", round done in {:.1} s", (p - round_bytes) as f64 / rate.max(1.0)),
+            _ => String::new(),
+        };
+        let of = self.planned.map_or(String::new(), |p| format!(" of {:.1}", mib(p)));
+        let line = format!("vrun: migrate: round {}: {:.1}{of} MiB, {:.1} MiB in all, {:.0} MiB/s{eta}", self.round, mib(round_bytes), mib(total), mib(total) / secs);
         let mut e = std::io::stderr();
         let _ = if self.tty { write!(e, "\r{line}\x1b[K") } else { writeln!(e, "{line}") };
     }
@@ -113,6 +120,7 @@ fn relay(ch: &mut Channel, pipe: &OwnedFd, sup: &OwnedFd, kind: Kind, progress: 
         }
         if fds[1].revents().is_some_and(|r| !r.is_empty()) {
             match proto::recv(sup.as_raw_fd()) {
+                Ok(Some((Msg::PrecopyPlan { bytes, .. }, _))) => progress.planned = Some(bytes),
                 Ok(Some((Msg::PrecopyRound { .. }, _))) => {
                     // Everything of that round is in the pipe: send it, then count the next.
                     nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
@@ -120,6 +128,7 @@ fn relay(ch: &mut Channel, pipe: &OwnedFd, sup: &OwnedFd, kind: Kind, progress: 
                     nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()))?;
                     rounds.push(std::mem::take(&mut round));
                     progress.round += 1;
+                    progress.planned = None;
                 }
                 Ok(Some((m, _))) => break m,
                 _ => bail!("the supervisor went away"),
@@ -156,7 +165,7 @@ pub fn run(a: Args) -> Result<()> {
         Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     };
     let t = Instant::now();
-    let mut progress = Progress { on: !a.quiet && !a.json, tty: std::io::stderr().is_terminal(), start: t, last: t, round: 0, total: 0 };
+    let mut progress = Progress { on: !a.quiet && !a.json, tty: std::io::stderr().is_terminal(), start: t, last: t, round: 0, planned: None, total: 0 };
     let mut rounds: Vec<u64> = vec![];
 
     // Live: memory goes over while the job runs, then again what it wrote meanwhile, until little changes.

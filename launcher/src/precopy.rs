@@ -138,36 +138,45 @@ impl Supervisor {
         let mut buf = vec![0u8; 1 << 20];
         let mut last = u64::MAX;
         for round in 0..MAX_ROUNDS {
-            let mut bytes = 0u64;
+            // First what to send (found and protected again in one pass), so the migration can tell how long the
+            // round will take; then the pages themselves.
+            let mut plan = vec![];
             for m in members.iter().filter(|m| !m.zombie) {
                 let host = m.host.as_raw();
                 // A process that ended meanwhile is simply not pre-copied any further.
-                let (Ok(pagemap), Ok(mem), Ok(vmas)) =
-                    (File::open(format!("/proc/{host}/pagemap")), File::open(format!("/proc/{host}/mem")), tracked_vmas(host))
-                else {
-                    continue;
-                };
-                let pages = sent.procs.entry(m.ids.pid).or_default();
+                let (Ok(pagemap), Ok(vmas)) = (File::open(format!("/proc/{host}/pagemap")), tracked_vmas(host)) else { continue };
+                let mut ranges = vec![];
                 for v in &vmas {
-                    let Ok(ranges) = scan(&pagemap, v, round > 0, true) else { continue };
-                    for (a, b) in ranges {
-                        let Ok(fr) = frames(&pagemap, a, b) else { continue };
-                        let mut p = a;
-                        while p < b {
-                            let n = (b - p).min(buf.len() as u64);
-                            // Unmapped meanwhile: not sent, so never reused.
-                            if mem.read_exact_at(&mut buf[..n as usize], p).is_err() {
-                                break;
-                            }
-                            let mut head = [0u8; 24];
-                            head[..4].copy_from_slice(&m.ids.pid.to_le_bytes());
-                            head[8..16].copy_from_slice(&p.to_le_bytes());
-                            head[16..].copy_from_slice(&n.to_le_bytes());
-                            out.write_all(&head).and_then(|_| out.write_all(&buf[..n as usize])).context("sending pre-copied pages")?;
-                            pages.extend((0..n / PAGE).map(|k| (p + k * PAGE, fr[((p - a) / PAGE + k) as usize])));
-                            bytes += n;
-                            p += n;
+                    for (a, b) in scan(&pagemap, v, round > 0, true).unwrap_or_default() {
+                        if let Ok(fr) = frames(&pagemap, a, b) {
+                            ranges.push((a, b, fr));
                         }
+                    }
+                }
+                plan.push((m, ranges));
+            }
+            let planned: u64 = plan.iter().flat_map(|(_, r)| r.iter().map(|(a, b, _)| b - a)).sum();
+            proto::send(conn.as_raw_fd(), &Msg::PrecopyPlan { round, bytes: planned }, None).map_err(|e| anyhow!("the migration went away: {e}"))?;
+            let mut bytes = 0u64;
+            for (m, ranges) in plan {
+                let Ok(mem) = File::open(format!("/proc/{}/mem", m.host.as_raw())) else { continue };
+                let pages = sent.procs.entry(m.ids.pid).or_default();
+                for (a, b, fr) in ranges {
+                    let mut p = a;
+                    while p < b {
+                        let n = (b - p).min(buf.len() as u64);
+                        // Unmapped meanwhile: not sent, so never reused.
+                        if mem.read_exact_at(&mut buf[..n as usize], p).is_err() {
+                            break;
+                        }
+                        let mut head = [0u8; 24];
+                        head[..4].copy_from_slice(&m.ids.pid.to_le_bytes());
+                        head[8..16].copy_from_slice(&p.to_le_bytes());
+                        head[16..].copy_from_slice(&n.to_le_bytes());
+                        out.write_all(&head).and_then(|_| out.write_all(&buf[..n as usize])).context("sending pre-copied pages")?;
+                        pages.extend((0..n / PAGE).map(|k| (p + k * PAGE, fr[((p - a) / PAGE + k) as usize])));
+                        bytes += n;
+                        p += n;
                     }
                 }
             }
