@@ -81,7 +81,6 @@ pub struct Channel {
     me: u8,
     sent: u64,
     received: u64,
-    buf: Vec<u8>,
 }
 
 impl Channel {
@@ -128,7 +127,7 @@ impl Channel {
     }
 
     fn new(stream: TcpStream, session: [u8; 32], me: u8) -> Channel {
-        Channel { stream, session, me, sent: 0, received: 0, buf: Vec::with_capacity(MAX_FRAME + 64) }
+        Channel { stream, session, me, sent: 0, received: 0 }
     }
 
     fn frame_mac(&self, from: u8, seq: u64, head: &[u8], payload: &[u8]) -> [u8; 32] {
@@ -144,14 +143,19 @@ impl Channel {
         head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         let m = self.frame_mac(self.me, self.sent, &head, payload);
         self.sent += 1;
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.clear();
-        buf.extend_from_slice(&head);
-        buf.extend_from_slice(payload);
-        buf.extend_from_slice(&m);
-        let r = self.stream.write_all(&buf);
-        self.buf = buf;
-        r.context("sending to the other host")
+        // Head, payload and MAC in one vectored write: the payload is not copied first.
+        let mut parts = [std::io::IoSlice::new(&head), std::io::IoSlice::new(payload), std::io::IoSlice::new(&m)];
+        let mut parts = &mut parts[..];
+        while !parts.is_empty() {
+            let n = match self.stream.write_vectored(parts) {
+                Ok(0) => bail!("sending to the other host: connection closed"),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).context("sending to the other host"),
+            };
+            std::io::IoSlice::advance_slices(&mut parts, n);
+        }
+        Ok(())
     }
 
     pub fn recv(&mut self) -> Result<(Kind, Vec<u8>)> {
