@@ -93,7 +93,8 @@ static void check(struct ptimer *p) {
     int64_t want = p->period - (t - p->start) % p->period, d = left - want;
     if (d > p->period / 2) d -= p->period;
     if (d < -p->period / 2) d += p->period;
-    if (d > 10000000 || d < -10000000) fail("timer %d: next expiry in %.3f ms, out of phase by %.3f ms", p->value, ms(left), ms(d));
+    /* 15 ms: the checkpoint reads the timer and the clock a moment apart, longer on a loaded 2-core machine. */
+    if (d > 15000000 || d < -15000000) fail("timer %d: next expiry in %.3f ms, out of phase by %.3f ms", p->value, ms(left), ms(d));
     if (timer_getoverrun(p->id) < 0) fail("timer_getoverrun of timer %d", p->value);
 }
 
