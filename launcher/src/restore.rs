@@ -195,6 +195,11 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         // All is handed over: the filler ends once it has filled it all.
         let _ = nix::sys::socket::shutdown(f.as_raw_fd(), nix::sys::socket::Shutdown::Write);
     }
+    // The pre-copied pages are in place or the filler's now: our copies of them would live as long as the job.
+    for &(_, fd) in &a.bases {
+        // SAFETY: the fds were handed to this process for the restore alone, and it is done with them.
+        drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    }
     phases.mark("memory restored");
     for (i, c) in ctls.iter().enumerate() {
         match proto::recv(c.as_raw_fd()) {
