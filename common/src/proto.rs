@@ -73,8 +73,9 @@ pub enum Msg {
     Written,
     CheckpointDone { path: Option<String>, bytes: u64, millis: u64 },
     CheckpointFailed { why: String },
-    /// vrun restore -> its filler: fill these runs of process `pid` through the userfaultfd that comes along.
-    Fill { pid: i32, runs: Vec<(u64, u64)> },
+    /// vrun restore -> its filler: fill these runs of process `pid` (`host` as this host numbers it) through the
+    /// userfaultfd that comes along.
+    Fill { pid: i32, host: i32, runs: Vec<(u64, u64)> },
     /// A pre-copy round begins: its number and the bytes it will send.
     PrecopyPlan { round: u32, bytes: u64 },
     /// One pre-copy round is written: its number and bytes.

@@ -49,10 +49,16 @@ pub fn start(bases: &[(i32, RawFd)]) -> Result<OwnedFd> {
                     // SAFETY: closing fds this process does not use.
                     unsafe { libc::close(fd) };
                 }
-                let code = match serve(theirs, &bases) {
+                let mut hosts = vec![];
+                let code = match serve(theirs, &bases, &mut hosts) {
                     Ok(()) => 0,
                     Err(e) => {
-                        eprintln!("vrun: filling the migrated job's memory: {e:#}");
+                        // Pages left missing would read as zeros once we are gone: the processes end instead,
+                        // loudly, rather than run on wrong memory.
+                        eprintln!("vrun: filling the migrated job's memory failed, ending it: {e:#}");
+                        for &h in &hosts {
+                            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(h), nix::sys::signal::Signal::SIGKILL);
+                        }
                         1
                     }
                 };
@@ -70,7 +76,8 @@ pub fn start(bases: &[(i32, RawFd)]) -> Result<OwnedFd> {
     }
 }
 
-fn serve(sock: OwnedFd, bases: &[(i32, RawFd)]) -> Result<()> {
+/// Fill what comes on `sock` until all is in place; `hosts` learns every process given (to end them on failure).
+fn serve(sock: OwnedFd, bases: &[(i32, RawFd)], hosts: &mut Vec<i32>) -> Result<()> {
     let mut work: Vec<Work> = vec![];
     let mut more = true;
     let mut buf = vec![0u8; STEP as usize];
@@ -92,7 +99,8 @@ fn serve(sock: OwnedFd, bases: &[(i32, RawFd)]) -> Result<()> {
             drop(fds);
             if sock_ready {
                 match proto::recv(sock.as_raw_fd()) {
-                    Ok(Some((Msg::Fill { pid, runs }, Some(fd)))) => {
+                    Ok(Some((Msg::Fill { pid, host, runs }, Some(fd)))) => {
+                        hosts.push(host);
                         let base = bases.iter().find(|b| b.0 == pid).map(|b| b.1).ok_or_else(|| anyhow!("no pre-copied pages for pid {pid}"))?;
                         let uffd = crate::ns::owned(fd);
                         nix::fcntl::fcntl(&uffd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;

@@ -187,7 +187,9 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         if report.lazy_runs > 0 {
             let (uffd, runs) = lazy_runs(c).map_err(fail)?;
             let f = filler.as_ref().ok_or_else(|| fail(anyhow!("pid {}: pages left to fill, and no filler", job.processes[i].pid)))?;
-            proto::send(f.as_raw_fd(), &Msg::Fill { pid: job.processes[i].pid, runs }, Some(uffd.as_raw_fd()))
+            let pid = job.processes[i].pid;
+            let host = job::members(started.init).map_err(fail)?.iter().find(|m| m.ids.pid == pid).map_or(0, |m| m.host.as_raw());
+            proto::send(f.as_raw_fd(), &Msg::Fill { pid, host, runs }, Some(uffd.as_raw_fd()))
                 .map_err(|e| fail(anyhow!("handing pages to fill: {e}")))?;
         }
     }
