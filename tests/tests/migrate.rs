@@ -157,6 +157,45 @@ fn destination_killed_mid_transfer_leaves_the_job_running() {
 }
 
 #[test]
+fn migrate_killed_mid_transfer_leaves_the_job_running() {
+    let w = Work::new("migrate-cut");
+    let k = key(&w, "key");
+    let net = net(2, &w, &k);
+    let prog = gcc("counter_server");
+    let out = w.path("out.txt");
+    let name = w.name("counter");
+    let job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string(), "768"], &out, &w);
+    wait_for(&out, "the server listening", Duration::from_secs(30), |s| s.contains("listening"));
+    let mut c = LineClient::connect(&format!("{}:{PORT}", net.hosts[0].ip));
+    assert_eq!(c.inc(), 1);
+    let sum = c.ask("sum").unwrap();
+    // The job is stopped while its image streams; the migration dies in the middle of it.
+    let mut m = net.hosts[0].vrun();
+    m.args(["migrate", &name, "--to", &net.hosts[1].serve_addr(), "--stop-and-copy", "--key"]).arg(&k);
+    let mut m = m.spawn().unwrap();
+    let t = Instant::now();
+    while !net.hosts[1].serve_log().contains("receiving job") {
+        assert!(t.elapsed() < Duration::from_secs(20), "the transfer did not start");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    m.kill().unwrap();
+    m.wait().unwrap();
+    // The job goes on where it was, memory and counter intact, on the same connection; nothing runs at the
+    // destination (its restore refused the cut image).
+    assert_eq!(c.inc(), 2, "the job did not go on");
+    assert_eq!(c.ask("sum").unwrap(), sum, "the job's memory changed");
+    let t = Instant::now();
+    while !net.hosts[1].serve_log().contains("went away") {
+        assert!(t.elapsed() < Duration::from_secs(20), "the destination did not notice: {}", net.hosts[1].serve_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(job_pid(&format!("{name}-2")), 0, "a copy of the job runs at the destination");
+    drop(job);
+}
+
+#[test]
 fn tcp_established_connections_move_with_the_jobs_address() {
     let w = Work::new("migrate-established");
     let k = key(&w, "key");
