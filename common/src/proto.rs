@@ -60,18 +60,8 @@ pub enum Msg {
     // ---- CLI -> supervisor
     /// `vrun checkpoint`: to a path, to the fd that comes with the message (`--to -`), or to the job's directory.
     /// `handoff` (migration): once the image is written the job waits, stopped, for `Handoff`.
-    /// `precopy`: the destination holds the pages of the last `Precopy` but those in `unsent` (pid, start, end);
-    /// unchanged ones are only listed.
-    Checkpoint {
-        kill: bool,
-        to: Option<String>,
-        fd_attached: bool,
-        bundle: bool,
-        tcp_established: bool,
-        handoff: bool,
-        precopy: bool,
-        unsent: Vec<(i32, u64, u64)>,
-    },
+    /// `precopy`: the destination holds the pages of the last `Precopy`; unchanged ones are only listed.
+    Checkpoint { kill: bool, to: Option<String>, fd_attached: bool, bundle: bool, tcp_established: bool, handoff: bool, precopy: bool },
     /// `vrun migrate`: send the job's memory to the fd that comes along while it runs, in rounds, each round the
     /// pages written since the last one, until few change.
     Precopy,

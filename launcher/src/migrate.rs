@@ -87,72 +87,11 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-/// What comes out of the supervisor's pipe, and how it goes to the destination.
-enum Stream {
-    /// Image bytes, sent as they are.
-    Image,
-    /// Pre-copy: records `pid:u32 host:u32 addr:u64 len:u64` naming pages of a running process, which we read
-    /// from /proc/HOST/mem ourselves (one copy less than through the pipe) and send with their bytes.
-    /// `missed`: pages that could not be read (their process unmapped them or ended): the final checkpoint must
-    /// not count them as at the destination.
-    Pages { head: Vec<u8>, mem: std::collections::HashMap<u32, std::fs::File>, frame: Vec<u8>, missed: Vec<(i32, u64, u64)> },
-}
-
-impl Stream {
-    fn pages() -> Stream {
-        Stream::Pages { head: vec![], mem: Default::default(), frame: vec![0u8; MAX_FRAME], missed: vec![] }
-    }
-
-    /// Forward `b`, just read from the pipe; returns the bytes sent on.
-    fn forward(&mut self, ch: &mut Channel, b: &[u8], progress: &mut Progress, round: &mut u64) -> Result<()> {
-        let mut sent = |ch: &mut Channel, kind: Kind, f: &[u8], n: u64| -> Result<()> {
-            ch.send(kind, f).context("the destination went away during the transfer; the job goes on here")?;
-            *round += n;
-            progress.total += n;
-            progress.show(*round);
-            Ok(())
-        };
-        let Stream::Pages { head, mem, frame, missed } = self else { return sent(ch, Kind::Data, b, b.len() as u64) };
-        head.extend_from_slice(b);
-        let records = head.len() / 24;
-        for r in head[..records * 24].chunks_exact(24) {
-            let (pid, host) = (u32::from_le_bytes(r[..4].try_into().unwrap()), u32::from_le_bytes(r[4..8].try_into().unwrap()));
-            let (addr, len) = (u64::from_le_bytes(r[8..16].try_into().unwrap()), u64::from_le_bytes(r[16..].try_into().unwrap()));
-            if !mem.contains_key(&host) {
-                match std::fs::File::open(format!("/proc/{host}/mem")) {
-                    Ok(f) => mem.insert(host, f),
-                    Err(_) => {
-                        missed.push((pid as i32, addr, addr + len));
-                        continue;
-                    }
-                };
-            }
-            let mut p = addr;
-            while p < addr + len {
-                let n = (addr + len - p).min((MAX_FRAME - 24) as u64 / 4096 * 4096);
-                if std::os::unix::fs::FileExt::read_exact_at(&mem[&host], &mut frame[24..24 + n as usize], p).is_err() {
-                    missed.push((pid as i32, p, addr + len));
-                    break;
-                }
-                frame[..4].copy_from_slice(&pid.to_le_bytes());
-                frame[4..8].fill(0);
-                frame[8..16].copy_from_slice(&p.to_le_bytes());
-                frame[16..24].copy_from_slice(&n.to_le_bytes());
-                sent(ch, Kind::Precopy, &frame[..24 + n as usize], n)?;
-                p += n;
-            }
-        }
-        head.drain(..records * 24);
-        Ok(())
-    }
-}
-
-/// Send what the supervisor writes into `pipe` to the destination, until the supervisor says something on `sup`
-/// other than a round's end; returns that, and the bytes of each round.
-fn relay(ch: &mut Channel, pipe: &OwnedFd, sup: &OwnedFd, stream: &mut Stream, progress: &mut Progress) -> Result<(Msg, Vec<u64>)> {
+/// Send what the supervisor writes into `pipe` to the destination as `kind` frames, until the supervisor says
+/// something on `sup` other than a round's end; returns that, and the bytes of each round.
+fn relay(ch: &mut Channel, pipe: &OwnedFd, sup: &OwnedFd, kind: Kind, progress: &mut Progress) -> Result<(Msg, Vec<u64>)> {
     let mut buf = vec![0u8; MAX_FRAME];
     let (mut rounds, mut round) = (vec![], 0u64);
-    let image = matches!(stream, Stream::Image);
     let mut send = |ch: &mut Channel, nonblocking: bool, round: &mut u64, progress: &mut Progress| -> Result<bool> {
         let n = match nix::unistd::read(pipe, &mut buf) {
             Ok(n) => n,
@@ -163,7 +102,10 @@ fn relay(ch: &mut Channel, pipe: &OwnedFd, sup: &OwnedFd, stream: &mut Stream, p
         if n == 0 {
             return Ok(false);
         }
-        stream.forward(ch, &buf[..n], progress, round)?;
+        ch.send(kind, &buf[..n]).context("the destination went away during the transfer; the job goes on here")?;
+        *round += n as u64;
+        progress.total += n as u64;
+        progress.show(*round);
         Ok(true)
     };
     let end = loop {
@@ -196,7 +138,7 @@ fn relay(ch: &mut Channel, pipe: &OwnedFd, sup: &OwnedFd, stream: &mut Stream, p
     // Whatever ended it, all that was written is in the pipe: send what is left.
     nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
     while send(ch, true, &mut round, progress)? {}
-    if round > 0 || image {
+    if round > 0 || kind == Kind::Data {
         rounds.push(round);
     }
     Ok((end, rounds))
@@ -228,13 +170,12 @@ pub fn run(a: Args) -> Result<()> {
 
     // Live: memory goes over while the job runs, then again what it wrote meanwhile, until little changes.
     let mut precopied = false;
-    let mut pages = Stream::pages();
     if !a.stop_and_copy {
         let sup = connect()?;
         let (pipe, w) = pipe()?;
         proto::send(sup.as_raw_fd(), &Msg::Precopy, Some(w.as_raw_fd())).map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
         drop(w);
-        match relay(&mut ch, &pipe, &sup, &mut pages, &mut progress)? {
+        match relay(&mut ch, &pipe, &sup, Kind::Precopy, &mut progress)? {
             (Msg::PrecopyDone, r) => {
                 rounds = r;
                 precopied = true;
@@ -251,18 +192,14 @@ pub fn run(a: Args) -> Result<()> {
     // The final round: the job stops, and its image (with only the pages that changed) goes over.
     let sup = connect()?;
     let (image, w) = pipe()?;
-    let unsent = match pages {
-        Stream::Pages { missed, .. } => missed,
-        Stream::Image => vec![],
-    };
-    let ask = Msg::Checkpoint { kill: false, to: None, fd_attached: true, bundle: a.bundle, tcp_established: a.tcp_established, handoff: true, precopy: precopied, unsent };
+    let ask = Msg::Checkpoint { kill: false, to: None, fd_attached: true, bundle: a.bundle, tcp_established: a.tcp_established, handoff: true, precopy: precopied };
     proto::send(sup.as_raw_fd(), &ask, Some(w.as_raw_fd())).map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
     drop(w);
     let paused = Instant::now();
     progress.round = rounds.len() as u32;
     // From here until the handoff the job is stopped; leaving early (an error) drops `sup`, and a supervisor
     // that loses its migration lets the job go on.
-    let last = match relay(&mut ch, &image, &sup, &mut Stream::Image, &mut progress)? {
+    let last = match relay(&mut ch, &image, &sup, Kind::Data, &mut progress)? {
         (Msg::Written, r) => r,
         (Msg::CheckpointFailed { why }, _) => bail!("checkpoint of {} failed: {why}; it goes on here", job.name),
         (m, _) => bail!("unexpected answer from the supervisor: {m:?}"),

@@ -41,15 +41,6 @@ pub struct Sent {
 }
 
 impl Sent {
-    /// Pages the migration could not read after all (pid, start, end): not at the destination.
-    pub fn forget(&mut self, unsent: &[(i32, u64, u64)]) {
-        for &(pid, a, b) in unsent {
-            if let Some(pages) = self.procs.get_mut(&pid) {
-                pages.retain(|p| p.0 < a || p.0 >= b);
-            }
-        }
-    }
-
     fn settle(&mut self) {
         for pages in self.procs.values_mut() {
             pages.sort_by_key(|p| p.0);
@@ -144,6 +135,7 @@ impl Supervisor {
         let members = self.track()?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, File::from(out));
         let mut sent = Sent::default();
+        let mut buf = vec![0u8; 1 << 20];
         let mut last = u64::MAX;
         for round in 0..MAX_ROUNDS {
             // First what to send (found and protected again in one pass), so the migration can tell how long the
@@ -165,19 +157,27 @@ impl Supervisor {
             }
             let planned: u64 = plan.iter().flat_map(|(_, r)| r.iter().map(|(a, b, _)| b - a)).sum();
             proto::send(conn.as_raw_fd(), &Msg::PrecopyPlan { round, bytes: planned }, None).map_err(|e| anyhow!("the migration went away: {e}"))?;
-            // The migration reads the pages itself, right after: the pipe carries only where they are.
             let mut bytes = 0u64;
             for (m, ranges) in plan {
+                let Ok(mem) = File::open(format!("/proc/{}/mem", m.host.as_raw())) else { continue };
                 let pages = sent.procs.entry(m.ids.pid).or_default();
                 for (a, b, fr) in ranges {
-                    let mut head = [0u8; 24];
-                    head[..4].copy_from_slice(&m.ids.pid.to_le_bytes());
-                    head[4..8].copy_from_slice(&m.host.as_raw().to_le_bytes());
-                    head[8..16].copy_from_slice(&a.to_le_bytes());
-                    head[16..].copy_from_slice(&(b - a).to_le_bytes());
-                    out.write_all(&head).context("sending pre-copied pages")?;
-                    pages.extend((0..(b - a) / PAGE).map(|k| (a + k * PAGE, fr[k as usize])));
-                    bytes += b - a;
+                    let mut p = a;
+                    while p < b {
+                        let n = (b - p).min(buf.len() as u64);
+                        // Unmapped meanwhile: not sent, so never reused.
+                        if mem.read_exact_at(&mut buf[..n as usize], p).is_err() {
+                            break;
+                        }
+                        let mut head = [0u8; 24];
+                        head[..4].copy_from_slice(&m.ids.pid.to_le_bytes());
+                        head[8..16].copy_from_slice(&p.to_le_bytes());
+                        head[16..].copy_from_slice(&n.to_le_bytes());
+                        out.write_all(&head).and_then(|_| out.write_all(&buf[..n as usize])).context("sending pre-copied pages")?;
+                        pages.extend((0..n / PAGE).map(|k| (p + k * PAGE, fr[((p - a) / PAGE + k) as usize])));
+                        bytes += n;
+                        p += n;
+                    }
                 }
             }
             out.flush().context("sending pre-copied pages")?;

@@ -220,7 +220,7 @@ impl Supervisor {
                 };
                 let _ = proto::send(conn.as_raw_fd(), &answer, None);
             }
-            Msg::Checkpoint { kill, to, fd_attached, bundle, tcp_established, handoff, precopy, unsent } => {
+            Msg::Checkpoint { kill, to, fd_attached, bundle, tcp_established, handoff, precopy } => {
                 let dest = match (to, fd_attached, fd) {
                     (_, true, Some(fd)) => Dest::Fd(crate::ns::owned(fd)),
                     (Some(p), _, _) => Dest::Path(PathBuf::from(p)),
@@ -228,9 +228,6 @@ impl Supervisor {
                 };
                 let handoff = if handoff { Some(conn.try_clone().expect("dup")) } else { None };
                 let reason = if handoff.is_some() { "migration" } else { "request" };
-                if let Some(sent) = self.precopied.as_mut() {
-                    sent.forget(&unsent);
-                }
                 let req = Request { kill, dest, reason, bundle, tcp_established, handoff, precopy };
                 let start = Instant::now();
                 let answer = match self.checkpoint(req, None) {
