@@ -190,7 +190,20 @@ pub fn job_pid(name: &str) -> i32 {
     pid_in(Path::new("/run/vos"), name)
 }
 
+/// The pid registered for `name` under `runtime`, waiting a moment for a job that is registering or whose
+/// process is being made (0 when none comes).
 fn pid_in(runtime: &Path, name: &str) -> i32 {
+    let t = Instant::now();
+    loop {
+        let pid = registered_pid(runtime, name);
+        if pid > 0 && Path::new(&format!("/proc/{pid}")).exists() || t.elapsed() > Duration::from_secs(5) {
+            return pid;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn registered_pid(runtime: &Path, name: &str) -> i32 {
     let j = fs::read_to_string(runtime.join(format!("{name}.json"))).unwrap_or_default();
     let key = "\"pid\":";
     j.find(key).and_then(|i| j[i + key.len()..].trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
@@ -199,7 +212,7 @@ fn pid_in(runtime: &Path, name: &str) -> i32 {
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let pid = self.pid();
+            let pid = registered_pid(&self.runtime, &self.name);
             if pid > 0 {
                 // SAFETY: kill has no memory effects.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
