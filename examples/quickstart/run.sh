@@ -5,8 +5,9 @@ set -euo pipefail
 for fd in /proc/$$/fd/*; do fd=${fd##*/}; [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null || true; done
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
-(cd "$root" && cargo build --release --quiet)
-vrun="$root/target/release/vrun"
+# $VOS_BIN: where vrun is already built (the test suite sets it); otherwise build it.
+[ -n "${VOS_BIN:-}" ] || (cd "$root" && cargo build --release --quiet)
+vrun="${VOS_BIN:-$root/target/release}/vrun"
 work="$(mktemp -d /tmp/vos-quickstart.XXXXXX)"
 out="$work/out.txt"
 
@@ -35,3 +36,4 @@ assert i == 120, f"only {i} lines"
 print(f"   OK: 120 steps, no gap, no repeat, final total {total}")
 PY
 rm -rf "$work"
+echo "== ok"

@@ -353,11 +353,3 @@ fn precopy_keeps_every_write_made_while_it_ran() {
     }
     drop(job);
 }
-
-#[test]
-fn redis_migration_demo() {
-    let o = std::process::Command::new(repo().join("examples/migrate-redis/run.sh")).env("VOS_BIN", bin_dir()).output().unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "the demo failed: {out}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert!(out.contains("== ok"), "{out}");
-}

@@ -1,0 +1,25 @@
+//! The demos in examples/, each run the way a user runs it (with the binaries this suite tests); each ends
+//! with "== ok" only when its own checks passed.
+
+use vos_tests::*;
+
+fn demo(name: &str) {
+    let o = std::process::Command::new(repo().join("examples").join(name).join("run.sh")).env("VOS_BIN", bin_dir()).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("== ok"), "the {name} demo failed: {out}\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn quickstart() {
+    demo("quickstart");
+}
+
+#[test]
+fn sqlite_transaction() {
+    demo("sqlite-transaction");
+}
+
+#[test]
+fn migrate_redis() {
+    demo("migrate-redis");
+}
