@@ -203,6 +203,18 @@ pub fn park_all(timeout_ns: u64) -> Result<Parked, String> {
             }
             continue;
         }
+        // A thread that blocks the checkpoint signal in its real mask (the app's own masks are virtualized, so
+        // glibc-internal or raw-syscall code) never parks: say so at once, by name.
+        if sys::now_ns(libc::CLOCK_MONOTONIC) - start > 200_000_000 {
+            let sig = crate::global::SIG_CHECKPOINT.load(Ordering::Relaxed);
+            if let Some((t, _)) = asked.iter().find(|(t, i)| slot(*i).state.load(Ordering::Acquire) != PARKED && blocks(*t, sig)) {
+                let t = *t;
+                release_all();
+                let waits = procfs::read_string(&format!("/proc/self/task/{t}/syscall")).is_ok_and(|s| s.starts_with("128 "));
+                let what = if waits { ", waiting in sigtimedwait: glibc's helper thread for SIGEV_THREAD timers (timer_create)" } else { "" };
+                return Err(format!("thread {t} ({}) blocks every signal{what}: such a thread is not supported yet", comm(t)));
+            }
+        }
         if sys::now_ns(libc::CLOCK_MONOTONIC) - start > timeout_ns {
             let stuck: Vec<String> = asked
                 .iter()
@@ -226,6 +238,13 @@ pub fn park_all(timeout_ns: u64) -> Result<Parked, String> {
 pub fn release_all() {
     RELEASE.fetch_add(1, Ordering::AcqRel);
     let _ = sys::futex_wake(&RELEASE, i32::MAX as u32);
+}
+
+/// Whether thread `tid` has `sig` blocked in its real signal mask.
+fn blocks(tid: i32, sig: i32) -> bool {
+    let status = procfs::read_string(&format!("/proc/self/task/{tid}/status")).unwrap_or_default();
+    let mask = status.lines().find_map(|l| l.strip_prefix("SigBlk:")).and_then(|m| u64::from_str_radix(m.trim(), 16).ok());
+    mask.is_some_and(|m| m & (1u64 << (sig - 1)) != 0)
 }
 
 fn comm(tid: i32) -> String {
