@@ -55,3 +55,36 @@ impl PmScanArg {
         }
     }
 }
+
+/// Why a scan stopped: the ioctl failed for the call starting at `at`, or the visitor returned an error.
+pub enum ScanError<E> {
+    Ioctl { at: u64, errno: crate::sys::Errno },
+    Visit(E),
+}
+
+/// Walk [start, end) of `pagemap` (an open /proc/PID/pagemap) with PAGEMAP_SCAN, the pages chosen as in
+/// `PmScanArg::new`, calling `f` for each range found, in order; `vec` is the room for one call's ranges.
+pub fn scan<E>(
+    pagemap: i32,
+    start: u64,
+    end: u64,
+    vec: &mut [PageRegion],
+    flags: u64,
+    inverted: u64,
+    mask: u64,
+    f: &mut dyn FnMut(u64, u64) -> Result<(), E>,
+) -> Result<(), ScanError<E>> {
+    let mut at = start;
+    while at < end {
+        let mut arg = PmScanArg::new(at, end, vec, flags, inverted, mask);
+        let n = crate::sys::ioctl(pagemap, PAGEMAP_SCAN, &mut arg as *mut PmScanArg as usize).map_err(|errno| ScanError::Ioctl { at, errno })?;
+        for r in &vec[..n] {
+            f(r.start, r.end).map_err(ScanError::Visit)?;
+        }
+        if arg.walk_end <= at {
+            break;
+        }
+        at = arg.walk_end;
+    }
+    Ok(())
+}

@@ -171,6 +171,36 @@ pub fn kcmp_file(pid1: i32, pid2: i32, fd1: i32, fd2: i32) -> Res {
     sc!(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2)
 }
 
+// ---- userfaultfd: write tracking for pre-copy (shim), missing pages filled after a migration (restorer) ----
+
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// struct uffdio_copy (dst, src, len, mode, copy) and struct uffdio_range (start, len).
+pub const UFFDIO_COPY: u64 = 0xc028_aa03;
+pub const UFFDIO_WAKE: u64 = 0x8010_aa02;
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_API: u64 = 0xAA;
+const UFFDIO_API: u64 = 0xc018_aa3f;
+const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+
+/// A userfaultfd (close-on-exec, and `flags`) with the API handshake done for `features`.
+pub fn userfaultfd(flags: i32, features: u64) -> Res<i32> {
+    let fd = sc!(libc::SYS_userfaultfd, libc::O_CLOEXEC | flags)? as i32;
+    let mut api = [UFFD_API, features, 0];
+    if let Err(e) = ioctl(fd, UFFDIO_API, api.as_mut_ptr() as usize) {
+        let _ = close(fd);
+        return Err(e);
+    }
+    Ok(fd)
+}
+
+/// Register [start, start + len) with userfaultfd `fd` in `mode`.
+pub fn uffd_register(fd: i32, start: u64, len: u64, mode: u64) -> Res {
+    let mut reg = [start, len, mode, 0];
+    ioctl(fd, UFFDIO_REGISTER, reg.as_mut_ptr() as usize)
+}
+
 // ---- memory ------------------------------------------------------------------------------------------------
 
 /// # Safety

@@ -11,9 +11,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use vos::proto::{self, Msg};
 
-const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
-const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+use vos::sys::{UFFD_EVENT_PAGEFAULT, UFFDIO_COPY, UFFDIO_WAKE};
 const PAGE: u64 = 4096;
 /// Pages copied in one background step, between looks at the job's faults.
 const STEP: u64 = 256 * PAGE;

@@ -23,7 +23,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use vos::pagemap::*;
+use vos::pagemap::{self, PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGE_IS_WRITTEN, PM_SCAN_WP_MATCHING, PageRegion, ScanError};
 use vos::proto::{self, Msg};
 
 const PAGE: u64 = 4096;
@@ -95,19 +95,15 @@ fn scan(pagemap: &File, v: &Vma, written: bool, protect: bool) -> Result<Vec<(u6
     let mask = inverted | if written { PAGE_IS_WRITTEN } else { 0 };
     let mut vec = vec![PageRegion::default(); 1024];
     let mut out = vec![];
-    let mut start = v.start;
-    while start < v.end {
-        let mut arg = PmScanArg::new(start, v.end, &mut vec, if protect { PM_SCAN_WP_MATCHING } else { 0 }, inverted, mask);
-        // SAFETY: arg and the vector it points to are ours and live across the call.
-        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
-        if n < 0 {
-            bail!("PAGEMAP_SCAN at {start:#x}: {}", std::io::Error::last_os_error());
-        }
-        out.extend(vec[..n as usize].iter().map(|r| (r.start, r.end)));
-        if arg.walk_end <= start {
-            break;
-        }
-        start = arg.walk_end;
+    let flags = if protect { PM_SCAN_WP_MATCHING } else { 0 };
+    let found = pagemap::scan(pagemap.as_raw_fd(), v.start, v.end, &mut vec, flags, inverted, mask, &mut |a, b| {
+        out.push((a, b));
+        Ok::<(), std::convert::Infallible>(())
+    });
+    match found {
+        Ok(()) => {}
+        Err(ScanError::Ioctl { at, errno }) => bail!("PAGEMAP_SCAN at {at:#x}: {errno}"),
+        Err(ScanError::Visit(never)) => match never {},
     }
     Ok(out)
 }

@@ -285,11 +285,6 @@ pub fn read_pages(fd: i32, first_seq: u64, ops: &[MapOp], base_fd: i32) -> (u64,
     }
 }
 
-const UFFD_API: u64 = 0xAA;
-const UFFDIO_API: u64 = 0xc018_aa3f;
-const UFFDIO_REGISTER: u64 = 0xc020_aa00;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-
 /// Pre-copied runs left to be filled after the job resumes, through a userfaultfd (missing-page mode) that
 /// the launcher's filler serves from the same pages: the job need not wait for its memory to be copied.
 static LAZY_FD: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(-2);
@@ -303,19 +298,15 @@ fn lazy_fd() -> i32 {
     if fd != -2 {
         return fd;
     }
-    // SAFETY: userfaultfd(2) takes flags only.
-    let raw = unsafe { sys::syscall6(libc::SYS_userfaultfd, libc::O_CLOEXEC as usize, 0, 0, 0, 0, 0) };
-    let mut fd = -1;
-    if raw >= 0 {
-        // Out of the way of the app's fds, which are put in place later at their numbers.
-        fd = sys::fcntl(raw as i32, libc::F_DUPFD_CLOEXEC, 950).map_or(-1, |h| h as i32);
-        let _ = sys::close(raw as i32);
-        let mut api = [UFFD_API, 0, 0];
-        if fd >= 0 && sys::ioctl(fd, UFFDIO_API, api.as_mut_ptr() as usize).is_err() {
-            let _ = sys::close(fd);
-            fd = -1;
+    // Out of the way of the app's fds, which are put in place later at their numbers.
+    let fd = match sys::userfaultfd(0, 0) {
+        Ok(raw) => {
+            let high = sys::fcntl(raw, libc::F_DUPFD_CLOEXEC, 950).map_or(-1, |h| h as i32);
+            let _ = sys::close(raw);
+            high
         }
-    }
+        Err(_) => -1,
+    };
     LAZY_FD.store(fd, Relaxed);
     fd
 }
@@ -329,8 +320,7 @@ fn defer(run: &PageRun) -> bool {
         return false;
     }
     // Only anonymous memory takes missing-page tracking; the call fails for the rest, which is copied.
-    let mut reg = [run.addr, run.len, UFFDIO_REGISTER_MODE_MISSING, 0];
-    if sys::ioctl(fd, UFFDIO_REGISTER, reg.as_mut_ptr() as usize).is_err() {
+    if sys::uffd_register(fd, run.addr, run.len, sys::UFFDIO_REGISTER_MODE_MISSING).is_err() {
         return false;
     }
     // SAFETY: only the main thread touches LAZY_RUNS, and only here and in hand_over_lazy.

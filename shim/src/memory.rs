@@ -212,7 +212,7 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
 
 // ---- page scanning ---------------------------------------------------------------------------------------------
 
-use vos::pagemap::{PAGE_IS_FILE, PAGE_IS_PFNZERO, PAGEMAP_SCAN, PageRegion, PmScanArg};
+use vos::pagemap::{self, PAGE_IS_FILE, PAGE_IS_PFNZERO, PageRegion, ScanError};
 
 /// Finds the pages of a region worth storing.
 pub struct Scanner {
@@ -241,27 +241,15 @@ impl Scanner {
         }
         if self.use_scan {
             let mut vec = [PageRegion::default(); 512];
-            let mut start = r.start;
-            while start < r.end {
-                let mut arg = PmScanArg::new(start, r.end, &mut vec, 0, inverted, mask);
-                match sys::ioctl(self.pagemap, PAGEMAP_SCAN, &mut arg as *mut PmScanArg as usize) {
-                    Ok(n) => {
-                        for pr in &vec[..n] {
-                            f(pr.start, pr.end)?;
-                        }
-                        if arg.walk_end <= start {
-                            break;
-                        }
-                        start = arg.walk_end;
-                    }
-                    Err(e) if start == r.start && (e.0 == libc::ENOTTY || e.0 == libc::EINVAL) => {
-                        self.use_scan = false;
-                        return self.ranges(r, f);
-                    }
-                    Err(e) => return Err(format!("PAGEMAP_SCAN at {start:#x}: {e}")),
+            return match pagemap::scan(self.pagemap, r.start, r.end, &mut vec, 0, inverted, mask, f) {
+                Ok(()) => Ok(()),
+                Err(ScanError::Visit(e)) => Err(e),
+                Err(ScanError::Ioctl { at, errno }) if at == r.start && (errno.0 == libc::ENOTTY || errno.0 == libc::EINVAL) => {
+                    self.use_scan = false;
+                    self.ranges(r, f)
                 }
-            }
-            return Ok(());
+                Err(ScanError::Ioctl { at, errno }) => Err(format!("PAGEMAP_SCAN at {at:#x}: {errno}")),
+            };
         }
         self.pagemap_ranges(r, f)
     }

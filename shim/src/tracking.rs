@@ -8,27 +8,6 @@ use crate::memory::read_vmas;
 use core::sync::atomic::{AtomicI32, Ordering};
 use vos::sys;
 
-const UFFD_API: u64 = 0xAA;
-const UFFDIO_API: u64 = 0xc018_aa3f;
-const UFFDIO_REGISTER: u64 = 0xc020_aa00;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    start: u64,
-    len: u64,
-    mode: u64,
-    ioctls: u64,
-}
-
 /// The tracking userfaultfd, or -1.
 static TRACKER: AtomicI32 = AtomicI32::new(-1);
 
@@ -50,17 +29,11 @@ pub fn stop() {
 /// left out: the supervisor treats their pages as always written.
 pub fn start(high: impl Fn(i32) -> i32) -> Result<(), String> {
     stop();
-    // SAFETY: userfaultfd(2) takes flags only.
-    let fd = unsafe { sys::syscall6(libc::SYS_userfaultfd, (libc::O_CLOEXEC | libc::O_NONBLOCK) as usize, 0, 0, 0, 0, 0) };
-    if fd < 0 {
-        return Err(format!("userfaultfd: {} (write tracking needs root or vm.unprivileged_userfaultfd=1)", sys::Errno(-fd as i32)));
-    }
-    let fd = high(fd as i32);
-    let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_WP_ASYNC, ioctls: 0 };
-    if let Err(e) = sys::ioctl(fd, UFFDIO_API, &mut api as *mut UffdioApi as usize) {
-        let _ = sys::close(fd);
-        return Err(format!("userfaultfd write-protect in async mode: {e} (needs Linux 6.7)"));
-    }
+    let fd = match sys::userfaultfd(libc::O_NONBLOCK, sys::UFFD_FEATURE_WP_ASYNC) {
+        Ok(fd) => high(fd),
+        Err(e) if e.0 == libc::EINVAL => return Err(format!("userfaultfd write-protect in async mode: {e} (needs Linux 6.7)")),
+        Err(e) => return Err(format!("userfaultfd: {e} (write tracking needs root or vm.unprivileged_userfaultfd=1)")),
+    };
     let vmas = match read_vmas() {
         Ok(v) => v,
         Err(e) => {
@@ -69,8 +42,7 @@ pub fn start(high: impl Fn(i32) -> i32) -> Result<(), String> {
         }
     };
     for v in vmas.iter().filter(|v| !v.shared && (!v.name.starts_with('[') || v.name == "[heap]" || v.name == "[stack]")) {
-        let mut reg = UffdioRegister { start: v.start, len: v.end - v.start, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
-        let _ = sys::ioctl(fd, UFFDIO_REGISTER, &mut reg as *mut UffdioRegister as usize);
+        let _ = sys::uffd_register(fd, v.start, v.end - v.start, sys::UFFDIO_REGISTER_MODE_WP);
     }
     TRACKER.store(fd, Ordering::Release);
     Ok(())
