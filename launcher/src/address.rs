@@ -52,20 +52,36 @@ pub fn release(a: &Address) -> Result<()> {
     ip(&["addr", "del", &a.to_string(), "dev", &dev]).map(|_| ())
 }
 
-/// Take `a` on the interface that reaches its subnet; returns the interface. Nothing is announced yet.
-pub fn take(a: &Address) -> Result<String> {
-    if let Some(dev) = holder(a)? {
+/// An address this host took for a job that arrives: given back when dropped, unless the job runs here (`keep`).
+pub struct Taken {
+    pub addr: Address,
+    pub dev: String,
+    kept: bool,
+}
+
+impl Taken {
+    pub fn keep(&mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = ip(&["addr", "del", &self.addr.to_string(), "dev", &self.dev]);
+        }
+    }
+}
+
+/// Take `a` on the interface that reaches its subnet. Nothing is announced yet.
+pub fn take(a: Address) -> Result<Taken> {
+    if let Some(dev) = holder(&a)? {
         bail!("{a} is already on {dev} here");
     }
     let route = ip(&["-o", "route", "get", &a.ip.to_string()])?;
     let dev = route.split_whitespace().skip_while(|w| *w != "dev").nth(1).ok_or_else(|| anyhow!("no route to {a} here: no interface to put it on"))?;
     ip(&["addr", "add", &a.to_string(), "dev", dev])?;
-    Ok(dev.to_string())
-}
-
-/// Give `a` back (a migration that failed at the destination).
-pub fn drop_taken(a: &Address, dev: &str) {
-    let _ = ip(&["addr", "del", &a.to_string(), "dev", dev]);
+    Ok(Taken { addr: a, dev: dev.to_string(), kept: false })
 }
 
 /// Gratuitous ARP for `a` on `dev`: every host on the link now sends `a`'s traffic here.

@@ -40,6 +40,13 @@ pub struct Request {
     pub precopy: bool,
 }
 
+impl Request {
+    /// A checkpoint to the job's directory, nothing more (an interval, a trigger signal).
+    pub fn to_dir(kill: bool, reason: &'static str) -> Request {
+        Request { kill, dest: Dest::Dir, reason, bundle: false, tcp_established: false, handoff: None, precopy: false }
+    }
+}
+
 pub enum Dest {
     /// A new file in the job's directory.
     Dir,
@@ -354,9 +361,11 @@ impl Supervisor {
         };
         // A job that goes on may do so now: its image is complete, and a failure to make it durable below
         // loses nothing (the image is not put in place). A job that ends waits until its image is safe.
+        // Connections read in repair mode go back to normal before a job that goes on runs again; a job that
+        // ends keeps them in repair mode, so closing them sends its peers nothing.
         let mut held = Some(held);
         if !kill {
-            held.take();
+            held = None;
             for s in shims {
                 s.send(&Msg::Finish { exit: false }, None)?;
             }
@@ -370,7 +379,7 @@ impl Supervisor {
         };
         drop(w);
         mark("synced and renamed");
-        if let Some(h) = held.as_mut().filter(|_| kill) {
+        if let Some(h) = held.as_mut() {
             h.keep();
         }
         if kill {

@@ -117,12 +117,16 @@ fn parse_base(s: &str) -> Result<(i32, i32), String> {
 }
 
 fn parse_map_addr(s: &str) -> Result<(String, String), String> {
-    let (old, new) = s.split_once('=').ok_or_else(|| format!("{s}: expected OLD=NEW"))?;
+    let (old, new) = old_new(s)?;
     Ok((old.to_string(), new.to_string()))
 }
 
+fn old_new(s: &str) -> Result<(&str, &str), String> {
+    s.split_once('=').ok_or_else(|| format!("{s}: expected OLD=NEW"))
+}
+
 fn parse_map(s: &str) -> Result<(String, String), String> {
-    let (old, new) = s.split_once('=').ok_or_else(|| format!("{s}: expected OLD=NEW"))?;
+    let (old, new) = old_new(s)?;
     if !old.starts_with('/') || !new.starts_with('/') {
         return Err(format!("{s}: both sides must be absolute paths"));
     }
@@ -175,8 +179,9 @@ enum Cmd {
         bases: Vec<(i32, i32)>,
     },
     /// Move a running job to another host's `vrun serve`, memory to memory; it ends here only once it runs there
-    #[command(after_help = "The job stops while its image streams to the destination and goes on there; if anything \
-fails before the destination reports it running, it goes on here.\n\nExamples:\n  vrun migrate calc --to 10.0.0.2:7070 --key /etc/vos/key\n  vrun migrate web --to hostb:7070 --key k --tcp-established")]
+    #[command(after_help = "Memory goes over while the job runs, then again what it wrote meanwhile, until little changes; \
+the job then stops for the last round only, and goes on at the destination (--stop-and-copy: stopped for the whole \
+transfer). If anything fails before the destination reports it running, it goes on here.\n\nExamples:\n  vrun migrate calc --to 10.0.0.2:7070 --key /etc/vos/key\n  vrun migrate web --to hostb:7070 --key k --tcp-established")]
     Migrate {
         /// The job (may be left out when only one runs)
         name: Option<String>,

@@ -70,7 +70,7 @@ impl Progress {
             _ => String::new(),
         };
         let of = self.planned.map_or(String::new(), |p| format!(" of {:.1}", mib(p)));
-        let line = format!("vrun: migrate: round {}: {:.1}{of} MiB, {:.1} MiB in all, {:.0} MiB/s{eta}", self.round, mib(round_bytes), mib(total), mib(total) / secs);
+        let line = format!("vrun: migrate: round {}: {:.1}{of} MiB, {:.1} MiB in all, {:.0} MiB/s{eta}", self.round, mib(round_bytes), mib(total), rate / (1 << 20) as f64);
         let mut e = std::io::stderr();
         let _ = if self.tty { write!(e, "\r{line}\x1b[K") } else { writeln!(e, "{line}") };
     }
@@ -209,20 +209,17 @@ pub fn run(a: Args) -> Result<()> {
     ch.send(Kind::End, &[])?;
     progress.done();
     ch.stream.set_read_timeout(Some(Duration::from_secs(300)))?;
-    let answer = ch.recv();
-    let there = match answer {
-        Ok((Kind::Running, n)) => String::from_utf8_lossy(&n).into_owned(),
-        Ok((Kind::Failed, why)) => {
-            let _ = proto::send(sup.as_raw_fd(), &Msg::Handoff { exit: false }, None);
-            bail!("{} could not restore {}: {}; the job goes on here", a.to, job.name, String::from_utf8_lossy(&why));
-        }
-        Ok((k, _)) => {
-            let _ = proto::send(sup.as_raw_fd(), &Msg::Handoff { exit: false }, None);
-            bail!("{} answered {k:?}; the job goes on here", a.to);
-        }
+    let there = match ch.recv() {
+        Ok((Kind::Running, n)) => Ok(String::from_utf8_lossy(&n).into_owned()),
+        Ok((Kind::Failed, why)) => Err(anyhow!("{} could not restore {}: {}; the job goes on here", a.to, job.name, String::from_utf8_lossy(&why))),
+        Ok((k, _)) => Err(anyhow!("{} answered {k:?}; the job goes on here", a.to)),
+        Err(e) => Err(anyhow!("{e:#}; the job goes on here (if {} had started it already, it runs there too: check `vrun list` there)", a.to)),
+    };
+    let there = match there {
+        Ok(t) => t,
         Err(e) => {
             let _ = proto::send(sup.as_raw_fd(), &Msg::Handoff { exit: false }, None);
-            bail!("{e:#}; the job goes on here (if {} had started it already, it runs there too: check `vrun list` there)", a.to);
+            return Err(e);
         }
     };
     let downtime = paused.elapsed();

@@ -181,14 +181,20 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
 
     // Every process reports once its memory is back (or why it failed), then once fds, signals and threads are.
     let mut last_seq = 0;
+    let mut members: Option<Vec<job::Member>> = None;
     for (i, c) in ctls.iter().enumerate() {
         let report = wait_report(c, &started.status, job.processes[i].pid).map_err(fail)?;
         last_seq = last_seq.max(report.next_seq);
         if report.lazy_runs > 0 {
             let (uffd, runs) = lazy_runs(c).map_err(fail)?;
-            let f = filler.as_ref().ok_or_else(|| fail(anyhow!("pid {}: pages left to fill, and no filler", job.processes[i].pid)))?;
             let pid = job.processes[i].pid;
-            let host = job::members(started.init).map_err(fail)?.iter().find(|m| m.ids.pid == pid).map_or(0, |m| m.host.as_raw());
+            let f = filler.as_ref().ok_or_else(|| fail(anyhow!("pid {pid}: pages left to fill, and no filler")))?;
+            // Every process exists once its restorer reports: the job's members are read once.
+            let m = match &mut members {
+                Some(m) => m,
+                none => none.insert(job::members(started.init).map_err(fail)?),
+            };
+            let host = m.iter().find(|m| m.ids.pid == pid).map_or(0, |m| m.host.as_raw());
             proto::send(f.as_raw_fd(), &Msg::Fill { pid, host, runs }, Some(uffd.as_raw_fd()))
                 .map_err(|e| fail(anyhow!("handing pages to fill: {e}")))?;
         }

@@ -70,22 +70,14 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
         }
     }
     let first = std::mem::take(&mut frame);
-    let address = begin.address.as_deref().map(|a| a.parse::<Address>().map_err(|e| anyhow!(e))).transpose();
-    let started = address.and_then(|a| {
-        // The job's own address is here before its sockets are made (and not before: until the source stops
-        // the job, its peers must reach it there).
-        let taken = a.map(|a| address::take(&a).map(|dev| (a, dev))).transpose()?;
-        match start_restore(&name, dir, &begin, &log_path, &ahead) {
-            Ok(c) => Ok((c, taken)),
-            Err(e) => {
-                if let Some((a, dev)) = &taken {
-                    address::drop_taken(a, dev);
-                }
-                Err(e)
-            }
-        }
-    });
-    let ((mut child, report), taken) = match started {
+    // The job's own address is here before its sockets are made (and not before: until the source stops the job,
+    // its peers must reach it there). It is given back unless the job comes to run here.
+    let started = (|| {
+        let address = begin.address.as_deref().map(|a| a.parse::<Address>().map_err(|e| anyhow!(e))).transpose()?;
+        let taken = address.map(address::take).transpose()?;
+        Ok((start_restore(&name, dir, &begin, &log_path, &ahead)?, taken))
+    })();
+    let ((mut child, report), mut taken) = match started {
         Ok(c) => c,
         Err(e) => {
             let _ = ch.send(Kind::Failed, format!("{e:#}").as_bytes());
@@ -118,16 +110,15 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
     let mut said = String::new();
     let _ = std::io::BufReader::new(std::fs::File::from(report)).read_line(&mut said);
     let running = said.starts_with("running");
-    if !running {
+    if running {
+        if let Some(t) = taken.as_mut() {
+            t.keep();
+        }
+    } else {
         let _ = child.wait();
     }
     // The restore supervises the job from now on; a thread reaps it when it ends.
     std::thread::spawn(move || child.wait());
-    if !running {
-        if let Some((a, dev)) = &taken {
-            address::drop_taken(a, dev);
-        }
-    }
     relay?;
     if !running {
         let why = why_failed(&log_path);
@@ -136,13 +127,13 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
     }
     log(&format!("{peer}: job {name} runs here ({:.1} MiB received); its output goes to {}", bytes as f64 / (1 << 20) as f64, log_path.display()));
     ch.send(Kind::Running, name.as_bytes())?;
-    if let Some((a, dev)) = &taken {
+    if let Some(t) = &taken {
         // Peers learn the address's new home now, and again once the source has let go of it.
-        address::announce(a, dev)?;
+        address::announce(&t.addr, &t.dev)?;
         ch.stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
         let released = matches!(ch.recv(), Ok((Kind::Released, _)));
-        address::announce(a, dev)?;
-        log(&format!("{peer}: {a} is here now{}", if released { "" } else { " (the source did not say it let go of it)" }));
+        address::announce(&t.addr, &t.dev)?;
+        log(&format!("{peer}: {} is here now{}", t.addr, if released { "" } else { " (the source did not say it let go of it)" }));
     }
     Ok(())
 }

@@ -126,7 +126,7 @@ impl Supervisor {
             }
             if let Some(t) = next_interval {
                 if Instant::now() >= t {
-                    let req = Request { kill: false, dest: Dest::Dir, reason: "interval", bundle: false, tcp_established: false, handoff: None, precopy: false };
+                    let req = Request::to_dir(false, "interval");
                     match self.checkpoint(req, None) {
                         Ok(_) => self.prune(),
                         Err(e) => self.say(&format!("periodic checkpoint failed: {e:#}")),
@@ -240,7 +240,7 @@ impl Supervisor {
                 // A trigger signal from outside (kill -s RTMAX-1): a checkpoint to the job's directory.
                 let Trigger::Signal { sig } = trigger else { return };
                 let kill = sig == self.opts.signals.1;
-                let req = Request { kill, dest: Dest::Dir, reason: "signal", bundle: false, tcp_established: false, handoff: None, precopy: false };
+                let req = Request::to_dir(kill, "signal");
                 match self.checkpoint(req, Some((conn, pid))) {
                     Ok(Some(p)) => self.say(&format!("checkpoint written to {p}")),
                     Ok(None) => {}

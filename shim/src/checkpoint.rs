@@ -143,8 +143,7 @@ fn run(sig: i32) -> Result<(), String> {
     };
     let shared_pending = signals::drain_shared();
     let resume = |why: String| -> Result<(), String> {
-        signals::requeue_shared(&shared_pending);
-        threads::release_all();
+        go_on(&shared_pending);
         Err(why)
     };
     let mut image = match capture(&parked) {
@@ -197,11 +196,16 @@ fn run(sig: i32) -> Result<(), String> {
     finish(&conn, &shared_pending)
 }
 
+/// Let the app run again: the process-wide signals taken out for the image go back, the threads go on.
+fn go_on(shared_pending: &[serde_bytes::ByteBuf]) {
+    signals::requeue_shared(shared_pending);
+    threads::release_all();
+}
+
 /// Wait for the supervisor's word: end the process (the image is safe) or let the app go on.
 fn finish(conn: &Conn, shared_pending: &[serde_bytes::ByteBuf]) -> Result<(), String> {
     let resume = |why: String| -> Result<(), String> {
-        signals::requeue_shared(shared_pending);
-        threads::release_all();
+        go_on(shared_pending);
         Err(why)
     };
     match conn.recv() {
@@ -214,8 +218,7 @@ fn finish(conn: &Conn, shared_pending: &[serde_bytes::ByteBuf]) -> Result<(), St
         Ok((m, _)) => return resume(format!("unexpected message from the supervisor: {m:?}")),
         Err(e) => return resume(e),
     }
-    signals::requeue_shared(shared_pending);
-    threads::release_all();
+    go_on(shared_pending);
     let _ = conn.send(&Msg::Resumed, None);
     Ok(())
 }
