@@ -2,14 +2,9 @@
 # Live migration demo: a real redis-server, holding data and serving a client, moves from one host to another with
 # its address and the client's very connection (two test hosts made here with network namespaces; needs root).
 set -euo pipefail
-for fd in /proc/$$/fd/*; do fd=${fd##*/}; [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null || true; done
 [ "$(id -u)" = 0 ] || { echo "run as root: the demo makes network namespaces"; exit 1; }
-command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
-here="$(cd "$(dirname "$0")" && pwd)"
-root="$here/../.."
-# $VOS_BIN: where vrun is already built (the test suite sets it); otherwise build it.
-[ -n "${VOS_BIN:-}" ] || (cd "$root" && cargo build --release --quiet)
-vrun="${VOS_BIN:-$root/target/release}/vrun"
+source "$(dirname "$0")/../common.sh"
+need redis-server:redis-server
 work="$(mktemp -d /tmp/vos-migrate-redis.XXXXXX)"
 id=$(( $$ % 200 + 20 )); br="vosdemo$id"; net="10.232.$id"; vip="$net.100"
 

@@ -1,13 +1,8 @@
 #!/usr/bin/env bash
 # Quick start: run python3 under vOS, checkpoint it, kill it, restore it; the computation goes on where it was.
 set -euo pipefail
-# The job must not inherit stray fds from whatever started this script (a checkpoint would refuse them).
-for fd in /proc/$$/fd/*; do fd=${fd##*/}; [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null || true; done
 here="$(cd "$(dirname "$0")" && pwd)"
-root="$here/../.."
-# $VOS_BIN: where vrun is already built (the test suite sets it); otherwise build it.
-[ -n "${VOS_BIN:-}" ] || (cd "$root" && cargo build --release --quiet)
-vrun="${VOS_BIN:-$root/target/release}/vrun"
+source "$here/../common.sh"
 work="$(mktemp -d /tmp/vos-quickstart.XXXXXX)"
 out="$work/out.txt"
 

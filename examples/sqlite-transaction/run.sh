@@ -2,12 +2,8 @@
 # Demo: an interactive sqlite3 shell in tmux, in the middle of a transaction with a temp table, is checkpointed,
 # killed and restored in another tmux window; there the transaction commits and the rows reach the database.
 set -euo pipefail
-for fd in /proc/$$/fd/*; do fd=${fd##*/}; [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null || true; done
-for p in sqlite3 tmux; do command -v $p >/dev/null || { apt-get update -qq && apt-get install -y -qq $p >/dev/null; }; done
-here="$(cd "$(dirname "$0")" && pwd)"
-root="$here/../.."
-[ -n "${VOS_BIN:-}" ] || (cd "$root" && cargo build --release --quiet)
-vrun="${VOS_BIN:-$root/target/release}/vrun"
+source "$(dirname "$0")/../common.sh"
+need sqlite3:sqlite3 tmux:tmux
 work="$(mktemp -d /tmp/vos-sqlite.XXXXXX)"
 db="$work/shop.db"
 t="tmux -L vos-sqlite-$$"

@@ -35,6 +35,23 @@ fn launch_on(host: &Host, name: &str, argv: &[&str], out: &Path, w: &Work) -> Ru
     spawn(c, name, out, &w.path("vrun.err"))
 }
 
+/// counter_server under vrun on `host`, listening on PORT, with `ballast` MiB of memory to move: the job and its
+/// name.
+fn counter_on(host: &Host, w: &Work, ballast: u32) -> (Running, String) {
+    let prog = gcc("counter_server");
+    let out = w.path("out.txt");
+    let name = w.name("counter");
+    let (port, ballast_arg) = (PORT.to_string(), ballast.to_string());
+    let mut argv = vec![prog.to_str().unwrap(), &port];
+    if ballast > 0 {
+        argv.push(&ballast_arg);
+    }
+    let job = launch_on(host, &name, &argv, &out, w);
+    let wait = Duration::from_secs(if ballast > 0 { 30 } else { 10 });
+    wait_for(&out, "the server listening", wait, |s| s.contains("listening"));
+    (job, name)
+}
+
 /// Hosts with a serve each, all holding `key`.
 fn net(n: usize, w: &Work, key: &Path) -> Net {
     let mut net = Net::new(n, &w.dir);
@@ -49,11 +66,7 @@ fn counter_moves_a_b_c_a_and_clients_reconnect() {
     let w = Work::new("migrate-abca");
     let k = key(&w, "key");
     let net = net(3, &w, &k);
-    let prog = gcc("counter_server");
-    let out = w.path("out.txt");
-    let mut name = w.name("counter");
-    let mut job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string()], &out, &w);
-    wait_for(&out, "the server listening", Duration::from_secs(10), |s| s.contains("listening"));
+    let (mut job, mut name) = counter_on(&net.hosts[0], &w, 0);
     let mut at = 0;
     let mut c = LineClient::connect(&format!("{}:{PORT}", net.hosts[at].ip));
     let opts = c.ask("opt").unwrap();
@@ -106,11 +119,7 @@ fn a_wrong_key_is_refused_and_the_job_goes_on() {
     let k = key(&w, "key");
     let other = key(&w, "other-key");
     let net = net(2, &w, &k);
-    let prog = gcc("counter_server");
-    let out = w.path("out.txt");
-    let name = w.name("counter");
-    let job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string()], &out, &w);
-    wait_for(&out, "the server listening", Duration::from_secs(10), |s| s.contains("listening"));
+    let (job, name) = counter_on(&net.hosts[0], &w, 0);
     let mut c = LineClient::connect(&format!("{}:{PORT}", net.hosts[0].ip));
     assert_eq!(c.inc(), 1);
     let e = net.hosts[0].migrate(&name, &net.hosts[1], &other, &[]).expect_err("a wrong key was accepted");
@@ -132,12 +141,8 @@ fn destination_killed_mid_transfer_leaves_the_job_running() {
     let w = Work::new("migrate-kill");
     let k = key(&w, "key");
     let mut net = net(2, &w, &k);
-    let prog = gcc("counter_server");
-    let out = w.path("out.txt");
-    let name = w.name("counter");
     // 768 MiB of memory to send: the transfer takes long enough to be cut.
-    let job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string(), "768"], &out, &w);
-    wait_for(&out, "the server listening", Duration::from_secs(30), |s| s.contains("listening"));
+    let (job, name) = counter_on(&net.hosts[0], &w, 768);
     let mut c = LineClient::connect(&format!("{}:{PORT}", net.hosts[0].ip));
     assert_eq!(c.inc(), 1);
     let sum = c.ask("sum").unwrap();
@@ -166,11 +171,8 @@ fn migrate_killed_mid_transfer_leaves_the_job_running() {
     let w = Work::new("migrate-cut");
     let k = key(&w, "key");
     let net = net(2, &w, &k);
-    let prog = gcc("counter_server");
-    let out = w.path("out.txt");
-    let name = w.name("counter");
-    let job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string(), "768"], &out, &w);
-    wait_for(&out, "the server listening", Duration::from_secs(30), |s| s.contains("listening"));
+    // 768 MiB of memory to send: the transfer takes long enough to be cut.
+    let (job, name) = counter_on(&net.hosts[0], &w, 768);
     let mut c = LineClient::connect(&format!("{}:{PORT}", net.hosts[0].ip));
     assert_eq!(c.inc(), 1);
     let sum = c.ask("sum").unwrap();
@@ -207,11 +209,7 @@ fn tcp_established_connections_move_with_the_jobs_address() {
     let net = net(3, &w, &k);
     let vip = net.spare_ip();
     vos_tests::hosts::must(&format!("ip -n {} addr add {vip}/24 dev eth0", net.hosts[0].ns));
-    let prog = gcc("counter_server");
-    let out = w.path("out.txt");
-    let mut name = w.name("counter");
-    let job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), &PORT.to_string()], &out, &w);
-    wait_for(&out, "the server listening", Duration::from_secs(10), |s| s.contains("listening"));
+    let (job, mut name) = counter_on(&net.hosts[0], &w, 0);
     let mut c = LineClient::connect(&format!("{}:{PORT}", vip));
     let mut expect = 1;
     let mut at = 0;
