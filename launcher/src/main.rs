@@ -47,6 +47,8 @@ Examples:
   vrun checkpoint calc --kill               # image, then the job ends
   vrun restore /tmp/imgs                    # the newest complete image in the directory
   vrun checkpoint calc --kill --to - | ssh other vrun restore -
+  vrun serve --listen 0.0.0.0:7070 --key /etc/vos/key     # on another host
+  vrun migrate calc --to other:7070 --key /etc/vos/key    # live: the job moves, memory to memory
   vrun inspect /tmp/imgs/calc-20261122-101500-1.vimg";
 
 #[derive(Parser)]
