@@ -91,7 +91,8 @@ pub struct PrctlMmMap {
 pub struct PlanHead {
     pub magic: u64,
     pub nmaps: u32,
-    /// This process's pages received by pre-copy (a sparse file, each page at its address), or -1.
+    /// This process's pages received by pre-copy (a sparse file, each page at its address), -1, or
+    /// `POST_COPY`.
     pub base_fd: i32,
     /// Offset of the `nmaps` MapOps.
     pub ops_off: u64,
@@ -196,6 +197,10 @@ pub struct RestorerReport {
     pub _pad: u32,
     pub msg: [u8; 240],
 }
+
+/// `base_fd` of a post-copy restore: the pages the image lists come from the source after the job resumes, so
+/// every listed run must be left missing.
+pub const POST_COPY: i32 = -2;
 
 /// Most runs of pre-copied pages one process leaves to be filled lazily (the rest are copied at once).
 pub const MAX_LAZY_RUNS: usize = 2048;

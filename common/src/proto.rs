@@ -41,7 +41,9 @@ pub enum Msg {
     /// Write this process's page chunks now to the fd that comes along, numbering them from `first_seq` (every
     /// process of the job is quiesced). Pages in the `skip` ranges are stored by another process (shared memory);
     /// pages in the `reuse` ranges (sorted) reached the destination before, unchanged since: listed, not sent.
-    Dump { first_seq: u64, skip: Vec<(u64, u64)>, reuse: Vec<(u64, u64)> },
+    /// `lazy`: the reuse ranges are memory the destination fetches after the job resumes (post-copy): listed
+    /// pages stand for present ones, in few enough runs for the restorer to leave them all missing.
+    Dump { first_seq: u64, skip: Vec<(u64, u64)>, reuse: Vec<(u64, u64)>, lazy: bool },
     /// Start tracking writes to private memory (userfaultfd write-protect, async), then wait for `Finish`.
     Track,
     /// Done: resume the app, or end it (checkpoint --kill).
@@ -60,8 +62,7 @@ pub enum Msg {
     // ---- CLI -> supervisor
     /// `vrun checkpoint`: to a path, to the fd that comes with the message (`--to -`), or to the job's directory.
     /// `handoff` (migration): once the image is written the job waits, stopped, for `Handoff`.
-    /// `precopy`: the destination holds the pages of the last `Precopy`; unchanged ones are only listed.
-    Checkpoint { kill: bool, to: Option<String>, fd_attached: bool, bundle: bool, tcp_established: bool, handoff: bool, precopy: bool },
+    Checkpoint { kill: bool, to: Option<String>, fd_attached: bool, bundle: bool, tcp_established: bool, handoff: bool, pages: Pages },
     /// `vrun migrate`: send the job's memory to the fd that comes along while it runs, in rounds, each round the
     /// pages written since the last one, until few change.
     Precopy,
@@ -69,18 +70,34 @@ pub enum Msg {
     /// away without saying means go on.
     Handoff { exit: bool },
     // ---- supervisor -> CLI
-    /// The image is complete; the job waits for `Handoff`.
+    /// The image is complete; the job waits for `Handoff`. With `Pages::Lazy`, a `MemoryOf` follows for each
+    /// process.
     Written,
+    /// Post-copy: /proc/PID/mem of job process `pid` (as the job numbers it), opened by the supervisor, comes
+    /// along; `more` says whether another follows.
+    MemoryOf { pid: i32, more: bool },
     CheckpointDone { path: Option<String>, bytes: u64, millis: u64 },
     CheckpointFailed { why: String },
-    /// vrun restore -> its filler: fill these runs of process `pid` (`host` as this host numbers it) through the
-    /// userfaultfd that comes along.
-    Fill { pid: i32, host: i32, runs: Vec<(u64, u64)> },
+    /// vrun restore -> its filler: fill these runs of process `pid` through the userfaultfd that comes along;
+    /// `init` is the job's init as this host numbers it (ending it ends the job, should filling fail).
+    Fill { pid: i32, init: i32, runs: Vec<(u64, u64)> },
     /// A pre-copy round begins: its number and the bytes it will send.
     PrecopyPlan { round: u32, bytes: u64 },
     /// One pre-copy round is written: its number and bytes.
     PrecopyRound { round: u32, bytes: u64 },
     PrecopyDone,
+}
+
+/// What of the job's private memory a migration's image carries.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Pages {
+    /// Every page.
+    #[default]
+    All,
+    /// The destination holds what the last `Precopy` sent: pages unchanged since are only listed.
+    Precopied,
+    /// Post-copy: readable anonymous memory is only listed; the destination fetches it after the job resumes.
+    Lazy,
 }
 
 pub fn encode(m: &Msg) -> Vec<u8> {

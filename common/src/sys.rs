@@ -176,6 +176,15 @@ pub fn kcmp_file(pid1: i32, pid2: i32, fd1: i32, fd2: i32) -> Res {
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// What a filler of missing pages must hear of (as events, each holding the app until read): a fork's child
+/// (it gets a userfaultfd of its own, else its missing pages would read as zeros), mremap (the pages move),
+/// madvise(DONTNEED) and munmap (the pages must stay zeros, or are gone).
+pub const UFFD_FEATURES_FILL: u64 = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6);
+pub const UFFD_EVENT_FORK: u8 = 0x13;
+pub const UFFD_EVENT_REMAP: u8 = 0x14;
+pub const UFFD_EVENT_REMOVE: u8 = 0x15;
+pub const UFFD_EVENT_UNMAP: u8 = 0x16;
+pub const UFFDIO_ZEROPAGE: u64 = 0xc020_aa04;
 /// struct uffdio_copy (dst, src, len, mode, copy) and struct uffdio_range (start, len).
 pub const UFFDIO_COPY: u64 = 0xc028_aa03;
 pub const UFFDIO_WAKE: u64 = 0x8010_aa02;

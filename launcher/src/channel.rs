@@ -36,13 +36,50 @@ pub enum Kind {
     Failed = 5,
     /// Client: the source host let go of the job's address (`--move-addr`).
     Released = 6,
-    /// Client: pages sent ahead while the job runs (records of pid, address, length, bytes).
+    /// Client: pages sent ahead while the job runs (`PageHead` records, each followed by its bytes).
     Precopy = 7,
+    /// Server, post-copy: pages the job needs (`PageHead` records alone).
+    Want = 8,
+    /// Client, post-copy: pages wanted (`PageHead` records, each followed by its bytes).
+    Pages = 9,
+    /// Server, post-copy: every page arrived; the source may let the job go.
+    Filled = 10,
+}
+
+/// The head of a record of pages, pid as the job numbers it.
+#[derive(Clone, Copy, Debug)]
+pub struct PageHead {
+    pub pid: i32,
+    pub addr: u64,
+    pub len: u64,
+}
+
+impl PageHead {
+    pub const LEN: usize = 24;
+
+    /// `pid:u32 0:u32 addr:u64 len:u64`, little-endian.
+    pub fn encode(&self) -> [u8; 24] {
+        let mut h = [0u8; 24];
+        h[..4].copy_from_slice(&self.pid.to_le_bytes());
+        h[8..16].copy_from_slice(&self.addr.to_le_bytes());
+        h[16..].copy_from_slice(&self.len.to_le_bytes());
+        h
+    }
+
+    /// A head read from the other host: whole pages, inside a user address space.
+    pub fn decode(h: &[u8]) -> Result<PageHead> {
+        let u = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().unwrap());
+        let p = PageHead { pid: i32::from_le_bytes(h[..4].try_into().unwrap()), addr: u(8), len: u(16) };
+        if h.len() != 24 || p.addr % 4096 != 0 || p.len % 4096 != 0 || p.addr.checked_add(p.len).is_none_or(|e| e > 1 << 57) {
+            bail!("a malformed page record");
+        }
+        Ok(p)
+    }
 }
 
 impl Kind {
     fn from(b: u8) -> Option<Kind> {
-        [Kind::Begin, Kind::Data, Kind::End, Kind::Running, Kind::Failed, Kind::Released, Kind::Precopy].into_iter().find(|k| *k as u8 == b)
+        [Kind::Begin, Kind::Data, Kind::End, Kind::Running, Kind::Failed, Kind::Released, Kind::Precopy, Kind::Want, Kind::Pages, Kind::Filled].into_iter().find(|k| *k as u8 == b)
     }
 }
 

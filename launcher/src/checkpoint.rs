@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vos::chunk::Kind;
 use vos::image::{Contents, ImageHeader, JobImage, JobInfo, ProcessImage, RegionKind, SharedMemory};
-use vos::proto::{self, Msg};
+use vos::proto::{self, Msg, Pages};
 
 /// A checkpoint someone asked for.
 pub struct Request {
@@ -36,14 +36,14 @@ pub struct Request {
     pub tcp_established: bool,
     /// A migration's connection: once the image is written, the job waits for its `Handoff` to end or go on.
     pub handoff: Option<OwnedFd>,
-    /// The migration's destination holds what the last pre-copy sent: unchanged pages are only listed.
-    pub precopy: bool,
+    /// What of the memory goes into the image (a migration's may leave some to the destination).
+    pub pages: Pages,
 }
 
 impl Request {
     /// A checkpoint to the job's directory, nothing more (an interval, a trigger signal).
     pub fn to_dir(kill: bool, reason: &'static str) -> Request {
-        Request { kill, dest: Dest::Dir, reason, bundle: false, tcp_established: false, handoff: None, precopy: false }
+        Request { kill, dest: Dest::Dir, reason, bundle: false, tcp_established: false, handoff: None, pages: Pages::All }
     }
 }
 
@@ -150,6 +150,19 @@ impl Supervisor {
             cancel(&shims, &format!("{e:#}"));
         }
         r
+    }
+
+    /// /proc/PID/mem of each parked process, for a post-copy migration to serve pages from until the handoff.
+    fn memory_of(&self, shims: &[Shim]) -> Result<Vec<(i32, File)>> {
+        let members = job::members(self.job.init)?;
+        shims
+            .iter()
+            .map(|s| {
+                let host = members.iter().find(|m| m.ids.pid == s.pid).ok_or_else(|| anyhow!("pid {} went away", s.pid))?.host;
+                let f = File::open(format!("/proc/{host}/mem")).with_context(|| format!("opening the memory of pid {}", s.pid))?;
+                Ok((s.pid, f))
+            })
+            .collect()
     }
 
     /// Memory a migration left to fill (see `fill`) must be in place before it is read or tracked.
@@ -288,14 +301,17 @@ impl Supervisor {
         terminal::controlling_ptys(&mut job, members)?;
         let skips = share_memory(&mut job);
         mark("job captured");
-        // Pages pre-copy sent and nobody changed since: the destination has them.
-        let precopied = self.precopied.take().filter(|_| req.precopy);
+        // Pages pre-copy sent and nobody changed since: the destination has them. Post-copy: the destination
+        // fetches the anonymous memory itself.
+        let precopied = self.precopied.take().filter(|_| req.pages == Pages::Precopied);
         let reuse: Vec<Vec<(u64, u64)>> = shims
             .iter()
-            .map(|s| {
+            .zip(&job.processes)
+            .map(|(s, p)| {
                 let host = members.iter().find(|m| m.ids.pid == s.pid).map(|m| m.host.as_raw());
                 match (&precopied, host) {
                     (Some(sent), Some(host)) => precopy::reuse(sent, s.pid, host),
+                    _ if req.pages == Pages::Lazy => Ok(lazy_ranges(p)),
                     _ => Ok(vec![]),
                 }
             })
@@ -345,7 +361,7 @@ impl Supervisor {
             seq = w.data(seq, i as u32, src.as_raw_fd(), job.data[i].size).context("writing the image")?;
         }
         for ((s, skip), reuse) in shims.iter().zip(skips).zip(reuse) {
-            s.send(&Msg::Dump { first_seq: seq, skip: skip.clone(), reuse: reuse.clone() }, Some(out.as_raw_fd()))?;
+            s.send(&Msg::Dump { first_seq: seq, skip: skip.clone(), reuse: reuse.clone(), lazy: req.pages == Pages::Lazy }, Some(out.as_raw_fd()))?;
             seq = match s.recv()?.0 {
                 Msg::Dumped { error: None, next_seq, .. } => next_seq,
                 Msg::Dumped { error: Some(e), .. } => bail!("pid {}: {e}", s.pid),
@@ -356,7 +372,10 @@ impl Supervisor {
         mark("written");
         w.end(seq).context("writing the image")?;
         let kill = match &req.handoff {
-            Some(conn) => handoff(conn)?,
+            Some(conn) => {
+                let memory = if req.pages == Pages::Lazy { self.memory_of(shims)? } else { vec![] };
+                handoff(conn, memory)?
+            }
             None => req.kill,
         };
         // A job that goes on may do so now: its image is complete, and a failure to make it durable below
@@ -383,8 +402,10 @@ impl Supervisor {
             h.keep();
         }
         if kill {
+            // The image is safe: a process already gone (the namespace's init ending takes the rest with it)
+            // changes nothing, and must not turn a done checkpoint into a failed one.
             for s in shims {
-                s.send(&Msg::Finish { exit: true }, None)?;
+                let _ = s.send(&Msg::Finish { exit: true }, None);
             }
             self.checkpointed_and_stopped = Some(path.clone().unwrap_or_else(|| "the requester's output".into()));
         } else {
@@ -452,15 +473,32 @@ impl Supervisor {
 
 /// Tell a migration the image is written and wait for its word: whether the job ends (it runs elsewhere now).
 /// Anything but a clear "end" (the client gone, a broken connection) means the job goes on.
-fn handoff(conn: &OwnedFd) -> Result<bool> {
+fn handoff(conn: &OwnedFd, memory: Vec<(i32, File)>) -> Result<bool> {
     if proto::send(conn.as_raw_fd(), &Msg::Written, None).is_err() {
         bail!("the migration went away");
+    }
+    let n = memory.len();
+    for (i, (pid, mem)) in memory.into_iter().enumerate() {
+        if proto::send(conn.as_raw_fd(), &Msg::MemoryOf { pid, more: i + 1 < n }, Some(mem.as_raw_fd())).is_err() {
+            bail!("the migration went away");
+        }
     }
     set_timeout(conn.as_raw_fd(), Duration::from_secs(600));
     match proto::recv(conn.as_raw_fd()) {
         Ok(Some((Msg::Handoff { exit }, _))) => Ok(exit),
         _ => bail!("the migration went away before the handoff"),
     }
+}
+
+/// The memory a post-copy destination fetches after the job resumes: readable private anonymous regions
+/// (what a restorer can leave missing under a userfaultfd); file-backed pages travel in the image.
+fn lazy_ranges(p: &ProcessImage) -> Vec<(u64, u64)> {
+    p.regions
+        .iter()
+        .filter(|r| matches!(r.kind, RegionKind::Anon | RegionKind::Heap | RegionKind::Stack | RegionKind::Detached))
+        .filter(|r| r.contents == Contents::Pages && r.prot & libc::PROT_READ as u32 != 0)
+        .map(|r| (r.start, r.end))
+        .collect()
 }
 
 /// Sessions and process groups a restore can rebuild: a session is the process's own, its parent's, or the

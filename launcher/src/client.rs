@@ -24,7 +24,7 @@ pub fn run(a: Args) -> Result<()> {
         Some(p) => Some(std::path::absolute(p)?.display().to_string()),
     };
     let start = Instant::now();
-    proto::send(sock, &Msg::Checkpoint { kill: a.kill, to, fd_attached: to_stdout, bundle: a.bundle, tcp_established: a.tcp_established, handoff: false, precopy: false }, to_stdout.then_some(1))
+    proto::send(sock, &Msg::Checkpoint { kill: a.kill, to, fd_attached: to_stdout, bundle: a.bundle, tcp_established: a.tcp_established, handoff: false, pages: proto::Pages::All }, to_stdout.then_some(1))
         .map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
     let answer = proto::recv(sock);
     let _ = vos::sys::close(sock);

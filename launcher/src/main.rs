@@ -179,11 +179,17 @@ enum Cmd {
         /// PID:FD, the pages of process PID received by pre-copy (for `vrun serve`)
         #[arg(long = "base", hide = true, value_parser = parse_base)]
         bases: Vec<(i32, i32)>,
+        /// Post-copy: the memory the image lists comes after the job resumes, filled by whoever reads this
+        /// socket (`Msg::Fill`; for `vrun serve`)
+        #[arg(long, hide = true)]
+        fill_fd: Option<i32>,
     },
     /// Move a running job to another host's `vrun serve`, memory to memory; it ends here only once it runs there
     #[command(after_help = "Memory goes over while the job runs, then again what it wrote meanwhile, until little changes; \
 the job then stops for the last round only, and goes on at the destination (--stop-and-copy: stopped for the whole \
-transfer). If anything fails before the destination reports it running, it goes on here.\n\nExamples:\n  vrun migrate calc --to 10.0.0.2:7070 --key /etc/vos/key\n  vrun migrate web --to hostb:7070 --key k --tcp-established")]
+transfer; --lazy: stopped only while its small image goes, then it runs there and pulls its memory from here). If \
+anything fails before the destination reports it running (with --lazy: before all its memory arrived), it goes on \
+here.\n\nExamples:\n  vrun migrate calc --to 10.0.0.2:7070 --key /etc/vos/key\n  vrun migrate web --to hostb:7070 --key k --tcp-established\n  vrun migrate big --to hostb:7070 --key k --lazy")]
     Migrate {
         /// The job (may be left out when only one runs)
         name: Option<String>,
@@ -208,8 +214,13 @@ transfer). If anything fails before the destination reports it running, it goes 
         move_addr: Option<address::Address>,
         /// No pre-copy: stop the job for the whole transfer (the default sends memory while it runs, then
         /// only what changed)
-        #[arg(long)]
+        #[arg(long, conflicts_with = "lazy")]
         stop_and_copy: bool,
+        /// Post-copy: the job runs at the destination at once and pulls the pages it touches from here, the rest
+        /// in the background; it ends here once every page arrived (if the connection breaks first, it goes on
+        /// here and its copy there ends)
+        #[arg(long)]
+        lazy: bool,
         /// No progress and no summary (errors only)
         #[arg(long, short)]
         quiet: bool,
@@ -282,9 +293,9 @@ fn main() {
         Some(Cmd::Checkpoint { name, kill, to, bundle, tcp_established, quiet }) => {
             client::run(client::Args { name, kill, to, quiet, bundle, tcp_established })
         }
-        Some(Cmd::Restore { image, job, rebind, report_fd, bases }) => restore_cmd(image, job, rebind, report_fd, bases),
-        Some(Cmd::Migrate { name, to, key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, quiet, json }) => {
-            migrate::run(migrate::Args { name, to, key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, quiet, json })
+        Some(Cmd::Restore { image, job, rebind, report_fd, bases, fill_fd }) => restore_cmd(image, job, rebind, report_fd, bases, fill_fd),
+        Some(Cmd::Migrate { name, to, key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, lazy, quiet, json }) => {
+            migrate::run(migrate::Args { name, to, key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, lazy, quiet, json })
         }
         Some(Cmd::Serve { listen, key, dir }) => serve::run(serve::Args { listen, key, dir }),
         Some(Cmd::Inspect { image, json }) => inspect::run(&image, json),
@@ -392,7 +403,7 @@ fn launch(a: RunArgs) -> Result<()> {
     supervisor::Supervisor::new(opts, listener, started, a.program.clone(), started_ns)?.run()
 }
 
-fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs, report_fd: Option<i32>, bases: Vec<(i32, i32)>) -> Result<()> {
+fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs, report_fd: Option<i32>, bases: Vec<(i32, i32)>, fill_fd: Option<i32>) -> Result<()> {
     let restorer = beside_me("vos-restore")?;
     let o = options(&j, String::new())?;
     let args = restore::Args {
@@ -409,6 +420,7 @@ fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs, report_fd: Option<
         map_addr: rebind.map_addr,
         report_fd,
         bases,
+        fill_fd,
     };
     restore::run(args, restorer, beside_me("libvos_shim.so")?).map(|_| ())
 }

@@ -9,7 +9,7 @@
 //! its new state); `vrun migrate` says so.
 
 use crate::address::{self, Address};
-use crate::channel::{self, Channel, Kind, MAX_FRAME};
+use crate::channel::{self, Channel, Kind, MAX_FRAME, PageHead};
 use crate::runtime;
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -18,7 +18,7 @@ use std::io::{IsTerminal, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use vos::proto::{self, Msg};
+use vos::proto::{self, Msg, Pages};
 
 /// What the destination needs to know before the image.
 #[derive(Serialize, Deserialize)]
@@ -28,6 +28,8 @@ pub struct Begin {
     pub map_addr: Vec<(String, String)>,
     /// `--move-addr`: the address the destination takes before the restore.
     pub address: Option<String>,
+    /// Post-copy: the job's anonymous memory is fetched from here after it resumes there.
+    pub lazy: bool,
 }
 
 pub struct Args {
@@ -40,6 +42,8 @@ pub struct Args {
     pub move_addr: Option<Address>,
     /// No pre-copy: the job stops for the whole transfer.
     pub stop_and_copy: bool,
+    /// Post-copy: the job runs at the destination at once and pulls its memory from here.
+    pub lazy: bool,
     pub quiet: bool,
     pub json: bool,
 }
@@ -144,6 +148,43 @@ fn relay(ch: &mut Channel, pipe: &OwnedFd, sup: &OwnedFd, kind: Kind, progress: 
     Ok((end, rounds))
 }
 
+/// Post-copy: /proc/PID/mem of each process of the stopped job, from its supervisor (`Msg::MemoryOf`).
+fn memory_of(sup: &OwnedFd) -> Result<Vec<(i32, std::fs::File)>> {
+    let mut out = vec![];
+    loop {
+        match proto::recv(sup.as_raw_fd()) {
+            Ok(Some((Msg::MemoryOf { pid, more }, Some(fd)))) => {
+                out.push((pid, std::fs::File::from(crate::ns::owned(fd))));
+                if !more {
+                    return Ok(out);
+                }
+            }
+            _ => bail!("the supervisor did not hand over the job's memory"),
+        }
+    }
+}
+
+/// Post-copy: answer a `Want` frame with the pages it names, read from the stopped job; returns the bytes sent.
+fn send_wanted(ch: &mut Channel, want: &[u8], memory: &[(i32, std::fs::File)]) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut sent = 0;
+    let mut buf = vec![];
+    for h in want.chunks(PageHead::LEN) {
+        let h = PageHead::decode(h)?;
+        let mem = memory.iter().find(|m| m.0 == h.pid).map(|m| &m.1).ok_or_else(|| anyhow!("the destination wants pages of pid {}, not in the job", h.pid))?;
+        if h.len as usize > MAX_FRAME - PageHead::LEN {
+            bail!("the destination wants {} bytes at once", h.len);
+        }
+        buf.clear();
+        buf.extend_from_slice(&h.encode());
+        buf.resize(PageHead::LEN + h.len as usize, 0);
+        mem.read_exact_at(&mut buf[PageHead::LEN..], h.addr).with_context(|| format!("reading pid {}'s memory at {:#x}", h.pid, h.addr))?;
+        ch.send(Kind::Pages, &buf)?;
+        sent += h.len;
+    }
+    Ok(sent)
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
@@ -156,7 +197,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let start = Instant::now();
     let mut ch = Channel::connect(&a.to, &key)?;
-    let begin = Begin { name: job.name.clone(), map_addr: a.map_addr.clone(), address: a.move_addr.as_ref().map(|m| m.to_string()) };
+    let begin = Begin { name: job.name.clone(), map_addr: a.map_addr.clone(), address: a.move_addr.as_ref().map(|m| m.to_string()), lazy: a.lazy };
     ch.send(Kind::Begin, &rmp_serde::to_vec_named(&begin)?)?;
 
     let connect = || -> Result<OwnedFd> {
@@ -170,7 +211,7 @@ pub fn run(a: Args) -> Result<()> {
 
     // Live: memory goes over while the job runs, then again what it wrote meanwhile, until little changes.
     let mut precopied = false;
-    if !a.stop_and_copy {
+    if !a.stop_and_copy && !a.lazy {
         let sup = connect()?;
         let (pipe, w) = pipe()?;
         proto::send(sup.as_raw_fd(), &Msg::Precopy, Some(w.as_raw_fd())).map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
@@ -192,7 +233,12 @@ pub fn run(a: Args) -> Result<()> {
     // The final round: the job stops, and its image (with only the pages that changed) goes over.
     let sup = connect()?;
     let (image, w) = pipe()?;
-    let ask = Msg::Checkpoint { kill: false, to: None, fd_attached: true, bundle: a.bundle, tcp_established: a.tcp_established, handoff: true, precopy: precopied };
+    let pages = match (precopied, a.lazy) {
+        (true, _) => Pages::Precopied,
+        (_, true) => Pages::Lazy,
+        _ => Pages::All,
+    };
+    let ask = Msg::Checkpoint { kill: false, to: None, fd_attached: true, bundle: a.bundle, tcp_established: a.tcp_established, handoff: true, pages };
     proto::send(sup.as_raw_fd(), &ask, Some(w.as_raw_fd())).map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
     drop(w);
     let paused = Instant::now();
@@ -205,24 +251,45 @@ pub fn run(a: Args) -> Result<()> {
         (m, _) => bail!("unexpected answer from the supervisor: {m:?}"),
     };
     rounds.extend(last);
-    let sent: u64 = rounds.iter().sum();
+    let memory = if a.lazy { memory_of(&sup)? } else { vec![] };
     ch.send(Kind::End, &[])?;
     progress.done();
     ch.stream.set_read_timeout(Some(Duration::from_secs(300)))?;
-    let there = match ch.recv() {
-        Ok((Kind::Running, n)) => Ok(String::from_utf8_lossy(&n).into_owned()),
-        Ok((Kind::Failed, why)) => Err(anyhow!("{} could not restore {}: {}; the job goes on here", a.to, job.name, String::from_utf8_lossy(&why))),
-        Ok((k, _)) => Err(anyhow!("{} answered {k:?}; the job goes on here", a.to)),
-        Err(e) => Err(anyhow!("{e:#}; the job goes on here (if {} had started it already, it runs there too: check `vrun list` there)", a.to)),
+    let mut downtime = None;
+    let mut answer = || -> Result<String> {
+        let mut frame = vec![];
+        let mut running: Option<String> = None;
+        let mut pages = 0u64;
+        loop {
+            let k = ch.recv_into(&mut frame).map_err(|e| match &running {
+                Some(_) => anyhow!("{e:#}; the job goes on here (its copy there, missing memory, ends)"),
+                None => anyhow!("{e:#}; the job goes on here (if {} had started it already, it runs there too: check `vrun list` there)", a.to),
+            })?;
+            match k {
+                Kind::Running if !a.lazy => return Ok(String::from_utf8_lossy(&frame).into_owned()),
+                Kind::Running => {
+                    downtime = Some(paused.elapsed());
+                    running = Some(String::from_utf8_lossy(&frame).into_owned());
+                }
+                Kind::Want => pages += send_wanted(&mut ch, &frame, &memory)?,
+                Kind::Filled if running.is_some() => {
+                    rounds.push(pages);
+                    return Ok(running.take().unwrap());
+                }
+                Kind::Failed => bail!("{} could not restore {}: {}; the job goes on here", a.to, job.name, String::from_utf8_lossy(&frame)),
+                k => bail!("{} answered {k:?}; the job goes on here", a.to),
+            }
+        }
     };
-    let there = match there {
+    let there = match answer() {
         Ok(t) => t,
         Err(e) => {
             let _ = proto::send(sup.as_raw_fd(), &Msg::Handoff { exit: false }, None);
             return Err(e);
         }
     };
-    let downtime = paused.elapsed();
+    let sent: u64 = rounds.iter().sum();
+    let downtime = downtime.unwrap_or_else(|| paused.elapsed());
     // The job's sockets here close as it ends: first the address goes, so nothing answers its peers with a reset.
     if let Some(m) = &a.move_addr {
         if let Err(e) = address::release(m) {

@@ -12,9 +12,9 @@
 //! says it was not written since, and it is still the same physical page (its frame number, which root reads
 //! in pagemap, matches the one it had when sent; a page moved by mremap, swapped, or replaced has another).
 //!
-//! The stream to the migration: records of `pid:u32 0:u32 addr:u64 len:u64` and `len` bytes, pid as the job
-//! sees it, addr page-aligned.
+//! The stream to the migration: `channel::PageHead` records, each followed by its bytes.
 
+use crate::channel::PageHead;
 use crate::checkpoint::{Shim, cancel};
 use crate::supervisor::Supervisor;
 use anyhow::{Context, Result, anyhow, bail};
@@ -165,10 +165,7 @@ impl Supervisor {
                         if mem.read_exact_at(&mut buf[..n as usize], p).is_err() {
                             break;
                         }
-                        let mut head = [0u8; 24];
-                        head[..4].copy_from_slice(&m.ids.pid.to_le_bytes());
-                        head[8..16].copy_from_slice(&p.to_le_bytes());
-                        head[16..].copy_from_slice(&n.to_le_bytes());
+                        let head = PageHead { pid: m.ids.pid, addr: p, len: n }.encode();
                         out.write_all(&head).and_then(|_| out.write_all(&buf[..n as usize])).context("sending pre-copied pages")?;
                         pages.extend((0..n / PAGE).map(|k| (p + k * PAGE, fr[((p - a) / PAGE + k) as usize])));
                         bytes += n;

@@ -42,6 +42,9 @@ pub struct Args {
     pub report_fd: Option<RawFd>,
     /// Pages received by pre-copy, per process (pid as in the image): sparse files, each page at its address.
     pub bases: Vec<(i32, RawFd)>,
+    /// Post-copy: every page the image lists comes after the job resumes, put in place by the filler at the
+    /// other end of this socket (`vrun serve`'s, which fetches them from the source host).
+    pub fill_fd: Option<RawFd>,
 }
 
 /// With VOS_TIMING set, `vrun restore` reports how long each phase took (on stderr).
@@ -141,7 +144,10 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
             log: runtime::log_path(&name).display().to_string(),
             shim: shim.display().to_string(),
         };
-        let base_at = a.bases.iter().find(|b| b.0 == p.pid).map_or(-1, |b| fds.put(b.1));
+        let base_at = match a.fill_fd {
+            Some(_) => plan::POST_COPY,
+            None => a.bases.iter().find(|b| b.0 == p.pid).map_or(-1, |b| fds.put(b.1)),
+        };
         let plan = process_plan(p, &spec, &mut fds, &mut keep, image_at, ctl_at, &shm_at, r.seq, swap.as_ref(), base_at)?;
         plans.push((plan, i));
     }
@@ -169,7 +175,11 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     };
     // Pre-copied pages are filled after the job resumes, by a process of their own, started before the job's
     // namespaces exist.
-    let filler = if a.bases.is_empty() { None } else { Some(crate::fill::start(&a.bases)?) };
+    let filler = match a.fill_fd {
+        Some(fd) => Some(ns::owned(fd)),
+        None if a.bases.is_empty() => None,
+        None => Some(crate::fill::start(&a.bases)?),
+    };
     let started = ns::start(child, clocks, own_mounts)?;
     phases.mark("restorer started");
     drop((keep, objects, shm, sysv_contents, bundled, plan_fd, stdin));
@@ -181,7 +191,6 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
 
     // Every process reports once its memory is back (or why it failed), then once fds, signals and threads are.
     let mut last_seq = 0;
-    let mut members: Option<Vec<job::Member>> = None;
     for (i, c) in ctls.iter().enumerate() {
         let report = wait_report(c, &started.status, job.processes[i].pid).map_err(fail)?;
         last_seq = last_seq.max(report.next_seq);
@@ -189,13 +198,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
             let (uffd, runs) = lazy_runs(c).map_err(fail)?;
             let pid = job.processes[i].pid;
             let f = filler.as_ref().ok_or_else(|| fail(anyhow!("pid {pid}: pages left to fill, and no filler")))?;
-            // Every process exists once its restorer reports: the job's members are read once.
-            let m = match &mut members {
-                Some(m) => m,
-                none => none.insert(job::members(started.init).map_err(fail)?),
-            };
-            let host = m.iter().find(|m| m.ids.pid == pid).map_or(0, |m| m.host.as_raw());
-            proto::send(f.as_raw_fd(), &Msg::Fill { pid, host, runs }, Some(uffd.as_raw_fd()))
+            proto::send(f.as_raw_fd(), &Msg::Fill { pid, init: started.init.as_raw(), runs }, Some(uffd.as_raw_fd()))
                 .map_err(|e| fail(anyhow!("handing pages to fill: {e}")))?;
         }
     }

@@ -4,12 +4,15 @@
 //! DIR/NAME.log. The daemon answers "running" only once the whole image was checked and the job resumed.
 
 use crate::address::{self, Address};
-use crate::channel::{self, Channel, Kind};
+use crate::channel::{self, Channel, Kind, PageHead};
 use crate::migrate::Begin;
 use anyhow::{Context, Result, anyhow, bail};
 use std::io::{BufRead, Write};
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use crate::fill::{self, Filler};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -72,11 +75,17 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
     let first = std::mem::take(&mut frame);
     // The job's own address is here before its sockets are made (and not before: until the source stops the job,
     // its peers must reach it there). It is given back unless the job comes to run here.
+    // Post-copy: the restore hands us the job's memory to fill (`fill`), which we fetch from the source.
+    let fill = match begin.lazy {
+        true => Some(socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?),
+        false => None,
+    };
     let started = (|| {
         let address = begin.address.as_deref().map(|a| a.parse::<Address>().map_err(|e| anyhow!(e))).transpose()?;
         let taken = address.map(address::take).transpose()?;
-        Ok((start_restore(&name, dir, &begin, &log_path, &ahead)?, taken))
+        Ok((start_restore(&name, dir, &begin, &log_path, &ahead, fill.as_ref().map(|f| f.1.as_raw_fd()))?, taken))
     })();
+    let fill = fill.map(|(mine, _)| mine);
     let ((mut child, report), mut taken) = match started {
         Ok(c) => c,
         Err(e) => {
@@ -106,10 +115,19 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
     };
     // A cut stream leaves the restore a truncated image, which it refuses before the job runs.
     drop(stdin);
-    // One line; the job's processes may hold the pipe open, so no end of file is waited for.
-    let mut said = String::new();
-    let _ = std::io::BufReader::new(std::fs::File::from(report)).read_line(&mut said);
-    let running = said.starts_with("running");
+    let outcome = match fill {
+        Some(sock) if relay.is_ok() => {
+            let said = |what: &str| log(&format!("{peer}: job {name} {what}"));
+            post_copy(&mut ch, sock, report, &name, &said)
+        }
+        _ => {
+            // One line; the job's processes may hold the pipe open, so no end of file is waited for.
+            let mut said = String::new();
+            let _ = std::io::BufReader::new(std::fs::File::from(report)).read_line(&mut said);
+            Ok(said.starts_with("running"))
+        }
+    };
+    let running = matches!(outcome, Ok(true));
     if running {
         if let Some(t) = taken.as_mut() {
             t.keep();
@@ -120,13 +138,16 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
     // The restore supervises the job from now on; a thread reaps it when it ends.
     std::thread::spawn(move || child.wait());
     relay?;
+    outcome?;
     if !running {
         let why = why_failed(&log_path);
         log(&format!("{peer}: job {name} could not be restored: {why}"));
         return ch.send(Kind::Failed, why.as_bytes());
     }
-    log(&format!("{peer}: job {name} runs here ({:.1} MiB received); its output goes to {}", bytes as f64 / (1 << 20) as f64, log_path.display()));
-    ch.send(Kind::Running, name.as_bytes())?;
+    log(&format!("{peer}: job {name} runs here ({:.1} MiB of image received); its output goes to {}", bytes as f64 / (1 << 20) as f64, log_path.display()));
+    if !begin.lazy {
+        ch.send(Kind::Running, name.as_bytes())?;
+    }
     if let Some(t) = &taken {
         // Peers learn the address's new home now, and again once the source has let go of it.
         address::announce(&t.addr, &t.dev)?;
@@ -140,7 +161,7 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
 
 /// `vrun restore -` for the job, detached in its own session; it writes "running" to the returned pipe once the
 /// job runs.
-fn start_restore(name: &str, dir: &Path, begin: &Begin, log_path: &Path, ahead: &Ahead) -> Result<(std::process::Child, OwnedFd)> {
+fn start_restore(name: &str, dir: &Path, begin: &Begin, log_path: &Path, ahead: &Ahead, fill: Option<RawFd>) -> Result<(std::process::Child, OwnedFd)> {
     let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let out = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(log_path).with_context(|| format!("opening {}", log_path.display()))?;
     let mut c = Command::new(std::env::current_exe()?);
@@ -149,6 +170,10 @@ fn start_restore(name: &str, dir: &Path, begin: &Begin, log_path: &Path, ahead: 
         c.arg("--map-addr").arg(format!("{old}={new}"));
     }
     let mut inherit = vec![report_w.as_raw_fd()];
+    if let Some(fd) = fill {
+        c.arg("--fill-fd").arg(fd.to_string());
+        inherit.push(fd);
+    }
     for (pid, f) in &ahead.files {
         c.arg("--base").arg(format!("{pid}:{}", f.as_raw_fd()));
         inherit.push(f.as_raw_fd());
@@ -167,6 +192,93 @@ fn start_restore(name: &str, dir: &Path, begin: &Begin, log_path: &Path, ahead: 
     let child = c.spawn().context("starting vrun restore")?;
     drop(report_w);
     Ok((child, report_r))
+}
+
+/// Post-copy, once the image is in: while the job is restored and runs here, fetch the memory its image only
+/// listed from the source, pages a thread waits for first, the rest in the background (a window of requests in
+/// flight). The source hears "running" once the job runs, and "filled" once every page is here; it lets its
+/// copy go only then. False when the restore failed before the job ran. If fetching fails, the job here ends:
+/// its missing pages would read as zeros, and the source's copy goes on.
+fn post_copy(ch: &mut Channel, sock: OwnedFd, report: OwnedFd, name: &str, say: &dyn Fn(&str)) -> Result<bool> {
+    const STEP: u64 = 256 << 10;
+    const WINDOW: u64 = 2 << 20;
+    let mut f = Filler::default();
+    let (mut more, mut running, mut inflight, mut pulled) = (true, false, 0u64, 0u64);
+    let mut frame = Vec::with_capacity(channel::MAX_FRAME);
+    let mut said = vec![];
+    let r = (|| -> Result<bool> {
+        loop {
+            if running && !more && f.handed_out() && f.urgent.is_empty() && inflight == 0 {
+                f.finish()?;
+                say(&format!("has all its memory ({:.1} MiB pulled)", pulled as f64 / (1 << 20) as f64));
+                ch.send(Kind::Filled, &[])?;
+                return Ok(true);
+            }
+            // The source, the restore's hand-over until it is done, its report until the job runs, the job.
+            // (A closed fd reports a hang-up for ever, so one done with is left out.)
+            let ready = {
+                let watched = [Some(ch.stream.as_fd()), more.then(|| sock.as_fd()), (!running).then(|| report.as_fd())];
+                let mut fds: Vec<PollFd> = watched.iter().flatten().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
+                fds.extend(f.poll_fds());
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => bail!("poll: {e}"),
+                }
+                let mut got = fds.iter().map(|p| p.revents().is_some_and(|r| !r.is_empty()));
+                watched.map(|w| w.is_some() && got.next().unwrap_or(false))
+            };
+            if more && ready[1] {
+                more = fill::take_work(&sock, &mut f)?;
+            }
+            if !running && ready[2] {
+                let mut b = [0u8; 256];
+                let n = nix::unistd::read(&report, &mut b).unwrap_or(0);
+                said.extend_from_slice(&b[..n]);
+                if n == 0 || (said.contains(&b'\n') && !said.starts_with(b"running")) {
+                    return Ok(false);
+                }
+                if said.contains(&b'\n') {
+                    running = true;
+                    ch.send(Kind::Running, name.as_bytes())?;
+                    say("runs here, pulling its memory from the source");
+                }
+            }
+            if ready[0] {
+                match ch.recv_into(&mut frame)? {
+                    Kind::Pages => {
+                        let mut d = &frame[..];
+                        while !d.is_empty() {
+                            let h = PageHead::decode(&d[..PageHead::LEN.min(d.len())])?;
+                            let bytes = d.get(PageHead::LEN..PageHead::LEN + h.len as usize).ok_or_else(|| anyhow!("a short page record"))?;
+                            f.place(h.pid, h.addr, bytes)?;
+                            inflight = inflight.saturating_sub(h.len);
+                            pulled += h.len;
+                            d = &d[PageHead::LEN + h.len as usize..];
+                        }
+                    }
+                    k => bail!("unexpected {k:?} from the source"),
+                }
+            }
+            f.events()?;
+            let mut want = vec![];
+            for (pid, from, to) in f.urgent.drain(..) {
+                want.extend_from_slice(&PageHead { pid, addr: from, len: to - from }.encode());
+                inflight += to - from;
+            }
+            while inflight < WINDOW {
+                let Some((pid, from, to)) = f.next_piece(STEP) else { break };
+                want.extend_from_slice(&PageHead { pid, addr: from, len: to - from }.encode());
+                inflight += to - from;
+            }
+            for part in want.chunks(channel::MAX_FRAME / PageHead::LEN * PageHead::LEN) {
+                ch.send(Kind::Want, part)?;
+            }
+        }
+    })();
+    if let Err(e) = &r {
+        f.end_job(e);
+    }
+    r
 }
 
 /// The restore's own error lines from its log.
@@ -190,7 +302,7 @@ struct Ahead {
 }
 
 impl Ahead {
-    /// Take the next bytes of the stream of records (`pid:u32 0:u32 addr:u64 len:u64` and `len` bytes).
+    /// Take the next bytes of the stream of records (`PageHead` and `len` bytes).
     fn take(&mut self, mut d: &[u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
         while !d.is_empty() {
@@ -200,13 +312,7 @@ impl Ahead {
                     self.head.extend_from_slice(&d[..n]);
                     d = &d[n..];
                     if self.head.len() == 24 {
-                        let h = std::mem::take(&mut self.head);
-                        let pid = i32::from_le_bytes(h[..4].try_into().unwrap());
-                        let addr = u64::from_le_bytes(h[8..16].try_into().unwrap());
-                        let len = u64::from_le_bytes(h[16..].try_into().unwrap());
-                        if addr % 4096 != 0 || len % 4096 != 0 || addr.checked_add(len).is_none_or(|e| e > 1 << 57) {
-                            bail!("a malformed pre-copy record");
-                        }
+                        let PageHead { pid, addr, len } = PageHead::decode(&std::mem::take(&mut self.head))?;
                         if !self.files.contains_key(&pid) {
                             self.files.insert(pid, crate::restore::memfd("precopy", 0)?.into());
                         }

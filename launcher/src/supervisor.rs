@@ -220,7 +220,7 @@ impl Supervisor {
                 };
                 let _ = proto::send(conn.as_raw_fd(), &answer, None);
             }
-            Msg::Checkpoint { kill, to, fd_attached, bundle, tcp_established, handoff, precopy } => {
+            Msg::Checkpoint { kill, to, fd_attached, bundle, tcp_established, handoff, pages } => {
                 let dest = match (to, fd_attached, fd) {
                     (_, true, Some(fd)) => Dest::Fd(crate::ns::owned(fd)),
                     (Some(p), _, _) => Dest::Path(PathBuf::from(p)),
@@ -228,7 +228,7 @@ impl Supervisor {
                 };
                 let handoff = if handoff { Some(conn.try_clone().expect("dup")) } else { None };
                 let reason = if handoff.is_some() { "migration" } else { "request" };
-                let req = Request { kill, dest, reason, bundle, tcp_established, handoff, precopy };
+                let req = Request { kill, dest, reason, bundle, tcp_established, handoff, pages };
                 let start = Instant::now();
                 let answer = match self.checkpoint(req, None) {
                     Ok(path) => Msg::CheckpointDone { path, bytes: 0, millis: start.elapsed().as_millis() as u64 },

@@ -299,7 +299,7 @@ fn lazy_fd() -> i32 {
         return fd;
     }
     // Out of the way of the app's fds, which are put in place later at their numbers.
-    let fd = match sys::userfaultfd(0, 0) {
+    let fd = match sys::userfaultfd(0, sys::UFFD_FEATURES_FILL) {
         Ok(raw) => {
             let high = sys::fcntl(raw, libc::F_DUPFD_CLOEXEC, 950).map_or(-1, |h| h as i32);
             let _ = sys::close(raw);
@@ -378,7 +378,7 @@ fn reuse(src: &mut Fd, seq: u64, len: u64, hash: u64, ops: &[MapOp], base_fd: i3
     if 8 + nruns * chunk::RUN_LEN != len as usize {
         image_fail(ImageError::Malformed { seq, what: "bad reuse table" });
     }
-    if base_fd < 0 {
+    if base_fd == -1 {
         fail(&Msg::new("vos-restore: the image refers to pages sent ahead by a migration, and none came"));
     }
     let mut pages = 0;
@@ -391,6 +391,9 @@ fn reuse(src: &mut Fd, seq: u64, len: u64, hash: u64, ops: &[MapOp], base_fd: i3
         pages += run.len / chunk::PAGE as u64;
         if defer(&run) {
             continue;
+        }
+        if base_fd == plan::POST_COPY {
+            fail(&Msg::new("vos-restore: post-copy: cannot leave memory at ").hex(run.addr).push(" to fetch later (no userfaultfd for missing pages here)"));
         }
         let mut done = 0u64;
         // SAFETY: fill_target checked the run lies inside a region we mapped writable.

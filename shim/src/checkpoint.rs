@@ -168,8 +168,8 @@ fn run(sig: i32) -> Result<(), String> {
     if let Err(e) = sent {
         return resume(e);
     }
-    let (first_seq, skip, reuse, out) = match conn.recv() {
-        Ok((Msg::Dump { first_seq, skip, reuse }, Some(fd))) => (first_seq, skip, reuse, Fd(move_high(fd))),
+    let (first_seq, skip, reuse, lazy, out) = match conn.recv() {
+        Ok((Msg::Dump { first_seq, skip, reuse, lazy }, Some(fd))) => (first_seq, skip, reuse, lazy, Fd(move_high(fd))),
         Ok((Msg::Track, _)) => {
             let tracked = Msg::Tracked { error: tracking::start(move_high).err() };
             if let Err(e) = conn.send(&tracked, None) {
@@ -182,7 +182,7 @@ fn run(sig: i32) -> Result<(), String> {
         Err(e) => return resume(e),
     };
     let mut w = Writer::new(out.0, first_seq);
-    let written = write(&mut w, &image, &skip, &reuse);
+    let written = write(&mut w, &image, &skip, &reuse, lazy);
     // The migration this tracking served has its image: whatever comes next, tracking is over.
     tracking::stop();
     let dumped = Msg::Dumped { error: written.as_ref().err().cloned(), next_seq: w.seq, bytes: w.bytes };
@@ -295,10 +295,10 @@ fn own_id(nr: i64) -> i64 {
 }
 
 /// This process's chunks: its pages, its summary. `skip`: shared memory another process stores.
-fn write(w: &mut Writer, image: &ProcessImage, skip: &[(u64, u64)], reuse: &[(u64, u64)]) -> Result<(), String> {
+fn write(w: &mut Writer, image: &ProcessImage, skip: &[(u64, u64)], reuse: &[(u64, u64)], lazy: bool) -> Result<(), String> {
     let mut exclude = alloc::vec![stack_range(), restart::stack_range(), memory::ring_range(), arena::session_state()];
     exclude.extend_from_slice(skip);
-    let summary: ProcessSummary = memory::write_pages(w, &image.regions, &exclude, reuse)?;
+    let summary: ProcessSummary = memory::write_pages(w, &image.regions, &exclude, reuse, lazy)?;
     let s = rmp_serde::to_vec_named(&summary).map_err(|e| format!("encoding the summary: {e}"))?;
     w.chunk(Kind::ProcessEnd, &s).map_err(|e| format!("writing the image: {e}"))?;
     Ok(())

@@ -453,6 +453,30 @@ fn split_reuse(a: u64, b: u64, reuse: &[(u64, u64)], f: &mut dyn FnMut(u64, u64,
     Ok(())
 }
 
+/// Post-copy: join runs (sorted) across the smallest gaps until at most `max` remain, for the restorer must leave
+/// each run missing on its own. A gap joined never crosses a region's edge or an excluded range; its pages,
+/// absent here, are fetched as the zeros they are. False when the runs cannot be made that few.
+fn coalesce(runs: &mut Vec<PageRun>, regions: &[Region], exclude: &[(u64, u64)], max: usize) -> bool {
+    let joinable = |a: &PageRun, b: &PageRun| {
+        let (gs, ge) = (a.addr + a.len, b.addr);
+        let one_region = regions.get(regions.partition_point(|r| r.end <= a.addr)).is_some_and(|r| r.start <= a.addr && b.addr + b.len <= r.end);
+        one_region && !exclude.iter().any(|&(xs, xe)| xs < ge && gs < xe)
+    };
+    let mut gap = PAGE as u64;
+    while runs.len() > max && gap < 1 << 48 {
+        let mut out: Vec<PageRun> = Vec::with_capacity(runs.len());
+        for r in runs.drain(..) {
+            match out.last_mut() {
+                Some(last) if r.addr - (last.addr + last.len) <= gap && joinable(last, &r) => last.len = r.addr + r.len - last.addr,
+                _ => out.push(r),
+            }
+        }
+        *runs = out;
+        gap *= 2;
+    }
+    runs.len() <= max
+}
+
 /// Write Reuse chunks listing `runs`.
 fn write_reuse(w: &mut Writer, runs: &[PageRun]) -> Result<(), String> {
     for part in runs.chunks(chunk::MAX_RUNS as usize) {
@@ -469,8 +493,8 @@ fn write_reuse(w: &mut Writer, runs: &[PageRun]) -> Result<(), String> {
 
 /// Write the Pages chunks of every region; `exclude` lists shim-private ranges whose contents never travel
 /// (the coordinator's own stack); pages in the sorted `reuse` ranges are only listed (the destination holds
-/// them from pre-copy). Returns what was stored per region.
-pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)], reuse: &[(u64, u64)]) -> Result<ProcessSummary, String> {
+/// them from pre-copy, or fetches them after the job resumes when `lazy`). Returns what was stored per region.
+pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)], reuse: &[(u64, u64)], lazy: bool) -> Result<ProcessSummary, String> {
     let mut scanner = Scanner::open()?;
     let mem = sys::open(b"/proc/self/mem\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/self/mem: {e}"))?;
     let mut batch = Batch {
@@ -530,6 +554,12 @@ pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)], r
             summary.regions.push(s);
         }
         batch.drain(w)?;
+        if lazy && !coalesce(&mut reused_runs, regions, exclude, plan::MAX_LAZY_RUNS) {
+            return Err(format!(
+                "its memory is in more pieces than a post-copy restore can leave to fetch ({} at most): migrate it without --lazy",
+                plan::MAX_LAZY_RUNS
+            ));
+        }
         write_reuse(w, &reused_runs)
     })();
     // Whatever happened, the hashing thread ends before the app may run again.

@@ -314,7 +314,7 @@ fn redis_moves_with_its_data_and_clients() {
 }
 
 #[test]
-fn precopy_keeps_every_write_made_while_it_ran() {
+fn every_write_arrives_live_stopped_and_lazy() {
     let w = Work::new("migrate-precopy");
     let k = key(&w, "key");
     let net = net(2, &w, &k);
@@ -325,7 +325,7 @@ fn precopy_keeps_every_write_made_while_it_ran() {
     let job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), "96", "30"], &out, &w);
     wait_for(&out, "the data filled", Duration::from_secs(30), |s| s.contains("ready"));
     let mut at = 0;
-    for (to, args) in [(1, &[][..]), (0, &["--stop-and-copy"][..]), (1, &[][..])] {
+    for (to, args) in [(1, &[][..]), (0, &["--stop-and-copy"][..]), (1, &["--lazy"][..]), (0, &[][..])] {
         let v = net.hosts[at].migrate_report(&name, &net.hosts[to], &k, args).unwrap_or_else(|e| panic!("migrating {at} -> {to}: {e}"));
         name = v["name_there"].as_str().unwrap().to_string();
         let rounds: Vec<u64> = v["rounds"].as_array().unwrap().iter().map(|r| r.as_u64().unwrap()).collect();
@@ -333,6 +333,10 @@ fn precopy_keeps_every_write_made_while_it_ran() {
             // Memory went over while the job ran; the final, stopped round carried only what changed.
             assert!(rounds.len() >= 2, "no pre-copy rounds: {rounds:?}");
             assert!(*rounds.last().unwrap() * 4 < rounds[0], "the final round was not small: {rounds:?}");
+        } else if args == ["--lazy"] {
+            // The image went while the job was stopped, its memory once it ran there, pulled.
+            assert_eq!(rounds.len(), 2, "post-copy: {rounds:?}");
+            assert!(rounds[0] * 4 < rounds[1] && rounds[1] >= 90 << 20, "the image carried the memory: {rounds:?}");
         } else {
             assert_eq!(rounds.len(), 1, "--stop-and-copy made rounds: {rounds:?}");
         }
@@ -349,5 +353,60 @@ fn precopy_keeps_every_write_made_while_it_ran() {
         let text = wait_for(&out, "the data verified", Duration::from_secs(30), |s| s.lines().skip(before).any(|l| l.starts_with("verified") || l.starts_with("CORRUPT")));
         assert!(!text.lines().skip(before).any(|l| l.starts_with("CORRUPT")), "memory differs after moving to host {at}");
     }
+    drop(job);
+}
+
+#[test]
+fn lazy_fills_memory_the_job_forks_moves_and_zaps_meanwhile() {
+    let w = Work::new("migrate-lazy");
+    let k = key(&w, "key");
+    let net = net(2, &w, &k);
+    let prog = gcc("postcopy");
+    let out = w.path("out.txt");
+    let name = w.name("postcopy");
+    // 256 MiB to pull; a step every 20 ms forks a child that checks every page, moves a block and zaps pages.
+    let steps = 120;
+    let mut job = launch_on(&net.hosts[0], &name, &[prog.to_str().unwrap(), "256", &steps.to_string()], &out, &w);
+    wait_step(&out, 5);
+    let v = net.hosts[0].migrate_report(&name, &net.hosts[1], &k, &["--lazy"]).expect("migrating");
+    let rounds: Vec<u64> = v["rounds"].as_array().unwrap().iter().map(|r| r.as_u64().unwrap()).collect();
+    assert!(rounds.len() == 2 && rounds[0] < 1 << 20 && rounds[1] >= 256 << 20, "not a post-copy: {rounds:?}");
+    assert_eq!(job.wait(Duration::from_secs(20)).code(), Some(75));
+    // Every step once, in order, and every check (in the children forked while pages were missing, and in the
+    // end in the process itself) found its memory right.
+    let all = wait_for(&out, "the job to finish at the destination", Duration::from_secs(120), |s| s.ends_with("done\n") || s.contains("CORRUPT"));
+    assert_steps(&all.replacen("ready\n", "", 1), steps);
+}
+
+#[test]
+fn lazy_migration_cut_after_the_job_ran_there_leaves_it_here() {
+    let w = Work::new("migrate-lazycut");
+    let k = key(&w, "key");
+    let net = net(2, &w, &k);
+    // 768 MiB to pull: the migration is cut while the destination's copy runs and still pulls.
+    let (job, name) = counter_on(&net.hosts[0], &w, 768);
+    let mut c = LineClient::connect(&format!("{}:{PORT}", net.hosts[0].ip));
+    assert_eq!(c.inc(), 1);
+    let sum = c.ask("sum").unwrap();
+    let mut m = net.hosts[0].vrun();
+    m.args(["migrate", &name, "--to", &net.hosts[1].serve_addr(), "--lazy", "--key"]).arg(&k);
+    let mut m = m.spawn().unwrap();
+    let t = Instant::now();
+    while !net.hosts[1].serve_log().contains("runs here") {
+        assert!(t.elapsed() < Duration::from_secs(20), "the job never ran at the destination: {}", net.hosts[1].serve_log());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    m.kill().unwrap();
+    m.wait().unwrap();
+    // The source's copy goes on, memory and counter intact, on the same connection; the destination's copy,
+    // missing memory, ends.
+    assert_eq!(c.inc(), 2, "the job did not go on");
+    assert_eq!(c.ask("sum").unwrap(), sum, "the job's memory changed");
+    let t = Instant::now();
+    while job_pid(&format!("{name}-2")) != 0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "the destination's copy, missing memory, still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(net.hosts[1].serve_log().contains("failed, ending it"), "{}", net.hosts[1].serve_log());
     drop(job);
 }

@@ -209,7 +209,7 @@ struct Migration {
 }
 
 /// Migrate a job holding `mib` MiB (rewriting `dirty` MB/s of it) from one test host to another and back.
-fn bench_migrate(dir: &Path, mib: usize, dirty: u32) -> Vec<Migration> {
+fn bench_migrate(dir: &Path, mib: usize, dirty: u32, args: &[&str]) -> Vec<Migration> {
     use vos_tests::hosts::Net;
     let w = Work { dir: dir.join(format!("migrate{mib}")) };
     let _ = fs::remove_dir_all(&w.dir);
@@ -233,7 +233,7 @@ fn bench_migrate(dir: &Path, mib: usize, dirty: u32) -> Vec<Migration> {
         let n = lines(&out);
         signal(pid, libc::SIGUSR1);
         wait_line(&out, "gap", n);
-        let v = net.hosts[from].migrate_report(&name, &net.hosts[to], &key, &[]).unwrap_or_else(|e| panic!("migrate: {e}"));
+        let v = net.hosts[from].migrate_report(&name, &net.hosts[to], &key, args).unwrap_or_else(|e| panic!("migrate: {e}"));
         name = v["name_there"].as_str().unwrap().to_string();
         while !registered(&name) {
             std::thread::sleep(Duration::from_millis(1));
@@ -260,11 +260,13 @@ fn print_migrations(mib: usize) {
     println!("migration: vrun migrate of N MiB random data between two test hosts, 3 moves (A->B, B->A, A->B)");
     println!("  baseline: {mib} MiB over TCP into fresh memory: {base:.3}s");
     println!("  CRIU page server, 1 GiB, measured earlier on this machine (notes): 1.2-1.35 s; no pre-copy possible here");
-    println!("{:>6} {:>8} {:>10} {:>9} {:>12} {:>12} {:>10}", "MiB", "dirty", "total", "ratio", "downtime", "app stall", "sent MiB");
+    println!("{:>6} {:>6} {:>8} {:>10} {:>9} {:>12} {:>12} {:>10}", "mode", "MiB", "dirty", "total", "ratio", "downtime", "app stall", "sent MiB");
+    for (mode, args) in [("live", &[][..]), ("lazy", &["--lazy"][..])] {
     for dirty in [0, 10] {
-        for m in bench_migrate(&repo().join("target/vos-bench"), mib, dirty) {
+        for m in bench_migrate(&repo().join("target/vos-bench"), mib, dirty, args) {
             println!(
-                "{:>6} {:>6}MB/s {:>9.3}s {:>8.2}x {:>10.1}ms {:>10.1}ms {:>10.1}",
+                "{:>6} {:>6} {:>6}MB/s {:>9.3}s {:>8.2}x {:>10.1}ms {:>10.1}ms {:>10.1}",
+                mode,
                 mib,
                 dirty,
                 m.total,
@@ -275,9 +277,12 @@ fn print_migrations(mib: usize) {
             );
         }
     }
+    }
     println!("  (live: pre-copy rounds while the job runs, then a stop for what changed; the destination fills the");
-    println!("   pre-copied memory after the job resumes. total = first byte to the job running there; downtime as");
-    println!("   vrun migrate sees it; app stall = the job's own longest pause on the real-time clock)");
+    println!("   pre-copied memory after the job resumes. lazy: post-copy, the job stops for its image only and pulls");
+    println!("   its memory once it runs there. total = first byte until the source may let go (live: the job runs");
+    println!("   there; lazy: all its memory arrived); downtime as vrun migrate sees it; app stall = the job's own");
+    println!("   longest pause on the real-time clock, which with lazy includes waiting for pages it touches)");
 }
 
 fn bench_trivial(dir: &Path) -> (f64, u64) {
