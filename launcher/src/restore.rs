@@ -238,6 +238,9 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         }
     }
     phases.mark("running");
+    if job.terminal.is_some() {
+        terminal::redraw();
+    }
     if let Some(r) = report {
         let _ = nix::unistd::write(&r, format!("running {name}\n").as_bytes());
     }

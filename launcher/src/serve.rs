@@ -200,8 +200,9 @@ fn start_restore(name: &str, dir: &Path, begin: &Begin, log_path: &Path, ahead: 
 /// copy go only then. False when the restore failed before the job ran. If fetching fails, the job here ends:
 /// its missing pages would read as zeros, and the source's copy goes on.
 fn post_copy(ch: &mut Channel, sock: OwnedFd, report: OwnedFd, name: &str, say: &dyn Fn(&str)) -> Result<bool> {
-    const STEP: u64 = 256 << 10;
-    const WINDOW: u64 = 2 << 20;
+    // Background pieces, and how much of them may be on the way: a fault's pages come after those.
+    const STEP: u64 = 512 << 10;
+    const WINDOW: u64 = 4 << 20;
     let mut f = Filler::default();
     let (mut more, mut running, mut inflight, mut pulled) = (true, false, 0u64, 0u64);
     let mut frame = Vec::with_capacity(channel::MAX_FRAME);
@@ -265,7 +266,8 @@ fn post_copy(ch: &mut Channel, sock: OwnedFd, report: OwnedFd, name: &str, say: 
                 want.extend_from_slice(&PageHead { pid, addr: from, len: to - from }.encode());
                 inflight += to - from;
             }
-            while inflight < WINDOW {
+            // Until the job runs, only what its restore touches: the job is stopped until then.
+            while running && inflight < WINDOW {
                 let Some((pid, from, to)) = f.next_piece(STEP) else { break };
                 want.extend_from_slice(&PageHead { pid, addr: from, len: to - from }.encode());
                 inflight += to - from;

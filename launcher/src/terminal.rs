@@ -60,20 +60,40 @@ pub fn restore_modes(t: &TerminalImage) {
     unsafe { libc::tcsetattr(tty, libc::TCSANOW, &tio) };
 }
 
-/// Give the terminal to the job's foreground group (once its processes exist) and let it redraw.
+/// Give the terminal to the job's foreground group, once its processes exist and before they run (a background
+/// group that touches the terminal is stopped).
 pub fn hand_over(t: &TerminalImage, members: &[Member]) {
     let Some(tty) = own_tty() else { return };
+    // A job in the foreground group of vrun's own (foreground 0) stays in ours, already in the foreground.
     if t.foreground == 0 {
         return;
     }
     let Some(group) = job::host_of(members, t.foreground) else { return };
-    // SAFETY: tcsetpgrp and kill on our own terminal and the job's group. We are in the foreground, so no SIGTTOU;
-    // ignore it anyway for the moment of the call.
+    // SAFETY: tcsetpgrp on our own terminal and the job's group. We are in the foreground, so no SIGTTOU; ignore it
+    // anyway for the moment of the call.
     unsafe {
         let old = libc::signal(libc::SIGTTOU, libc::SIG_IGN);
         libc::tcsetpgrp(tty, group.as_raw());
         libc::signal(libc::SIGTTOU, old);
-        libc::kill(-group.as_raw(), libc::SIGWINCH);
+    }
+}
+
+/// Make the running job's full-screen app redraw. It does only when the size really changes (vim ignores a
+/// SIGWINCH that changes nothing), and only once it waits for input again (a signal that came while it was
+/// being restored is handled before it waits): the terminal is one row shorter for a moment, then has its size
+/// back. Each change signals the terminal's foreground group.
+pub fn redraw() {
+    let Some(tty) = own_tty() else { return };
+    // SAFETY: winsize is plain data; TIOCGWINSZ/TIOCSWINSZ on our own terminal.
+    unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        if libc::ioctl(tty, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_row > 1 {
+            let short = libc::winsize { ws_row: ws.ws_row - 1, ..ws };
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            libc::ioctl(tty, libc::TIOCSWINSZ, &short);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            libc::ioctl(tty, libc::TIOCSWINSZ, &ws);
+        }
     }
 }
 

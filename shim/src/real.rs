@@ -72,4 +72,6 @@ real_fns! {
     inotify_add_watch: fn(c_int, *const c_char, u32) -> c_int;
     inotify_rm_watch: fn(c_int, c_int) -> c_int;
     clock_gettime: fn(libc::clockid_t, *mut libc::timespec) -> c_int;
+    timer_create: fn(libc::clockid_t, *mut libc::sigevent, *mut libc::timer_t) -> c_int;
+    timer_delete: fn(libc::timer_t) -> c_int;
 }

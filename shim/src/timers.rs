@@ -214,3 +214,229 @@ pub unsafe extern "C" fn clock() -> libc::clock_t {
     }
     (t.tv_sec * 1_000_000 + t.tv_nsec / 1000) as libc::clock_t
 }
+
+// ---- Timers that start a thread (SIGEV_THREAD) -------------------------------------------------------------------
+//
+// glibc runs them through a hidden helper thread that blocks every signal, which no checkpoint can park. The shim
+// runs them itself, the same way, on a helper thread of its own that parks like any other: the kernel timer signals
+// that thread (SIGEV_THREAD_ID with signal 32, which glibc keeps from apps), and for each expiry it starts a
+// detached thread that calls the app's function with no signal blocked. The timer id the app gets is the kernel's,
+// so the other timer_* calls go straight to it. A restore brings the helper back as the thread it is, with the
+// same tid, and its timers aimed at it.
+
+use core::sync::atomic::{AtomicI32 as HelperTid, AtomicUsize};
+
+const SIGTIMER: c_int = 32;
+const SI_TIMER: c_int = -2;
+const MAX_THREAD_TIMERS: usize = 256;
+
+/// One SIGEV_THREAD timer: what to call, and how to start its threads (malloc'd; the kernel's sigval points here).
+#[repr(C)]
+struct ThreadTimer {
+    func: extern "C" fn(libc::sigval),
+    value: libc::sigval,
+    attr: libc::pthread_attr_t,
+    ktimer: c_int,
+}
+
+/// The live ThreadTimers (0 = free): a signal whose sigval is not one of them (its timer was deleted) is dropped.
+static LIVE: [AtomicUsize; MAX_THREAD_TIMERS] = [const { AtomicUsize::new(0) }; MAX_THREAD_TIMERS];
+/// The helper's tid: 0 none yet (or after a fork: threads do not survive one), -1 starting.
+static HELPER: HelperTid = HelperTid::new(0);
+
+fn errno() -> c_int {
+    // SAFETY: glibc's thread-local errno.
+    unsafe { *libc::__errno_location() }
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = e };
+}
+
+extern "C" fn after_fork_in_child() {
+    HELPER.store(0, Ordering::Relaxed);
+    for l in &LIVE {
+        l.store(0, Ordering::Relaxed);
+    }
+}
+
+extern "C" fn helper(_: *mut libc::c_void) -> *mut libc::c_void {
+    // Only the shim's own signals reach this thread (the app's go to its threads); signal 32 is taken by waiting.
+    let own = sys::sigbit(crate::global::SIG_CHECKPOINT.load(Ordering::Relaxed)) | sys::sigbit(crate::global::SIG_CHECKPOINT_EXIT.load(Ordering::Relaxed));
+    sys::sigprocmask(libc::SIG_SETMASK, Some(!own));
+    HELPER.store(sys::gettid(), Ordering::Release);
+    let set = sys::sigbit(SIGTIMER);
+    loop {
+        let mut si: sys::SigInfo = [0; 128];
+        // SAFETY: valid set and siginfo buffers; no timeout. A checkpoint interrupts it (EINTR): wait again.
+        let r = unsafe { sys::syscall6(libc::SYS_rt_sigtimedwait, &set as *const u64 as usize, si.as_mut_ptr() as usize, 0, 8, 0, 0) };
+        let code = c_int::from_le_bytes([si[8], si[9], si[10], si[11]]);
+        if r != SIGTIMER as isize || code != SI_TIMER {
+            continue;
+        }
+        let t = usize::from_le_bytes(si[24..32].try_into().unwrap());
+        if t == 0 || !LIVE.iter().any(|l| l.load(Ordering::Acquire) == t) {
+            continue;
+        }
+        // SAFETY: t is a live ThreadTimer (timer_create made it; timer_delete frees it only after taking it out).
+        let tt = unsafe { &*(t as *const ThreadTimer) };
+        // SAFETY: malloc of plain data, freed by the thread it is handed to.
+        let call = unsafe { libc::malloc(core::mem::size_of::<(usize, libc::sigval)>()) } as *mut (usize, libc::sigval);
+        if call.is_null() {
+            continue;
+        }
+        // SAFETY: call points to room for the pair.
+        unsafe { call.write((tt.func as usize, tt.value)) };
+        let mut th: libc::pthread_t = 0;
+        // SAFETY: a valid attr (initialised by timer_create) and start routine; `call` goes to the new thread.
+        if unsafe { libc::pthread_create(&mut th, &tt.attr, expiry, call as *mut libc::c_void) } != 0 {
+            // SAFETY: not handed over.
+            unsafe { libc::free(call as *mut libc::c_void) };
+        }
+    }
+}
+
+extern "C" fn expiry(call: *mut libc::c_void) -> *mut libc::c_void {
+    sys::sigprocmask(libc::SIG_SETMASK, Some(0));
+    // SAFETY: the pair the helper wrote for this thread alone.
+    let (func, value) = unsafe { (call as *const (usize, libc::sigval)).read() };
+    // SAFETY: malloc'd by the helper for us.
+    unsafe { libc::free(call) };
+    // SAFETY: the app's notify function, as it gave it.
+    let f: extern "C" fn(libc::sigval) = unsafe { core::mem::transmute(func) };
+    f(value);
+    core::ptr::null_mut()
+}
+
+/// The helper's tid, started on first use; an errno when it cannot be.
+fn helper_tid() -> Result<c_int, c_int> {
+    loop {
+        match HELPER.load(Ordering::Acquire) {
+            0 => {
+                if HELPER.compare_exchange(0, -1, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                    continue;
+                }
+                static ATFORK: AtomicBool = AtomicBool::new(false);
+                if !ATFORK.swap(true, Ordering::AcqRel) {
+                    // SAFETY: registering a child handler that only resets atomics.
+                    unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+                }
+                let mut th: libc::pthread_t = 0;
+                // SAFETY: default attributes, a start routine that never returns.
+                let rc = unsafe { libc::pthread_create(&mut th, core::ptr::null(), helper, core::ptr::null_mut()) };
+                if rc != 0 {
+                    HELPER.store(0, Ordering::Release);
+                    return Err(rc);
+                }
+                // SAFETY: th is the thread just made; nobody joins it.
+                unsafe { libc::pthread_detach(th) };
+            }
+            // SAFETY: sched_yield has no preconditions.
+            -1 => unsafe {
+                libc::sched_yield();
+            },
+            t => return Ok(t),
+        }
+    }
+}
+
+/// timer_create(2): SIGEV_THREAD timers run on the shim's helper (above); the others are glibc's.
+///
+/// # Safety
+/// As timer_create(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn timer_create(clock: libc::clockid_t, sev: *mut libc::sigevent, id: *mut libc::timer_t) -> c_int {
+    // SAFETY: the app's sigevent, if any.
+    if sev.is_null() || unsafe { (*sev).sigev_notify } != libc::SIGEV_THREAD {
+        // SAFETY: forwarded.
+        return unsafe { real::timer_create()(clock, sev, id) };
+    }
+    let saved = errno();
+    let fail = |e: c_int| {
+        set_errno(e);
+        -1
+    };
+    let tid = match helper_tid() {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    // glibc's sigevent: value at 0, signo at 8, notify at 12, then the function and its attributes.
+    // SAFETY: sev is a SIGEV_THREAD sigevent, whose union holds the function and attributes.
+    let (func, attrs) = unsafe {
+        let raw = sev as *const u8;
+        ((raw.add(16) as *const usize).read(), (raw.add(24) as *const *const libc::pthread_attr_t).read())
+    };
+    // SAFETY: malloc of plain data, initialised below before anyone sees it.
+    let tt = unsafe { libc::malloc(core::mem::size_of::<ThreadTimer>()) } as *mut ThreadTimer;
+    if tt.is_null() || func == 0 {
+        // SAFETY: free(NULL) is a no-op.
+        unsafe { libc::free(tt as *mut libc::c_void) };
+        return fail(if func == 0 { libc::EINVAL } else { libc::ENOMEM });
+    }
+    // SAFETY: tt is ours; its attr is initialised, then given the app's stack size and guard, detached.
+    unsafe {
+        (&raw mut (*tt).func).write(core::mem::transmute::<usize, extern "C" fn(libc::sigval)>(func));
+        (&raw mut (*tt).value).write((*sev).sigev_value);
+        libc::pthread_attr_init(&raw mut (*tt).attr);
+        if !attrs.is_null() {
+            let mut n: libc::size_t = 0;
+            if libc::pthread_attr_getstacksize(attrs, &mut n) == 0 {
+                libc::pthread_attr_setstacksize(&raw mut (*tt).attr, n);
+            }
+            if libc::pthread_attr_getguardsize(attrs, &mut n) == 0 {
+                libc::pthread_attr_setguardsize(&raw mut (*tt).attr, n);
+            }
+        }
+        libc::pthread_attr_setdetachstate(&raw mut (*tt).attr, libc::PTHREAD_CREATE_DETACHED);
+    }
+    let Some(slot) = LIVE.iter().find(|l| l.compare_exchange(0, tt as usize, Ordering::AcqRel, Ordering::Relaxed).is_ok()) else {
+        // SAFETY: tt is ours and seen by nobody.
+        unsafe { libc::free(tt as *mut libc::c_void) };
+        return fail(libc::EAGAIN);
+    };
+    // As glibc: the CPU-time clocks of the calling process and thread by their kernel numbers.
+    let kclock = match clock {
+        libc::CLOCK_PROCESS_CPUTIME_ID => -6,
+        libc::CLOCK_THREAD_CPUTIME_ID => -2,
+        c => c,
+    };
+    let ksev = KSigevent { value: tt as u64, signo: SIGTIMER, notify: libc::SIGEV_SIGNAL | libc::SIGEV_THREAD_ID, tid, pad: [0; 11] };
+    let mut kid: c_int = 0;
+    // SAFETY: a valid sigevent and out-parameter.
+    let rc = unsafe { sys::syscall6(libc::SYS_timer_create, kclock as usize, &ksev as *const KSigevent as usize, &mut kid as *mut c_int as usize, 0, 0, 0) };
+    if rc < 0 {
+        slot.store(0, Ordering::Release);
+        // SAFETY: tt is ours; the kernel never got it.
+        unsafe { libc::free(tt as *mut libc::c_void) };
+        return fail(-rc as c_int);
+    }
+    // SAFETY: tt is ours; id is the app's out-parameter.
+    unsafe {
+        (*tt).ktimer = kid;
+        *id = kid as usize as libc::timer_t;
+    }
+    set_errno(saved);
+    0
+}
+
+/// timer_delete(2): a SIGEV_THREAD timer of the shim's is forgotten too.
+///
+/// # Safety
+/// As timer_delete(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn timer_delete(id: libc::timer_t) -> c_int {
+    // SAFETY: forwarded.
+    let r = unsafe { real::timer_delete()(id) };
+    if r == 0 {
+        for l in &LIVE {
+            let t = l.load(Ordering::Acquire);
+            // SAFETY: a live ThreadTimer; only this call frees it, after taking it out.
+            if t != 0 && unsafe { (*(t as *const ThreadTimer)).ktimer } as usize == id as usize && l.compare_exchange(t, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                // SAFETY: as above.
+                unsafe { libc::free(t as *mut libc::c_void) };
+            }
+        }
+    }
+    r
+}

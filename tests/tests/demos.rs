@@ -23,3 +23,8 @@ fn sqlite_transaction() {
 fn migrate_redis() {
     demo("migrate-redis");
 }
+
+#[test]
+fn bash_vim() {
+    demo("bash-vim");
+}
