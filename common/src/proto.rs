@@ -77,6 +77,8 @@ pub enum Msg {
     /// along; `more` says whether another follows.
     MemoryOf { pid: i32, more: bool },
     CheckpointDone { path: Option<String>, bytes: u64, millis: u64 },
+    /// A checkpoint's image has `bytes` so far, of about `total`.
+    Progress { bytes: u64, total: u64 },
     CheckpointFailed { why: String },
     /// vrun restore -> its filler: fill these runs of process `pid` through the userfaultfd that comes along;
     /// `init` is the job's init as this host numbers it (ending it ends the job, should filling fail).

@@ -14,7 +14,7 @@ img="$("$vrun" checkpoint calc --kill)"
 wait || true
 last="$(tail -1 "$out")"
 echo "   image: $img ($(du -h "$img" | cut -f1)); last line before: $last"
-"$vrun" inspect "$img" | sed -n '1,6p;/^threads/p;/total:/p'
+"$vrun" inspect "$img" | sed -n '1,/^size/p' | sed 's/^/   /'
 echo "== restore it (it goes on in the foreground until done)"
 "$vrun" restore --quiet "$img" > /dev/null
 echo "== check: every i from 0 to 119 exactly once, totals right"

@@ -38,12 +38,14 @@ pub struct Request {
     pub handoff: Option<OwnedFd>,
     /// What of the memory goes into the image (a migration's may leave some to the destination).
     pub pages: Pages,
+    /// The requester, told how far the image is while it is written (`Msg::Progress`).
+    pub progress: Option<OwnedFd>,
 }
 
 impl Request {
     /// A checkpoint to the job's directory, nothing more (an interval, a trigger signal).
     pub fn to_dir(kill: bool, reason: &'static str) -> Request {
-        Request { kill, dest: Dest::Dir, reason, bundle: false, tcp_established: false, handoff: None, pages: Pages::All }
+        Request { kill, dest: Dest::Dir, reason, bundle: false, tcp_established: false, handoff: None, pages: Pages::All, progress: None }
     }
 }
 
@@ -360,8 +362,23 @@ impl Supervisor {
         for (i, src) in data.iter().enumerate() {
             seq = w.data(seq, i as u32, src.as_raw_fd(), job.data[i].size).context("writing the image")?;
         }
+        // How far the image is, for a requester that watches: the size of its file, of about the job's anonymous
+        // memory (zero pages are left out, file pages counted in: an estimate).
+        let is_file = nix::sys::stat::fstat(&out).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+        let progress = req.progress.as_ref().filter(|_| is_file);
+        let total: u64 = match progress {
+            Some(_) => job::members(self.job.init)?.iter().map(|m| anonymous_bytes(m.host.as_raw())).sum(),
+            None => 0,
+        };
         for ((s, skip), reuse) in shims.iter().zip(skips).zip(reuse) {
             s.send(&Msg::Dump { first_seq: seq, skip: skip.clone(), reuse: reuse.clone(), lazy: req.pages == Pages::Lazy }, Some(out.as_raw_fd()))?;
+            if let Some(p) = progress {
+                let mut fds = [PollFd::new(s.conn.as_fd(), PollFlags::POLLIN)];
+                while poll(&mut fds, PollTimeout::from(250u16)).is_ok_and(|n| n == 0) {
+                    let bytes = nix::sys::stat::fstat(&out).map_or(0, |st| st.st_size as u64);
+                    let _ = proto::send(p.as_raw_fd(), &Msg::Progress { bytes, total }, None);
+                }
+            }
             seq = match s.recv()?.0 {
                 Msg::Dumped { error: None, next_seq, .. } => next_seq,
                 Msg::Dumped { error: Some(e), .. } => bail!("pid {}: {e}", s.pid),
@@ -488,6 +505,12 @@ fn handoff(conn: &OwnedFd, memory: Vec<(i32, File)>) -> Result<bool> {
         Ok(Some((Msg::Handoff { exit }, _))) => Ok(exit),
         _ => bail!("the migration went away before the handoff"),
     }
+}
+
+/// Process `host`'s anonymous memory (heap, stacks, pages copied on write), from /proc/PID/smaps_rollup.
+fn anonymous_bytes(host: i32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{host}/smaps_rollup")).unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix("Anonymous:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()).unwrap_or(0) * 1024
 }
 
 /// The memory a post-copy destination fetches after the job resumes: readable private anonymous regions

@@ -2,7 +2,8 @@
 
 use crate::runtime;
 use anyhow::{Result, anyhow, bail};
-use std::time::Instant;
+use crate::progress::{Progress, mib};
+use std::time::Duration;
 use vos::proto::{self, Msg};
 
 pub struct Args {
@@ -11,6 +12,7 @@ pub struct Args {
     /// A path, "-" for standard output, or None for the job's directory.
     pub to: Option<String>,
     pub quiet: bool,
+    pub json: bool,
     pub bundle: bool,
     pub tcp_established: bool,
 }
@@ -23,18 +25,30 @@ pub fn run(a: Args) -> Result<()> {
         None | Some("-") => None,
         Some(p) => Some(std::path::absolute(p)?.display().to_string()),
     };
-    let start = Instant::now();
-    proto::send(sock, &Msg::Checkpoint { kill: a.kill, to, fd_attached: to_stdout, bundle: a.bundle, tcp_established: a.tcp_established, handoff: false, pages: proto::Pages::All }, to_stdout.then_some(1))
-        .map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
-    let answer = proto::recv(sock);
+    let mut bar = Progress::new("checkpoint", a.quiet || a.json, Duration::from_secs(1));
+    let ask = Msg::Checkpoint { kill: a.kill, to, fd_attached: to_stdout, bundle: a.bundle, tcp_established: a.tcp_established, handoff: false, pages: proto::Pages::All };
+    proto::send(sock, &ask, to_stdout.then_some(1)).map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
+    let answer = loop {
+        match proto::recv(sock) {
+            Ok(Some((Msg::Progress { bytes, total }, _))) => bar.show(bytes, Some(total.max(bytes)), bytes, ""),
+            a => break a,
+        }
+    };
+    bar.done();
     let _ = vos::sys::close(sock);
+    let ms = bar.elapsed().as_millis();
     match answer {
         Ok(Some((Msg::CheckpointDone { path, .. }, _))) => {
-            let ms = start.elapsed().as_millis();
+            let bytes = path.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len());
+            if a.json {
+                println!("{}", serde_json::json!({"job": job.name, "image": path, "bytes": bytes, "millis": ms, "killed": a.kill}));
+                return Ok(());
+            }
             match path {
                 Some(p) => {
                     if !a.quiet {
-                        eprintln!("vrun: checkpoint of {} took {ms} ms", job.name);
+                        let size = bytes.map_or(String::new(), |b| format!(", {:.1} MiB", mib(b)));
+                        eprintln!("vrun: checkpoint of {} took {ms} ms{size}", job.name);
                     }
                     println!("{p}");
                 }

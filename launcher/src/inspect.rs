@@ -15,7 +15,8 @@ struct Report {
     summaries: Vec<ProcessSummary>,
 }
 
-pub fn run(src: &str, json: bool) -> Result<()> {
+/// `mappings`: list every mapping of every process (the report otherwise gives their totals).
+pub fn run(src: &str, json: bool, mappings: bool) -> Result<()> {
     let mut r = Reader::open(src)?;
     let header = r.header()?;
     let job = r.job()?;
@@ -30,7 +31,7 @@ pub fn run(src: &str, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
-        print_report(&rep);
+        print_report(&rep, mappings);
     }
     Ok(())
 }
@@ -49,7 +50,78 @@ fn prot(p: u32) -> String {
     format!("{}{}{}", f(libc::PROT_READ, 'r'), f(libc::PROT_WRITE, 'w'), f(libc::PROT_EXEC, 'x'))
 }
 
-fn print_report(rep: &Report) {
+/// What a process's memory came to in the image.
+#[derive(Default)]
+struct Memory {
+    stored: u64,
+    from_files: u64,
+    untouched: u64,
+    zero_pages: u64,
+}
+
+impl Memory {
+    fn line(&self) -> String {
+        format!(
+            "{} stored, {} mapped from files at restore, {} never touched, {} zero pages skipped",
+            size(self.stored),
+            size(self.from_files),
+            size(self.untouched),
+            self.zero_pages
+        )
+    }
+}
+
+/// One mapping: how it travels, and what it adds to the totals.
+fn mapping(r: &vos::image::Region, s: vos::image::RegionSummary, m: &mut Memory) -> String {
+    let len = r.end - r.start;
+    let stored = s.stored * 4096;
+    m.stored += stored;
+    m.zero_pages += s.zero;
+    match (&r.contents, r.kind) {
+        (_, RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock) => "kernel's, not stored".to_string(),
+        (Contents::File, _) => "shared file, data stays in the file".to_string(),
+        (Contents::Nothing, _) => "nothing to store".to_string(),
+        (Contents::Elsewhere, _) => "shared memory, stored with another process".to_string(),
+        (Contents::Pages, RegionKind::File) => {
+            m.from_files += len - stored;
+            format!("{} stored (copied on write), rest from the file", size(stored))
+        }
+        (Contents::Pages, _) => {
+            let untouched = len.saturating_sub((s.stored + s.zero) * 4096);
+            m.untouched += untouched;
+            if r.prot == 0 && s.stored == 0 {
+                "guard, nothing stored".to_string()
+            } else {
+                format!("{} stored, {} zero pages skipped, {} never touched", size(stored), s.zero, size(untouched))
+            }
+        }
+    }
+}
+
+/// A kind of open file, as the report counts them.
+fn kind_name(k: &FileKind) -> &'static str {
+    match k {
+        FileKind::Regular { .. } => "file",
+        FileKind::Dir { .. } => "directory",
+        FileKind::Device { .. } => "device",
+        FileKind::Terminal { .. } => "terminal",
+        FileKind::Outside { .. } => "stdio from outside",
+        FileKind::Pipe { .. } => "pipe",
+        FileKind::Socket { .. } => "unix socket",
+        FileKind::Inet { .. } => "TCP/UDP socket",
+        FileKind::PtyMaster { .. } | FileKind::PtySlave { .. } => "pseudo-terminal",
+        FileKind::SignalFd { .. } => "signalfd",
+        FileKind::EventFd { .. } => "eventfd",
+        FileKind::TimerFd { .. } => "timerfd",
+        FileKind::Epoll { .. } => "epoll",
+        FileKind::Inotify { .. } => "inotify",
+        FileKind::PidFd { .. } => "pidfd",
+        FileKind::Memory { .. } => "memfd or deleted file",
+        FileKind::Unknown => "unknown",
+    }
+}
+
+fn print_report(rep: &Report, mappings: bool) {
     let h = &rep.header;
     let when = crate::supervisor::timestamp_of(h.created_unix_ns / 1_000_000_000);
     println!("image      {} (format {})", rep.source, rep.format);
@@ -66,6 +138,26 @@ fn print_report(rep: &Report) {
     if let Some(t) = &job.terminal {
         println!("terminal   {}x{}, foreground group {}", t.cols, t.rows, if t.foreground == 0 { "outside the job".into() } else { t.foreground.to_string() });
     }
+    let mut all = Memory::default();
+    for (p, sum) in job.processes.iter().zip(&rep.summaries) {
+        for (i, r) in p.regions.iter().enumerate() {
+            mapping(r, sum.regions.get(i).copied().unwrap_or_default(), &mut all);
+        }
+    }
+    println!("memory     {}", all.line());
+    let mut kinds: Vec<(&str, usize)> = vec![];
+    for f in job.processes.iter().flat_map(|p| &p.fds) {
+        let k = kind_name(&job.files[f.file as usize].kind);
+        match kinds.iter_mut().find(|(n, _)| *n == k) {
+            Some(e) => e.1 += 1,
+            None => kinds.push((k, 1)),
+        }
+    }
+    let by_kind: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    println!("fds        {} ({} open files): {}", kinds.iter().map(|k| k.1).sum::<usize>(), job.files.len(), by_kind.join(", "));
+    let pages: u64 = rep.summaries.iter().map(|s| s.bytes).sum();
+    let data: u64 = job.data.iter().map(|d| d.stored).sum();
+    println!("size       {} of memory pages, {} of file contents", size(pages), size(data));
     if !job.pipes.is_empty() || !job.sockets.is_empty() || !job.shared_memory.is_empty() {
         println!(
             "shared     {} pipes ({} bytes in flight), {} sockets ({} queued), {} shared memory objects",
@@ -106,30 +198,20 @@ fn print_report(rep: &Report) {
                 if t.pending.is_empty() { String::new() } else { format!(" {} pending", t.pending.len()) }
             );
         }
-        let (mut stored, mut file, mut zero) = (0u64, 0u64, 0u64);
-        println!("memory     {} mappings", p.regions.len());
-        for (i, r) in p.regions.iter().enumerate() {
-            let s = sum.regions.get(i).copied().unwrap_or_default();
-            let len = r.end - r.start;
-            let how = match (&r.contents, r.kind) {
-                (_, RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock) => "kernel's, not stored".to_string(),
-                (Contents::File, _) => "shared file, data stays in the file".to_string(),
-                (Contents::Nothing, _) => "nothing to store".to_string(),
-                (Contents::Elsewhere, _) => "shared memory, stored with another process".to_string(),
-                (Contents::Pages, RegionKind::File) => {
-                    file += len - s.stored * 4096;
-                    format!("{} stored (copied on write), rest from the file", size(s.stored * 4096))
-                }
-                (Contents::Pages, _) if r.prot == 0 && s.stored == 0 => "guard, nothing stored".to_string(),
-                (Contents::Pages, _) => {
-                    format!("{} stored, {} zero pages skipped, {} never touched", size(s.stored * 4096), s.zero, size(len - (s.stored + s.zero) * 4096))
-                }
-            };
-            stored += s.stored * 4096;
-            zero += s.zero;
-            println!("  {:#014x}-{:#014x} {:>9} {} {:<28} {}", r.start, r.end, size(len), prot(r.prot), trim(&r.name, 28), how);
+        let mut m = Memory::default();
+        let lines: Vec<String> = p
+            .regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let how = mapping(r, sum.regions.get(i).copied().unwrap_or_default(), &mut m);
+                format!("  {:#014x}-{:#014x} {:>9} {} {:<28} {how}", r.start, r.end, size(r.end - r.start), prot(r.prot), trim(&r.name, 28))
+            })
+            .collect();
+        println!("memory     {} mappings: {}", p.regions.len(), m.line());
+        if mappings {
+            lines.iter().for_each(|l| println!("{l}"));
         }
-        println!("  total: {} stored, {} mapped from files, {} zero pages skipped", size(stored), size(file), zero);
         println!("fds        {}", p.fds.len());
         for f in &p.fds {
             let o = &job.files[f.file as usize];

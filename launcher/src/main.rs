@@ -17,6 +17,7 @@ mod job;
 mod migrate;
 mod ns;
 mod precopy;
+mod progress;
 mod restore;
 mod runtime;
 mod serve;
@@ -163,6 +164,9 @@ enum Cmd {
         /// Print only the image's path (and errors)
         #[arg(long, short)]
         quiet: bool,
+        /// Print a JSON summary on stdout (job, image, bytes, millis) instead of the path
+        #[arg(long, conflicts_with = "quiet")]
+        json: bool,
     },
     /// Restore a job from an image and supervise it in the foreground
     #[command(after_help = "IMAGE is an image file, a directory (its newest complete image), or - (standard input).\n\nExamples:\n  vrun restore /tmp/imgs/calc-20261122-101500-1.vimg\n  vrun restore /tmp/imgs\n  ssh src vrun checkpoint calc --kill --to - | vrun restore -")]
@@ -257,6 +261,9 @@ output in DIR/NAME.log.\n\nExample:\n  head -c 32 /dev/urandom > /etc/vos/key   
         /// Machine-readable output
         #[arg(long)]
         json: bool,
+        /// List every mapping of every process, with how it travels
+        #[arg(long)]
+        mappings: bool,
     },
 }
 
@@ -290,15 +297,15 @@ fn main() {
         None => launch(cli.run),
         Some(Cmd::Run(a)) => launch(a),
         Some(Cmd::List) => list(),
-        Some(Cmd::Checkpoint { name, kill, to, bundle, tcp_established, quiet }) => {
-            client::run(client::Args { name, kill, to, quiet, bundle, tcp_established })
+        Some(Cmd::Checkpoint { name, kill, to, bundle, tcp_established, quiet, json }) => {
+            client::run(client::Args { name, kill, to, quiet, json, bundle, tcp_established })
         }
         Some(Cmd::Restore { image, job, rebind, report_fd, bases, fill_fd }) => restore_cmd(image, job, rebind, report_fd, bases, fill_fd),
         Some(Cmd::Migrate { name, to, key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, lazy, quiet, json }) => {
             migrate::run(migrate::Args { name, to, key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, lazy, quiet, json })
         }
         Some(Cmd::Serve { listen, key, dir }) => serve::run(serve::Args { listen, key, dir }),
-        Some(Cmd::Inspect { image, json }) => inspect::run(&image, json),
+        Some(Cmd::Inspect { image, json, mappings }) => inspect::run(&image, json, mappings),
         Some(Cmd::Completions { shell }) => {
             clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "vrun", &mut std::io::stdout());
             Ok(())

@@ -10,11 +10,11 @@
 
 use crate::address::{self, Address};
 use crate::channel::{self, Channel, Kind, MAX_FRAME, PageHead};
+use crate::progress::mib;
 use crate::runtime;
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::{Deserialize, Serialize};
-use std::io::{IsTerminal, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -48,12 +48,9 @@ pub struct Args {
     pub json: bool,
 }
 
-/// Progress on stderr: a line rewritten in place on a terminal, a line a second otherwise.
+/// What went so far, shown as it goes.
 struct Progress {
-    on: bool,
-    tty: bool,
-    start: Instant,
-    last: Instant,
+    bar: crate::progress::Progress,
     /// The round being sent (the last one is the final, stopped one), and its size when known.
     round: u32,
     planned: Option<u64>,
@@ -62,26 +59,8 @@ struct Progress {
 
 impl Progress {
     fn show(&mut self, round_bytes: u64) {
-        let total = self.total;
-        if !self.on || self.last.elapsed() < Duration::from_millis(if self.tty { 100 } else { 1000 }) {
-            return;
-        }
-        self.last = Instant::now();
-        let secs = self.start.elapsed().as_secs_f64().max(1e-3);
-        let rate = total as f64 / secs;
-        let eta = match self.planned {
-            Some(p) if p > round_bytes => format!(", round done in {:.1} s", (p - round_bytes) as f64 / rate.max(1.0)),
-            _ => String::new(),
-        };
-        let of = self.planned.map_or(String::new(), |p| format!(" of {:.1}", mib(p)));
-        let line = format!("vrun: migrate: round {}: {:.1}{of} MiB, {:.1} MiB in all, {:.0} MiB/s{eta}", self.round, mib(round_bytes), mib(total), rate / (1 << 20) as f64);
-        let mut e = std::io::stderr();
-        let _ = if self.tty { write!(e, "\r{line}\x1b[K") } else { writeln!(e, "{line}") };
-    }
-    fn done(&self) {
-        if self.on && self.tty {
-            eprintln!();
-        }
+        let note = format!(" (round {}, {:.1} MiB in all)", self.round, mib(self.total));
+        self.bar.show(round_bytes, self.planned, self.total, &note);
     }
 }
 
@@ -185,10 +164,6 @@ fn send_wanted(ch: &mut Channel, want: &[u8], memory: &[(i32, std::fs::File)]) -
     Ok(sent)
 }
 
-fn mib(b: u64) -> f64 {
-    b as f64 / (1 << 20) as f64
-}
-
 pub fn run(a: Args) -> Result<()> {
     let job = runtime::find(a.name.as_deref())?;
     let key = channel::key(a.key.as_deref())?;
@@ -205,8 +180,8 @@ pub fn run(a: Args) -> Result<()> {
         // SAFETY: a fresh fd from connect, ours alone.
         Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     };
-    let t = Instant::now();
-    let mut progress = Progress { on: !a.quiet && !a.json, tty: std::io::stderr().is_terminal(), start: t, last: t, round: 0, planned: None, total: 0 };
+    let bar = crate::progress::Progress::new("migrate", a.quiet || a.json, Duration::ZERO);
+    let mut progress = Progress { bar, round: 0, planned: None, total: 0 };
     let mut rounds: Vec<u64> = vec![];
 
     // Live: memory goes over while the job runs, then again what it wrote meanwhile, until little changes.
@@ -253,9 +228,12 @@ pub fn run(a: Args) -> Result<()> {
     rounds.extend(last);
     let memory = if a.lazy { memory_of(&sup)? } else { vec![] };
     ch.send(Kind::End, &[])?;
-    progress.done();
+    progress.bar.done();
     ch.stream.set_read_timeout(Some(Duration::from_secs(300)))?;
     let mut downtime = None;
+    // Post-copy: the pages the destination pulls make one more round.
+    progress.round = rounds.len() as u32;
+    progress.planned = None;
     let mut answer = || -> Result<String> {
         let mut frame = vec![];
         let mut running: Option<String> = None;
@@ -271,7 +249,12 @@ pub fn run(a: Args) -> Result<()> {
                     downtime = Some(paused.elapsed());
                     running = Some(String::from_utf8_lossy(&frame).into_owned());
                 }
-                Kind::Want => pages += send_wanted(&mut ch, &frame, &memory)?,
+                Kind::Want => {
+                    let n = send_wanted(&mut ch, &frame, &memory)?;
+                    pages += n;
+                    progress.total += n;
+                    progress.show(pages);
+                }
                 Kind::Filled if running.is_some() => {
                     rounds.push(pages);
                     return Ok(running.take().unwrap());
@@ -281,7 +264,9 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
     };
-    let there = match answer() {
+    let answered = answer();
+    progress.bar.done();
+    let there = match answered {
         Ok(t) => t,
         Err(e) => {
             let _ = proto::send(sup.as_raw_fd(), &Msg::Handoff { exit: false }, None);

@@ -10,6 +10,7 @@
 
 use crate::imagefile::Reader;
 use crate::ns::{self, Child, ClockOffsets};
+use crate::progress::Progress;
 use crate::supervisor::{self, Options, Supervisor};
 use crate::{bundle, files, host, identity, job, runtime, sysv, terminal, vdso};
 use anyhow::{Context, Result, anyhow, bail};
@@ -189,10 +190,12 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         e
     };
 
+    // How far the restorers read the image (a file: they share its offset), shown while they do.
+    let mut image_read = ImageRead::new(r.raw_fd(), a.quiet);
     // Every process reports once its memory is back (or why it failed), then once fds, signals and threads are.
     let mut last_seq = 0;
     for (i, c) in ctls.iter().enumerate() {
-        let report = wait_report(c, &started.status, job.processes[i].pid).map_err(fail)?;
+        let report = wait_report(c, &started.status, job.processes[i].pid, &mut || image_read.show()).map_err(fail)?;
         last_seq = last_seq.max(report.next_seq);
         if report.lazy_runs > 0 {
             let (uffd, runs) = lazy_runs(c).map_err(fail)?;
@@ -211,6 +214,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         // SAFETY: the fds were handed to this process for the restore alone, and it is done with them.
         drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
     }
+    image_read.bar.done();
     phases.mark("memory restored");
     for (i, c) in ctls.iter().enumerate() {
         match proto::recv(c.as_raw_fd()) {
@@ -284,10 +288,33 @@ fn lazy_runs(ctl: &OwnedFd) -> Result<(OwnedFd, Vec<(u64, u64)>)> {
 }
 
 /// Wait for a restorer's report on `ctl`, noticing if the job died instead.
-fn wait_report(ctl: &OwnedFd, status: &File, pid: i32) -> Result<plan::RestorerReport> {
+/// Progress of the restorers through an image file.
+struct ImageRead {
+    bar: Progress,
+    fd: RawFd,
+    size: Option<u64>,
+}
+
+impl ImageRead {
+    fn new(fd: RawFd, quiet: bool) -> ImageRead {
+        let size = nix::sys::stat::fstat(unsafe_borrow(fd)).ok().filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG).map(|st| st.st_size as u64);
+        ImageRead { bar: Progress::new("restore", quiet, std::time::Duration::from_secs(1)), fd, size }
+    }
+
+    fn show(&mut self) {
+        if self.size.is_some() {
+            let at = nix::unistd::lseek(unsafe_borrow(self.fd), 0, nix::unistd::Whence::SeekCur).map_or(0, |o| o as u64);
+            self.bar.show(at, self.size, at, "");
+        }
+    }
+}
+
+/// Wait for a restorer's report; `tick` is called every quarter second meanwhile.
+fn wait_report(ctl: &OwnedFd, status: &File, pid: i32, tick: &mut dyn FnMut()) -> Result<plan::RestorerReport> {
     loop {
         let mut fds = [PollFd::new(ctl.as_fd(), PollFlags::POLLIN), PollFd::new(status.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::NONE) {
+        match poll(&mut fds, PollTimeout::from(250u16)) {
+            Ok(0) => tick(),
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => bail!("poll: {e}"),
         }

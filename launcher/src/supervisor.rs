@@ -226,9 +226,13 @@ impl Supervisor {
                     (Some(p), _, _) => Dest::Path(PathBuf::from(p)),
                     _ => Dest::Dir,
                 };
-                let handoff = if handoff { Some(conn.try_clone().expect("dup")) } else { None };
+                // A migration's client shows its own progress; a checkpoint's is told how far the image is.
+                let (handoff, progress) = match handoff {
+                    true => (Some(conn.try_clone().expect("dup")), None),
+                    false => (None, conn.try_clone().ok()),
+                };
                 let reason = if handoff.is_some() { "migration" } else { "request" };
-                let req = Request { kill, dest, reason, bundle, tcp_established, handoff, pages };
+                let req = Request { kill, dest, reason, bundle, tcp_established, handoff, pages, progress };
                 let start = Instant::now();
                 let answer = match self.checkpoint(req, None) {
                     Ok(path) => Msg::CheckpointDone { path, bytes: 0, millis: start.elapsed().as_millis() as u64 },

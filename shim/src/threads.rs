@@ -211,7 +211,7 @@ pub fn park_all(timeout_ns: u64) -> Result<Parked, String> {
                 let t = *t;
                 release_all();
                 let waits = procfs::read_string(&format!("/proc/self/task/{t}/syscall")).is_ok_and(|s| s.starts_with("128 "));
-                let what = if waits { ", waiting in sigtimedwait: glibc's helper thread for SIGEV_THREAD timers (timer_create)" } else { "" };
+                let what = if waits { ", waiting in sigtimedwait (a library's helper thread, such as glibc's for mq_notify with SIGEV_THREAD)" } else { "" };
                 return Err(format!("thread {t} ({}) blocks every signal{what}: such a thread is not supported yet", comm(t)));
             }
         }

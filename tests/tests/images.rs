@@ -79,8 +79,15 @@ fn inspect_reports_and_json() {
     let (img, _) = good_image(&w);
     let (st, text, err) = run_vrun(&["inspect", &img]);
     assert!(st.success(), "{err}");
-    for want in ["process    pid 2", "threads    1", "[heap]", "[stack]", "[vdso]", "kernel's, not stored", "stored", "fds"] {
+    // A report: the host, the tree, memory and fds of the whole job by kind, then each process.
+    for want in ["host       ", "tree       1 processes", "memory     ", "mapped from files", "never touched", "fds        ", "process    pid 2", "threads    1"] {
         assert!(text.contains(want), "inspect lacks {want:?}:\n{text}");
+    }
+    assert!(!text.contains("[heap]"), "the report lists every mapping without --mappings");
+    let (st, text, err) = run_vrun(&["inspect", "--mappings", &img]);
+    assert!(st.success(), "{err}");
+    for want in ["[heap]", "[stack]", "[vdso]", "kernel's, not stored", "stored"] {
+        assert!(text.contains(want), "inspect --mappings lacks {want:?}:\n{text}");
     }
     let (st, json, err) = run_vrun(&["inspect", "--json", &img]);
     assert!(st.success(), "{err}");
