@@ -166,32 +166,38 @@ fn destination_killed_mid_transfer_leaves_the_job_running() {
     drop(job);
 }
 
-#[test]
-fn migrate_killed_mid_transfer_leaves_the_job_running() {
-    let w = Work::new("migrate-cut");
-    let k = key(&w, "key");
-    let net = net(2, &w, &k);
-    // 768 MiB of memory to send: the transfer takes long enough to be cut.
-    let (job, name) = counter_on(&net.hosts[0], &w, 768);
+/// A counter holding 768 MiB (a transfer long enough to be cut) on host 0 is migrated to host 1 with `args`, and
+/// `vrun migrate` is killed once host 1's serve log says `when`: the job goes on where it was, memory and
+/// counter intact, on the same connection.
+fn migrate_cut(w: &Work, args: &[&str], when: &str) -> (Net, Running, String) {
+    let k = key(w, "key");
+    let net = net(2, w, &k);
+    let (job, name) = counter_on(&net.hosts[0], w, 768);
     let mut c = LineClient::connect(&format!("{}:{PORT}", net.hosts[0].ip));
     assert_eq!(c.inc(), 1);
     let sum = c.ask("sum").unwrap();
-    // The job is stopped while its image streams; the migration dies in the middle of it.
     let mut m = net.hosts[0].vrun();
-    m.args(["migrate", &name, "--to", &net.hosts[1].serve_addr(), "--stop-and-copy", "--key"]).arg(&k);
+    m.args(["migrate", &name, "--to", &net.hosts[1].serve_addr(), "--key"]).arg(&k).args(args);
     let mut m = m.spawn().unwrap();
     let t = Instant::now();
-    while !net.hosts[1].serve_log().contains("receiving job") {
-        assert!(t.elapsed() < Duration::from_secs(20), "the transfer did not start");
+    while !net.hosts[1].serve_log().contains(when) {
+        assert!(t.elapsed() < Duration::from_secs(20), "no {when:?} at the destination: {}", net.hosts[1].serve_log());
         std::thread::sleep(Duration::from_millis(2));
     }
     std::thread::sleep(Duration::from_millis(50));
     m.kill().unwrap();
     m.wait().unwrap();
-    // The job goes on where it was, memory and counter intact, on the same connection; nothing runs at the
-    // destination (its restore refused the cut image).
     assert_eq!(c.inc(), 2, "the job did not go on");
     assert_eq!(c.ask("sum").unwrap(), sum, "the job's memory changed");
+    (net, job, name)
+}
+
+#[test]
+fn migrate_killed_mid_transfer_leaves_the_job_running() {
+    // The job is stopped while its image streams; the migration dies in the middle of it. Nothing runs at the
+    // destination (its restore refused the cut image).
+    let w = Work::new("migrate-cut");
+    let (net, job, name) = migrate_cut(&w, &["--stop-and-copy"], "receiving job");
     let t = Instant::now();
     while !net.hosts[1].serve_log().contains("went away") {
         assert!(t.elapsed() < Duration::from_secs(20), "the destination did not notice: {}", net.hosts[1].serve_log());
@@ -380,28 +386,9 @@ fn lazy_fills_memory_the_job_forks_moves_and_zaps_meanwhile() {
 
 #[test]
 fn lazy_migration_cut_after_the_job_ran_there_leaves_it_here() {
+    // Cut while the destination's copy runs and still pulls its memory: that copy, missing memory, ends.
     let w = Work::new("migrate-lazycut");
-    let k = key(&w, "key");
-    let net = net(2, &w, &k);
-    // 768 MiB to pull: the migration is cut while the destination's copy runs and still pulls.
-    let (job, name) = counter_on(&net.hosts[0], &w, 768);
-    let mut c = LineClient::connect(&format!("{}:{PORT}", net.hosts[0].ip));
-    assert_eq!(c.inc(), 1);
-    let sum = c.ask("sum").unwrap();
-    let mut m = net.hosts[0].vrun();
-    m.args(["migrate", &name, "--to", &net.hosts[1].serve_addr(), "--lazy", "--key"]).arg(&k);
-    let mut m = m.spawn().unwrap();
-    let t = Instant::now();
-    while !net.hosts[1].serve_log().contains("runs here") {
-        assert!(t.elapsed() < Duration::from_secs(20), "the job never ran at the destination: {}", net.hosts[1].serve_log());
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    m.kill().unwrap();
-    m.wait().unwrap();
-    // The source's copy goes on, memory and counter intact, on the same connection; the destination's copy,
-    // missing memory, ends.
-    assert_eq!(c.inc(), 2, "the job did not go on");
-    assert_eq!(c.ask("sum").unwrap(), sum, "the job's memory changed");
+    let (net, job, name) = migrate_cut(&w, &["--lazy"], "runs here");
     let t = Instant::now();
     while job_pid(&format!("{name}-2")) != 0 {
         assert!(t.elapsed() < Duration::from_secs(20), "the destination's copy, missing memory, still runs");
