@@ -28,3 +28,13 @@ fn migrate_redis() {
 fn bash_vim() {
     demo("bash-vim");
 }
+
+#[test]
+fn python_numpy() {
+    demo("python-numpy");
+}
+
+#[test]
+fn python_repl() {
+    demo("python-repl");
+}
