@@ -38,3 +38,13 @@ fn python_numpy() {
 fn python_repl() {
     demo("python-repl");
 }
+
+#[test]
+fn java_threads() {
+    demo("java-threads");
+}
+
+#[test]
+fn make_project() {
+    demo("make-project");
+}
