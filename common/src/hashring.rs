@@ -82,6 +82,9 @@ pub struct Ring {
     stack: UnsafeCell<Stack>,
     /// Jobs submitted, hashed, and released (whose slot may be filled again); futex words.
     produced: AtomicU32,
+    /// Rung by every submit and by `finish`: the word the hashing thread sleeps on. (Sleeping on `produced`
+    /// would miss a stop asked for between its last look and its sleep: `produced` does not change then.)
+    doorbell: AtomicU32,
     hashed: AtomicU32,
     released: AtomicU32,
     stop: AtomicU32,
@@ -102,6 +105,7 @@ impl Ring {
             slots: UnsafeCell::new([Job::EMPTY; SLOTS]),
             stack: UnsafeCell::new(Stack([0; STACK])),
             produced: AtomicU32::new(0),
+            doorbell: AtomicU32::new(0),
             hashed: AtomicU32::new(0),
             released: AtomicU32::new(0),
             stop: AtomicU32::new(0),
@@ -173,8 +177,13 @@ impl Ring {
             return p;
         }
         self.produced.fetch_add(1, Ordering::AcqRel);
-        let _ = sys::futex_wake(&self.produced, 1);
+        self.ring();
         p
+    }
+
+    fn ring(&self) {
+        self.doorbell.fetch_add(1, Ordering::AcqRel);
+        let _ = sys::futex_wake(&self.doorbell, 1);
     }
 
     fn process(&self, i: u32) {
@@ -220,7 +229,7 @@ impl Ring {
         let p = self.produced.load(Ordering::Acquire);
         Self::wait(&self.hashed, || self.hashed.load(Ordering::Acquire) >= p);
         self.stop.store(1, Ordering::Release);
-        let _ = sys::futex_wake(&self.produced, 1);
+        self.ring();
         let tid = self.tid.load(Ordering::Acquire);
         loop {
             let t = self.tid.load(Ordering::Acquire);
@@ -253,12 +262,14 @@ extern "C" fn worker(ring: usize) -> ! {
     // SAFETY: `start` passes a pointer to a static Ring.
     let ring = unsafe { &*(ring as *const Ring) };
     loop {
+        // Read before looking: a submit or stop after the look rings it, and the sleep returns at once.
+        let bell = ring.doorbell.load(Ordering::Acquire);
         let (p, h) = (ring.produced.load(Ordering::Acquire), ring.hashed.load(Ordering::Acquire));
         if h == p {
             if ring.stop.load(Ordering::Acquire) != 0 {
                 sys::exit_thread(0);
             }
-            let _ = sys::futex_wait(&ring.produced, p, None);
+            let _ = sys::futex_wait(&ring.doorbell, bell, None);
             continue;
         }
         ring.process(h);

@@ -142,6 +142,8 @@ enum Cmd {
     /// Run PROGRAM under vOS (the default when the first word is not a command)
     Run(RunArgs),
     /// List running jobs
+    #[command(after_help = "Each job's name, the pid of its main process on this host, when it started, and its program; \
+the names are what `vrun checkpoint` and `vrun migrate` take.\n\nExample:\n  vrun list")]
     List,
     /// Checkpoint a running job; prints the image's path
     #[command(after_help = "Examples:\n  vrun checkpoint calc\n  vrun checkpoint calc --kill --to /tmp/calc.vimg\n  vrun checkpoint calc --kill --to - | ssh other vrun restore -")]
@@ -255,6 +257,8 @@ output in DIR/NAME.log.\n\nExample:\n  head -c 32 /dev/urandom > /etc/vos/key   
     #[command(after_help = "Example:\n  vrun man > /usr/local/share/man/man1/vrun.1 && man vrun")]
     Man,
     /// Describe what an image holds (and verify it)
+    #[command(after_help = "A report: the host it was taken on, the process tree, memory (stored, mapped from files, never touched) \
+and fds of the whole job by kind, then each process. Reading it checks every chunk's checksum.\n\nExamples:\n  vrun inspect /tmp/imgs/calc-20261122-101500-1.vimg\n  vrun inspect /tmp/imgs --mappings\n  vrun inspect IMAGE --json | jq .job.processes[].pid")]
     Inspect {
         /// Image file, directory, or - for standard input
         image: String,

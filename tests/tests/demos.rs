@@ -4,8 +4,15 @@
 use vos_tests::*;
 
 fn demo(name: &str) {
-    let o = std::process::Command::new(repo().join("examples").join(name).join("run.sh")).env("VOS_BIN", bin_dir()).output().unwrap();
+    // A demo that hangs fails after 5 minutes instead of holding the suite.
+    let o = std::process::Command::new("timeout")
+        .args(["-k", "10", "300"])
+        .arg(repo().join("examples").join(name).join("run.sh"))
+        .env("VOS_BIN", bin_dir())
+        .output()
+        .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
+    assert_ne!(o.status.code(), Some(124), "the {name} demo did not finish within 300 s: {out}");
     assert!(o.status.success() && out.contains("== ok"), "the {name} demo failed: {out}\n{}", String::from_utf8_lossy(&o.stderr));
 }
 
