@@ -57,7 +57,7 @@ pub fn run(a: Args) -> Result<()> {
             }
             Ok(())
         }
-        Ok(Some((Msg::CheckpointFailed { why }, _))) => bail!("checkpoint of {} failed: {why}", job.name),
+        Ok(Some((Msg::CheckpointFailed { why }, _))) => bail!("checkpoint of {} failed: {why}; the job goes on untouched", job.name),
         Ok(_) => bail!("the supervisor of {} went away", job.name),
         Err(e) => bail!("talking to the supervisor: {e}"),
     }

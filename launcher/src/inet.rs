@@ -329,7 +329,7 @@ impl Capture {
             match info.state {
                 TCP_CLOSE => InetState::Open,
                 TCP_LISTEN if info.unacked > 0 && self.established => {
-                    bail!("TCP listener {}: {} connections wait to be accepted: not supported yet", fmt(&local), info.unacked)
+                    bail!("TCP listener {}: {} connections wait to be accepted: not supported yet (try again once the app has accepted them)", fmt(&local), info.unacked)
                 }
                 TCP_LISTEN => InetState::Listening { backlog: info.sacked },
                 st => {

@@ -152,12 +152,12 @@ impl Capture {
             return Ok(None);
         }
         if d.pending > 0 {
-            bail!("a connection waits to be accepted on a listening unix socket: not supported yet");
+            bail!("a connection waits to be accepted on a listening unix socket: not supported yet (try again once the app has accepted it)");
         }
         let sock = grab(host, fd)?;
         let queue = peek_queue(sock.as_raw_fd(), d.kind)?;
         if d.kind == libc::SOCK_DGRAM && d.peer == 0 && !queue.is_empty() {
-            bail!("an unconnected datagram socket holds messages: not supported yet");
+            bail!("an unconnected datagram socket holds messages: not supported yet (try again once the app has read them)");
         }
         let get = |opt| getsockopt_int(sock.as_raw_fd(), opt).max(0) as u32;
         job.sockets.push(SocketImage {
@@ -236,7 +236,7 @@ fn peek_queue(fd: RawFd, kind: i32) -> Result<Vec<ByteBuf>> {
             break if e.raw_os_error() == Some(libc::EAGAIN) { Ok(()) } else { Err(anyhow!("peeking a socket queue: {e}")) };
         }
         if msg.msg_controllen > 0 {
-            break Err(anyhow!("fds or credentials in flight on a unix socket: not supported yet"));
+            break Err(anyhow!("fds or credentials in flight on a unix socket: not supported yet (try again once the peer has received them)"));
         }
         if msg.msg_flags & libc::MSG_TRUNC != 0 {
             break Err(anyhow!("a message in flight is larger than 1 MiB"));
