@@ -18,17 +18,12 @@ echo "   $expected"
 echo "== the same program under vrun (job '$name', images in $work)"
 (cd "$work" && exec "$vrun" --quiet --name "$name" --dir "$work" "${prog[@]}") > "$work/out.txt" 2>&1 &
 job=$!
-until grep -q "^progress $((tasks * 3 / 10))/" "$work/out.txt" 2>/dev/null; do
-    kill -0 $job 2>/dev/null || { echo "the job ended early:"; cat "$work/out.txt"; exit 1; }
-    sleep 0.1
-done
+wait_until $job grep -q "^progress $((tasks * 3 / 10))/" "$work/out.txt" || { cat "$work/out.txt"; exit 1; }
 echo "== checkpoint and kill it mid-way"
-img="$("$vrun" checkpoint "$name" --kill --quiet)"
-rc=0; wait $job || rc=$?
-[ $rc = 75 ] || { echo "vrun exited $rc, not 75 (checkpointed and stopped)"; cat "$work/out.txt"; exit 1; }
+checkpoint_kill "$name" $job || { cat "$work/out.txt"; exit 1; }
 ! grep -q '^result' "$work/out.txt" || { echo "the program was done before the checkpoint"; exit 1; }
 echo "   image: $img ($(du -h "$img" | cut -f1)); last line before: $(tail -1 "$work/out.txt")"
-"$vrun" inspect "$img" | grep -E '^threads|pool-1-thread|total:' | sed 's/^ */   /'
+"$vrun" inspect "$img" | grep -E '^(threads|memory)|pool-1-thread' | sed 's/^ */   /'
 echo "== restore it (it goes on in the foreground until done)"
 "$vrun" restore --quiet "$img" > /dev/null
 got="$(grep '^result' "$work/out.txt")" || { echo "no result after the restore:"; tail -5 "$work/out.txt"; exit 1; }

@@ -31,14 +31,10 @@ echo "== make -j2 under vrun (job '$name')"
 objs() { find "$src" -name '*.o' | wc -l; }
 (cd "$src" && exec "$vrun" --quiet --name "$name" --dir "$work" make -j2) > "$work/make.log" 2>&1 &
 job=$!
-until [ "$(objs)" -ge 6 ]; do
-    kill -0 $job 2>/dev/null || { echo "make ended before the checkpoint:"; tail "$work/make.log"; exit 1; }
-    sleep 0.05
-done
+enough() { [ "$(objs)" -ge 6 ]; }
+wait_until $job enough || { tail "$work/make.log"; exit 1; }
 echo "== checkpoint and kill the whole build mid-way ($(objs) of $total objects so far)"
-img="$("$vrun" checkpoint "$name" --kill --quiet)"
-rc=0; wait $job || rc=$?
-[ $rc = 75 ] || { echo "vrun exited $rc, not 75 (checkpointed and stopped)"; tail "$work/make.log"; exit 1; }
+checkpoint_kill "$name" $job || { tail "$work/make.log"; exit 1; }
 [ ! -e "$src/hello" ] || { echo "the build was done before the checkpoint"; exit 1; }
 "$vrun" inspect "$img" | sed -n '/^tree/,/^shared/p' | sed 's/^ */   /'
 echo "== restore it (make goes on in the foreground until done)"

@@ -24,13 +24,9 @@ job="numpy-$$"
 echo "== python3 + numpy $("$py" -c 'import numpy; print(numpy.__version__)') under vrun (job $job, $steps steps)"
 "$vrun" --quiet --name "$job" --dir "$work" "$py" "$here/sim.py" $steps > "$out" 2>&1 &
 pid=$!
-until grep -q "^step 50/" "$out" 2>/dev/null; do
-    kill -0 $pid 2>/dev/null || { echo "the job ended before step 50:"; cat "$out"; exit 1; }
-    sleep 0.1
-done
+wait_until $pid grep -q "^step 50/" "$out" || { cat "$out"; exit 1; }
 echo "== checkpoint and kill it midway"
-img="$("$vrun" checkpoint "$job" --kill --quiet)"
-wait || true
+checkpoint_kill "$job" $pid || { cat "$out"; exit 1; }
 echo "   image: $img ($(du -h "$img" | cut -f1)); last line before: $(grep '^step' "$out" | tail -1)"
 "$vrun" inspect "$img" | grep -E '^(tree|  [0-9]+ python3)' | sed 's/^/   /'
 echo "== the same computation natively, uninterrupted (for the reference result)"
