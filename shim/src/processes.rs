@@ -99,7 +99,7 @@ fn fix_environ() {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
     // SAFETY: forwarded with an environment that keeps the shim.
-    unsafe { real::execve()(path, argv, with_job_env(envp)) }
+    crate::signals::around_exec(|| unsafe { real::execve()(path, argv, with_job_env(envp)) })
 }
 
 /// Called by the C execl/execle.
@@ -129,7 +129,7 @@ pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
     // SAFETY: forwarded with an environment that keeps the shim.
-    unsafe { real::execvpe()(file, argv, with_job_env(envp)) }
+    crate::signals::around_exec(|| unsafe { real::execvpe()(file, argv, with_job_env(envp)) })
 }
 
 /// Called by the C execlp.
@@ -159,7 +159,7 @@ pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char)
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
     // SAFETY: forwarded with an environment that keeps the shim.
-    unsafe { real::fexecve()(fd, argv, with_job_env(envp)) }
+    crate::signals::around_exec(|| unsafe { real::fexecve()(fd, argv, with_job_env(envp)) })
 }
 
 /// execveat(2).
@@ -169,7 +169,7 @@ pub unsafe extern "C" fn fexecve(fd: c_int, argv: *const *const c_char, envp: *c
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn execveat(dirfd: c_int, path: *const c_char, argv: *const *const c_char, envp: *const *const c_char, flags: c_int) -> c_int {
     // SAFETY: forwarded with an environment that keeps the shim.
-    unsafe { real::execveat()(dirfd, path, argv, with_job_env(envp), flags) }
+    crate::signals::around_exec(|| unsafe { real::execveat()(dirfd, path, argv, with_job_env(envp), flags) })
 }
 
 /// posix_spawn(3).
@@ -186,7 +186,7 @@ pub unsafe extern "C" fn posix_spawn(
     envp: *const *const c_char,
 ) -> c_int {
     // SAFETY: forwarded with an environment that keeps the shim.
-    unsafe { real::posix_spawn()(pid, path, fa, attr, argv, with_job_env(envp)) }
+    crate::signals::around_exec(|| unsafe { real::posix_spawn()(pid, path, fa, attr, argv, with_job_env(envp)) })
 }
 
 /// posix_spawnp(3).
@@ -203,7 +203,7 @@ pub unsafe extern "C" fn posix_spawnp(
     envp: *const *const c_char,
 ) -> c_int {
     // SAFETY: forwarded with an environment that keeps the shim.
-    unsafe { real::posix_spawnp()(pid, file, fa, attr, argv, with_job_env(envp)) }
+    crate::signals::around_exec(|| unsafe { real::posix_spawnp()(pid, file, fa, attr, argv, with_job_env(envp)) })
 }
 
 /// system(3): runs the shell with `environ`.
@@ -225,7 +225,7 @@ pub unsafe extern "C" fn system(cmd: *const c_char) -> c_int {
 pub unsafe extern "C" fn popen(cmd: *const c_char, mode: *const c_char) -> *mut libc::FILE {
     fix_environ();
     // SAFETY: forwarded.
-    unsafe { real::popen()(cmd, mode) }
+    crate::signals::around_exec(|| unsafe { real::popen()(cmd, mode) })
 }
 
 /// vfork(2), run as fork(2).

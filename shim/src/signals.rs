@@ -39,7 +39,7 @@ fn vos_index(sig: c_int) -> usize {
 
 /// Install the shim's handler for its two signals (constructor).
 pub fn install() {
-    for sig in [global::SIG_CHECKPOINT.load(Ordering::Relaxed), global::SIG_CHECKPOINT_EXIT.load(Ordering::Relaxed)] {
+    for sig in own() {
         // SAFETY: sigaction is plain data; we fill handler, flags and a full mask (nothing interrupts a parked
         // thread); glibc's real sigaction adds its own sa_restorer.
         unsafe {
@@ -50,6 +50,34 @@ pub fn install() {
             real::sigaction()(sig, &sa, core::ptr::null_mut());
         }
     }
+    // Blocked by the exec that started this program (see `around_exec`); a request that came meanwhile is
+    // pending, and is handled now.
+    sys::sigprocmask(libc::SIG_UNBLOCK, Some(own_mask()));
+}
+
+/// The shim's own signals: the checkpoint trigger (also used to park threads) and checkpoint-and-exit.
+pub fn own() -> [c_int; 2] {
+    [global::SIG_CHECKPOINT.load(Ordering::Relaxed), global::SIG_CHECKPOINT_EXIT.load(Ordering::Relaxed)]
+}
+
+/// `own` as a mask of signals 1..64.
+pub fn own_mask() -> u64 {
+    own().iter().fold(0, |m, &s| m | sys::sigbit(s))
+}
+
+/// Run an exec, or a spawn whose child execs, with the shim's signals blocked. From the exec until the new
+/// program's shim has its handlers in, one of them would meet the default action, which ends the process (a
+/// checkpoint asking every process to stop just then killed a compiler under make). The mask survives exec, and
+/// the new shim unblocks them in `install`; here the caller's mask and errno are as before once `f` returns.
+pub fn around_exec<T>(f: impl FnOnce() -> T) -> T {
+    let old = sys::sigprocmask(libc::SIG_BLOCK, Some(own_mask()));
+    let r = f();
+    // SAFETY: glibc's thread-local errno, kept across the mask change.
+    let e = unsafe { *libc::__errno_location() };
+    sys::sigprocmask(libc::SIG_SETMASK, Some(old));
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = e };
+    r
 }
 
 extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
@@ -120,7 +148,7 @@ pub fn strip(set: *const libc::sigset_t) -> Option<libc::sigset_t> {
     }
     // SAFETY: the app passed a valid sigset_t.
     let mut s = unsafe { *set };
-    for sig in [global::SIG_CHECKPOINT.load(Ordering::Relaxed), global::SIG_CHECKPOINT_EXIT.load(Ordering::Relaxed)] {
+    for sig in own() {
         // SAFETY: s is a valid sigset_t.
         unsafe { libc::sigdelset(&mut s, sig) };
     }

@@ -263,8 +263,7 @@ extern "C" fn after_fork_in_child() {
 
 extern "C" fn helper(_: *mut libc::c_void) -> *mut libc::c_void {
     // Only the shim's own signals reach this thread (the app's go to its threads); signal 32 is taken by waiting.
-    let own = sys::sigbit(crate::global::SIG_CHECKPOINT.load(Ordering::Relaxed)) | sys::sigbit(crate::global::SIG_CHECKPOINT_EXIT.load(Ordering::Relaxed));
-    sys::sigprocmask(libc::SIG_SETMASK, Some(!own));
+    sys::sigprocmask(libc::SIG_SETMASK, Some(!crate::signals::own_mask()));
     HELPER.store(sys::gettid(), Ordering::Release);
     let set = sys::sigbit(SIGTIMER);
     loop {
