@@ -404,7 +404,7 @@ fn launch(a: RunArgs) -> Result<()> {
     let argv: Vec<CString> = a.program.iter().map(|s| CString::new(s.as_str())).collect::<Result<_, _>>()?;
     supervisor::block_signals()?;
     let started_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
-    let started = match ns::start(ns::Child::Exec { argv, env }, ns::ClockOffsets::default(), None) {
+    let started = match ns::start(ns::Child::Exec { argv, env, shim_signals: [opts.signals.0, opts.signals.1] }, ns::ClockOffsets::default(), None) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("vrun: {prog}: {e:#}");

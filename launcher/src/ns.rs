@@ -18,8 +18,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// What init starts.
 pub enum Child {
-    /// A program, with its environment.
-    Exec { argv: Vec<CString>, env: Vec<CString> },
+    /// A program, with its environment. It starts with the shim's signals blocked, as every exec in the job does
+    /// (until its shim has its handlers in, one of them would end it).
+    Exec { argv: Vec<CString>, env: Vec<CString>, shim_signals: [i32; 2] },
     /// The restorer, as each top-level process of the job (pid, index in the plan), with `fds` (source, number
     /// in the child) and nothing else open.
     /// `sysv` and its segments' contents are made in the job's IPC namespace first.
@@ -209,10 +210,13 @@ fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
     // Nothing of the launcher's signal handling applies to init or the job.
     let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&nix::sys::signal::SigSet::empty()), None);
     let app = match child {
-        Child::Exec { argv, env } => {
+        Child::Exec { argv, env, shim_signals } => {
             // SAFETY: init is single-threaded.
             match unsafe { fork() }? {
-                ForkResult::Child => exec_or_report(&argv[0], &argv, &env, &err),
+                ForkResult::Child => {
+                    vos::sys::sigprocmask(libc::SIG_BLOCK, Some(shim_signals.iter().fold(0, |m, &s| m | vos::sys::sigbit(s))));
+                    exec_or_report(&argv[0], &argv, &env, &err)
+                }
                 ForkResult::Parent { child } => child,
             }
         }

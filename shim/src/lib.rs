@@ -50,6 +50,7 @@ unsafe fn init() {
     signals::install();
     threads::init_rseq_info();
     global::READY.store(true, Ordering::Release);
+    signals::open();
 }
 
 /// Keep the restorer's window free: it must be unused in every image so the restorer can run there.

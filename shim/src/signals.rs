@@ -50,8 +50,11 @@ pub fn install() {
             real::sigaction()(sig, &sa, core::ptr::null_mut());
         }
     }
-    // Blocked by the exec that started this program (see `around_exec`); a request that came meanwhile is
-    // pending, and is handled now.
+}
+
+/// The shim is whole (the constructor's last step): its signals, blocked by the exec that started this program
+/// (see `around_exec`), may come; a request that came meanwhile is pending, and is handled now.
+pub fn open() {
     sys::sigprocmask(libc::SIG_UNBLOCK, Some(own_mask()));
 }
 
@@ -68,7 +71,7 @@ pub fn own_mask() -> u64 {
 /// Run an exec, or a spawn whose child execs, with the shim's signals blocked. From the exec until the new
 /// program's shim has its handlers in, one of them would meet the default action, which ends the process (a
 /// checkpoint asking every process to stop just then killed a compiler under make). The mask survives exec, and
-/// the new shim unblocks them in `install`; here the caller's mask and errno are as before once `f` returns.
+/// the new shim unblocks them once it is whole (`open`); here the caller's mask and errno are as before once `f` returns.
 pub fn around_exec<T>(f: impl FnOnce() -> T) -> T {
     let old = sys::sigprocmask(libc::SIG_BLOCK, Some(own_mask()));
     let r = f();
