@@ -6,6 +6,11 @@
 //! the kernel's remainder for nanosleep, a CLOCK_MONOTONIC deadline otherwise. After a restore the job's
 //! monotonic clock goes on from the checkpoint instant (time namespace), so the deadline still holds.
 //! The hooks also keep the shim's signals out of the masks these calls install.
+//!
+//! Not retried: a wait that installs a signal mask of the app's (pselect, ppoll, epoll_pwait with a mask, and
+//! sigsuspend). That is how an app waits *for* signals (make for SIGCHLD, event loops for their wake-ups), and it
+//! takes EINTR as the way out; a signal it waits for may come in the same moment as the checkpoint, and a retry
+//! would hide it (its handler only set a flag, read after the call returns), leaving the app waiting for good.
 
 use crate::real;
 use crate::signals::strip;
@@ -197,7 +202,8 @@ pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, timeout: 
 pub unsafe extern "C" fn ppoll(fds: *mut libc::pollfd, n: libc::nfds_t, tmo: *const timespec, mask: *const libc::sigset_t) -> c_int {
     let m = strip(mask);
     // SAFETY: forwarded with the shim's signals left unblocked.
-    retry_ts(tmo, |t| unsafe { real::ppoll()(fds, n, t, ptr(&m)) })
+    let call = |t| unsafe { real::ppoll()(fds, n, t, ptr(&m)) };
+    if mask.is_null() { retry_ts(tmo, call) } else { call(tmo) }
 }
 
 /// select(2); Linux leaves the time not slept in `tv`, so a retry simply goes on with it.
@@ -224,7 +230,8 @@ pub unsafe extern "C" fn select(n: c_int, r: *mut libc::fd_set, w: *mut libc::fd
 pub unsafe extern "C" fn pselect(n: c_int, r: *mut libc::fd_set, w: *mut libc::fd_set, e: *mut libc::fd_set, ts: *const timespec, mask: *const libc::sigset_t) -> c_int {
     let m = strip(mask);
     // SAFETY: forwarded; on EINTR the fd sets are left unmodified, so a retry sees what the app asked.
-    retry_ts(ts, |t| unsafe { real::pselect()(n, r, w, e, t, ptr(&m)) })
+    let call = |t| unsafe { real::pselect()(n, r, w, e, t, ptr(&m)) };
+    if mask.is_null() { retry_ts(ts, call) } else { call(ts) }
 }
 
 /// epoll_wait(2).
@@ -245,7 +252,8 @@ pub unsafe extern "C" fn epoll_wait(ep: c_int, ev: *mut libc::epoll_event, max: 
 pub unsafe extern "C" fn epoll_pwait(ep: c_int, ev: *mut libc::epoll_event, max: c_int, timeout: c_int, mask: *const libc::sigset_t) -> c_int {
     let m = strip(mask);
     // SAFETY: forwarded with the shim's signals left unblocked.
-    retry_ms(timeout, |t| unsafe { real::epoll_pwait()(ep, ev, max, t, ptr(&m)) })
+    let call = |t| unsafe { real::epoll_pwait()(ep, ev, max, t, ptr(&m)) };
+    if mask.is_null() { retry_ms(timeout, call) } else { call(timeout) }
 }
 
 /// pause(2): only the app's own signals end it.
@@ -264,21 +272,15 @@ pub unsafe extern "C" fn pause() -> c_int {
     }
 }
 
-/// sigsuspend(2): never with the shim's signals blocked; only the app's own signals end it.
+/// sigsuspend(2): never with the shim's signals blocked (a checkpoint ends it too: see the module's note).
 ///
 /// # Safety
 /// As sigsuspend(2).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sigsuspend(mask: *const libc::sigset_t) -> c_int {
     let m = strip(mask);
-    loop {
-        let g = epoch();
-        // SAFETY: forwarded with the shim's signals left unblocked.
-        let rc = unsafe { real::sigsuspend()(ptr(&m)) };
-        if !checkpointed(rc, g) {
-            return rc;
-        }
-    }
+    // SAFETY: forwarded with the shim's signals left unblocked.
+    unsafe { real::sigsuspend()(ptr(&m)) }
 }
 
 /// sigwaitinfo(2): the app cannot wait for (and so consume) the shim's signals.
