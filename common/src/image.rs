@@ -292,6 +292,11 @@ pub struct PosixTimer {
     pub value: u64,
     pub value_ns: u64,
     pub interval_ns: u64,
+    /// A timer on CLOCK_MONOTONIC or CLOCK_BOOTTIME: its next expiry on that clock, read with `value_ns`. The
+    /// job's clocks go on from the checkpoint instant, so the timer is armed again at this very time, in phase
+    /// however long the restore takes. 0 for other clocks (armed with the time left).
+    #[serde(default)]
+    pub deadline_ns: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]

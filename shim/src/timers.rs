@@ -55,6 +55,9 @@ pub fn capture() -> Result<TimersImage, String> {
                     unsafe { sys::syscall6(libc::SYS_timer_gettime, p.id as usize, &mut its as *mut libc::itimerspec as usize, 0, 0, 0, 0) };
                     p.value_ns = ns(&its.it_value);
                     p.interval_ns = ns(&its.it_interval);
+                    if p.value_ns != 0 && matches!(p.clock, libc::CLOCK_MONOTONIC | libc::CLOCK_BOOTTIME) {
+                        p.deadline_ns = sys::now_ns(p.clock) + p.value_ns;
+                    }
                     t.posix.push(p);
                 }
                 if let Ok(id) = v.parse() {
@@ -105,9 +108,10 @@ struct KSigevent {
 pub fn arm(t: &TimersImage) {
     set_process_offset(t.cpu_ns);
     for p in t.posix.iter().filter(|p| p.value_ns != 0) {
-        let its = libc::itimerspec { it_interval: ts(p.interval_ns), it_value: ts(p.value_ns) };
+        let (flags, value) = if p.deadline_ns != 0 { (libc::TIMER_ABSTIME, p.deadline_ns) } else { (0, p.value_ns) };
+        let its = libc::itimerspec { it_interval: ts(p.interval_ns), it_value: ts(value) };
         // SAFETY: a valid itimerspec for a timer `create` made.
-        unsafe { sys::syscall6(libc::SYS_timer_settime, p.id as usize, 0, &its as *const libc::itimerspec as usize, 0, 0, 0) };
+        unsafe { sys::syscall6(libc::SYS_timer_settime, p.id as usize, flags as usize, &its as *const libc::itimerspec as usize, 0, 0, 0) };
     }
     for (which, &(value, interval)) in t.itimers.iter().enumerate() {
         if value == 0 {
