@@ -371,7 +371,7 @@ fn from_files(sock: OwnedFd, bases: &[(i32, RawFd)], f: &mut Filler) -> Result<(
         if !more && f.handed_out() && f.urgent.is_empty() {
             return f.finish();
         }
-        {
+        let work_came = {
             let mut fds = f.poll_fds();
             if more {
                 fds.push(PollFd::new(sock.as_fd(), PollFlags::POLLIN));
@@ -381,8 +381,9 @@ fn from_files(sock: OwnedFd, bases: &[(i32, RawFd)], f: &mut Filler) -> Result<(
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => bail!("poll: {e}"),
             }
-        }
-        if more && poll_ready(&sock) {
+            more && fds.last().and_then(|p| p.revents()).is_some_and(|r| !r.is_empty())
+        };
+        if work_came {
             more = take_work(&sock, f)?;
         }
         f.events()?;
@@ -395,8 +396,3 @@ fn from_files(sock: OwnedFd, bases: &[(i32, RawFd)], f: &mut Filler) -> Result<(
     }
 }
 
-/// Whether `fd` has something to read now.
-pub fn poll_ready(fd: &OwnedFd) -> bool {
-    let mut p = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-    poll(&mut p, PollTimeout::ZERO).is_ok_and(|n| n > 0)
-}

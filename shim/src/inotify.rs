@@ -58,15 +58,13 @@ pub unsafe extern "C" fn inotify_add_watch(fd: c_int, path: *const c_char, mask:
     // SAFETY: forwarded.
     let wd = unsafe { real::inotify_add_watch()(fd, path, mask) };
     if wd >= 0 {
-        // SAFETY: reading errno is always allowed; keep it as the real call left it.
-        let errno = unsafe { *libc::__errno_location() };
-        let p = absolute(path);
-        with(|w| {
-            w.retain(|x| !(x.fd == fd && x.wd == wd));
-            w.push(WatchPath { fd, wd, path: p });
+        crate::errno::keep(|| {
+            let p = absolute(path);
+            with(|w| {
+                w.retain(|x| !(x.fd == fd && x.wd == wd));
+                w.push(WatchPath { fd, wd, path: p });
+            });
         });
-        // SAFETY: as above.
-        unsafe { *libc::__errno_location() = errno };
     }
     wd
 }

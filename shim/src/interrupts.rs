@@ -24,14 +24,10 @@ fn epoch() -> u32 {
     GEN.load(Ordering::Acquire)
 }
 
-fn errno() -> c_int {
-    // SAFETY: glibc's thread-local errno.
-    unsafe { *libc::__errno_location() }
-}
 
 /// The call failed with EINTR because a checkpoint parked the thread.
 fn checkpointed(rc: c_int, g: u32) -> bool {
-    rc == -1 && errno() == libc::EINTR && epoch() != g
+    rc == -1 && crate::errno::get() == libc::EINTR && epoch() != g
 }
 
 fn now_ns() -> i128 {

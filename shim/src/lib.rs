@@ -15,6 +15,7 @@
 extern crate alloc;
 
 mod checkpoint;
+mod errno;
 mod files;
 mod global;
 mod inotify;

@@ -75,11 +75,7 @@ pub fn own_mask() -> u64 {
 pub fn around_exec<T>(f: impl FnOnce() -> T) -> T {
     let old = sys::sigprocmask(libc::SIG_BLOCK, Some(own_mask()));
     let r = f();
-    // SAFETY: glibc's thread-local errno, kept across the mask change.
-    let e = unsafe { *libc::__errno_location() };
-    sys::sigprocmask(libc::SIG_SETMASK, Some(old));
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = e };
+    crate::errno::keep(|| sys::sigprocmask(libc::SIG_SETMASK, Some(old)));
     r
 }
 

@@ -228,6 +228,7 @@ pub unsafe extern "C" fn clock() -> libc::clock_t {
 // so the other timer_* calls go straight to it. A restore brings the helper back as the thread it is, with the
 // same tid, and its timers aimed at it.
 
+use crate::errno;
 use core::sync::atomic::{AtomicI32 as HelperTid, AtomicUsize};
 
 const SIGTIMER: c_int = 32;
@@ -247,16 +248,6 @@ struct ThreadTimer {
 static LIVE: [AtomicUsize; MAX_THREAD_TIMERS] = [const { AtomicUsize::new(0) }; MAX_THREAD_TIMERS];
 /// The helper's tid: 0 none yet (or after a fork: threads do not survive one), -1 starting.
 static HELPER: HelperTid = HelperTid::new(0);
-
-fn errno() -> c_int {
-    // SAFETY: glibc's thread-local errno.
-    unsafe { *libc::__errno_location() }
-}
-
-fn set_errno(e: c_int) {
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = e };
-}
 
 extern "C" fn after_fork_in_child() {
     HELPER.store(0, Ordering::Relaxed);
@@ -355,9 +346,9 @@ pub unsafe extern "C" fn timer_create(clock: libc::clockid_t, sev: *mut libc::si
         // SAFETY: forwarded.
         return unsafe { real::timer_create()(clock, sev, id) };
     }
-    let saved = errno();
+    let saved = errno::get();
     let fail = |e: c_int| {
-        set_errno(e);
+        errno::set(e);
         -1
     };
     let tid = match helper_tid() {
@@ -419,7 +410,7 @@ pub unsafe extern "C" fn timer_create(clock: libc::clockid_t, sev: *mut libc::si
         (*tt).ktimer = kid;
         *id = kid as usize as libc::timer_t;
     }
-    set_errno(saved);
+    errno::set(saved);
     0
 }
 
