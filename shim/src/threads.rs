@@ -102,6 +102,9 @@ pub fn park(i: usize, uc: *mut c_void) {
     if i >= MAX_THREADS {
         return;
     }
+    // This very handler interrupted whatever call the thread was in: the hook around it must see the
+    // checkpoint's generation move *after* it read it, or it passes the EINTR on to the app.
+    crate::interrupts::GEN.fetch_add(1, Ordering::AcqRel);
     let s = slot(i);
     if s.tid.load(Ordering::Acquire) != sys::gettid() || s.state.load(Ordering::Acquire) != ASKED {
         return; // a stale request
