@@ -25,6 +25,9 @@ pub mod signals {
     pub const CHECKPOINT_EXIT: i32 = 62;
     /// si_value magic the shim's coordinator puts on the signals that park threads.
     pub const PARK_MAGIC: u64 = 0x766f_735f_7061_726b;
+    /// si_value the job's supervisor puts on the trigger signal it sends (sigqueue), so a shim tells a checkpoint
+    /// its supervisor runs from a trigger someone else sent (`kill -s RTMAX-1`).
+    pub const SUPERVISOR_MAGIC: u64 = 0x766f_735f_7375_7076;
 }
 
 /// Environment variables the launcher gives the shim.

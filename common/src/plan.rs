@@ -63,8 +63,12 @@ pub const SYNC_ADDR: u64 = WINDOW_END - 4096;
 pub const WINDOW_START: u64 = 0x2000_0000_0000;
 pub const WINDOW_LEN: u64 = 64 << 20;
 pub const WINDOW_END: u64 = WINDOW_START + WINDOW_LEN;
-/// Largest plan the restorer accepts (it reads it into its own bss).
-pub const MAX_PLAN: usize = 16 << 20;
+/// Where the restorer maps the job's plan: in its window, above its own code, data and stack (the restorer checks
+/// its end lies below).
+pub const PLAN_ADDR: u64 = WINDOW_START + (4 << 20);
+/// Largest plan a restore takes: the rest of the window, below the Sync page. A checkpoint refuses a job whose
+/// plan would be larger (hundreds of thousands of mappings), naming the limit.
+pub const MAX_PLAN: usize = (SYNC_ADDR - PLAN_ADDR) as usize;
 
 /// The kernel's `struct prctl_mm_map` (PR_SET_MM_MAP).
 #[repr(C)]

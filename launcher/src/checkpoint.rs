@@ -11,7 +11,7 @@
 
 use crate::imagefile::{self, EXT};
 use crate::job::{self, Member};
-use crate::supervisor::{Supervisor, nanos, send_signal, timestamp};
+use crate::supervisor::{Supervisor, ask_checkpoint, nanos, timestamp};
 use crate::{bundle, events, files, host, identity, inet, precopy, sysv, terminal};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -52,9 +52,77 @@ impl Request {
 pub enum Dest {
     /// A new file in the job's directory.
     Dir,
+    /// A regular file (or a new path), written atomically: a temporary file beside it, renamed over it once the
+    /// image is complete and durable.
     Path(PathBuf),
-    /// An fd handed over by the client (`--to -`).
-    Fd(OwnedFd),
+    /// Written in place, as a stream: an fd handed over by the client (`--to -`), or a FIFO, character device
+    /// or socket named by `--to` (`name`).
+    Stream { fd: OwnedFd, name: Option<PathBuf> },
+}
+
+impl Dest {
+    /// Where `--to PATH` writes: a regular file or a new path gets the image atomically; a character device,
+    /// FIFO or socket gets it in place, as a stream; a symbolic link's target is what gets written (the link
+    /// stays); anything else (a directory, a block device) is refused. Checked before the job is disturbed.
+    pub fn to_path(path: &Path) -> Result<Dest> {
+        use std::os::unix::fs::FileTypeExt;
+        let mut p = path.to_path_buf();
+        for _ in 0..40 {
+            let m = match std::fs::symlink_metadata(&p) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Dest::Path(p)),
+                Err(e) => bail!("--to {}: {e}", p.display()),
+                Ok(m) => m,
+            };
+            let t = m.file_type();
+            if t.is_symlink() {
+                let target = std::fs::read_link(&p).with_context(|| format!("--to {}", p.display()))?;
+                p = p.parent().unwrap_or(Path::new("/")).join(target);
+                continue;
+            }
+            if t.is_file() {
+                return Ok(Dest::Path(p));
+            }
+            let fd = if t.is_char_device() || t.is_fifo() {
+                open_stream(&p)?
+            } else if t.is_socket() {
+                connect_stream(&p)?
+            } else {
+                let what = if t.is_dir() { "a directory" } else if t.is_block_device() { "a block device" } else { "this kind of file" };
+                bail!("--to {}: {what} cannot take an image (name a regular file, a new path, a FIFO, a character device or a socket)", p.display());
+            };
+            return Ok(Dest::Stream { fd, name: Some(p) });
+        }
+        bail!("--to {}: too many levels of symbolic links", path.display())
+    }
+
+    /// Whether something of the image may already have gone out (it cannot be taken back and written again).
+    fn is_stream(&self) -> bool {
+        matches!(self, Dest::Stream { .. })
+    }
+}
+
+/// A FIFO or character device opened for writing in place; never blocks (a FIFO nobody reads is refused).
+fn open_stream(p: &Path) -> Result<OwnedFd> {
+    use nix::fcntl::{OFlag, open};
+    let flags = OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let fd = match open(p, flags, nix::sys::stat::Mode::empty()) {
+        Err(nix::errno::Errno::ENXIO) => bail!("--to {}: nothing reads this FIFO", p.display()),
+        r => r.with_context(|| format!("--to {}", p.display()))?,
+    };
+    let kind = nix::sys::stat::fstat(&fd)?.st_mode & libc::S_IFMT;
+    if kind != libc::S_IFIFO && kind != libc::S_IFCHR {
+        bail!("--to {}: the file changed while it was opened", p.display());
+    }
+    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))?;
+    Ok(fd)
+}
+
+/// A connection to the unix stream socket at `p`, to write the image to.
+fn connect_stream(p: &Path) -> Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(p)?).with_context(|| format!("--to {}: connecting to the socket", p.display()))?;
+    Ok(fd)
 }
 
 /// The shim of one process, connected.
@@ -117,7 +185,7 @@ impl Supervisor {
     /// image's path (None when it went to a client's fd).
     pub(crate) fn checkpoint(&mut self, req: Request, first: Option<(OwnedFd, i32)>) -> Result<Option<String>> {
         // Taken again when a process ended meanwhile, unless something of it already went to a stream.
-        let again = first.is_none() && req.handoff.is_none() && !matches!(req.dest, Dest::Fd(_));
+        let again = first.is_none() && req.handoff.is_none() && !req.dest.is_stream();
         let mut r = self.checkpoint_once(&req, first);
         for _ in 0..3 {
             match &r {
@@ -185,8 +253,11 @@ impl Supervisor {
                 return Ok(members);
             }
             for m in &todo {
+                refuse_stopped(m)?;
+            }
+            for m in &todo {
                 // Already parked processes cannot fork; only those asked now can have made new ones.
-                let _ = send_signal(m.host, self.opts.signals.0);
+                let _ = ask_checkpoint(m.host, self.opts.signals.0);
             }
             self.await_shims(shims, todo.iter().map(|m| m.ids.pid).collect())?;
             // A process may exit on its own before it parks (it was already on its way out): it then no longer
@@ -254,6 +325,12 @@ impl Supervisor {
                 }
                 bail!("pid {want:?} did not answer the checkpoint signal within 10 s");
             }
+            // A process stopped meanwhile would answer only once continued: say so now.
+            if let Ok(members) = job::members(self.job.init) {
+                for m in members.iter().filter(|m| want.contains(&m.ids.pid)) {
+                    refuse_stopped(m)?;
+                }
+            }
             let mut fds = [PollFd::new(self.listener.fd.as_fd(), PollFlags::POLLIN), PollFd::new(self.job.status.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, PollTimeout::try_from(left.min(Duration::from_millis(200))).unwrap_or(PollTimeout::MAX)) {
                 Ok(0) => {
@@ -296,6 +373,15 @@ impl Supervisor {
         identity::identify(&mut job, members)?;
         let own: HashMap<i32, Vec<i32>> = shims.iter().map(|s| (s.pid, s.own_fds.clone())).collect();
         let files::Captured { mut data, held } = files::capture(&mut job, members, &own, req.tcp_established)?;
+        let (needed, (_, hard)) = (crate::restore::fds_needed(&job), nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?);
+        if needed > hard {
+            bail!("the job has {} open files: restoring it needs room for {needed} fds, above this host's hard open-file limit ({hard})", job.files.len());
+        }
+        let plan = crate::restore::plan_size(&job);
+        if plan > vos::plan::MAX_PLAN as u64 {
+            let maps: usize = job.processes.iter().map(|p| p.regions.len()).sum();
+            bail!("the job has {maps} memory mappings: their restore plan ({} MiB) exceeds what a restore takes ({} MiB)", plan >> 20, vos::plan::MAX_PLAN >> 20);
+        }
         events::date_timers(&mut job, self.job.init.as_raw());
         data.extend(sysv::capture(self.job.init.as_raw(), &mut job)?);
         data.extend(bundle::capture(&mut job, members, req.bundle)?);
@@ -363,19 +449,20 @@ impl Supervisor {
             seq = w.data(seq, i as u32, src.as_raw_fd(), job.data[i].size).context("writing the image")?;
         }
         // How far the image is, for a requester that watches: the size of its file, of about the job's anonymous
-        // memory (zero pages are left out, file pages counted in: an estimate).
+        // memory (zero pages are left out, file pages counted in: an estimate). A stream's progress is unknown
+        // (0 of 0), but the requester still hears four times a second that the checkpoint goes on.
         let is_file = nix::sys::stat::fstat(&out).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
-        let progress = req.progress.as_ref().filter(|_| is_file);
+        let progress = req.progress.as_ref();
         let total: u64 = match progress {
-            Some(_) => job::members(self.job.init)?.iter().map(|m| anonymous_bytes(m.host.as_raw())).sum(),
-            None => 0,
+            Some(_) if is_file => job::members(self.job.init)?.iter().map(|m| anonymous_bytes(m.host.as_raw())).sum(),
+            _ => 0,
         };
         for ((s, skip), reuse) in shims.iter().zip(skips).zip(reuse) {
             s.send(&Msg::Dump { first_seq: seq, skip: skip.clone(), reuse: reuse.clone(), lazy: req.pages == Pages::Lazy }, Some(out.as_raw_fd()))?;
             if let Some(p) = progress {
                 let mut fds = [PollFd::new(s.conn.as_fd(), PollFlags::POLLIN)];
                 while poll(&mut fds, PollTimeout::from(250u16)).is_ok_and(|n| n == 0) {
-                    let bytes = nix::sys::stat::fstat(&out).map_or(0, |st| st.st_size as u64);
+                    let bytes = if is_file { nix::sys::stat::fstat(&out).map_or(0, |st| st.st_size as u64) } else { 0 };
                     let _ = proto::send(p.as_raw_fd(), &Msg::Progress { bytes, total }, None);
                 }
             }
@@ -411,7 +498,10 @@ impl Supervisor {
                 commit(&w.file, t, f)?;
                 Some(f.display().to_string())
             }
-            _ => None,
+            _ => match &req.dest {
+                Dest::Stream { name: Some(n), .. } => Some(n.display().to_string()),
+                _ => None,
+            },
         };
         drop(w);
         mark("synced and renamed");
@@ -440,7 +530,7 @@ impl Supervisor {
     /// The fd to write to, and for files the temporary and final paths.
     fn open_dest(&mut self, d: &Dest) -> Result<(OwnedFd, Option<PathBuf>, Option<PathBuf>)> {
         let fin = match d {
-            Dest::Fd(fd) => return Ok((fd.try_clone()?, None, None)),
+            Dest::Stream { fd, .. } => return Ok((fd.try_clone()?, None, None)),
             Dest::Path(p) => p.clone(),
             Dest::Dir => {
                 std::fs::create_dir_all(&self.opts.dir).with_context(|| format!("creating {}", self.opts.dir.display()))?;
@@ -457,19 +547,15 @@ impl Supervisor {
             }
         };
         let dir = fin.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(".{}.tmp-{}", fin.file_name().and_then(|n| n.to_str()).unwrap_or("image"), std::process::id()));
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
+        imagefile::sweep_temporaries(dir);
+        let tmp = dir.join(format!(".{}.{EXT}.tmp-{}", fin.file_stem().and_then(|n| n.to_str()).unwrap_or("image"), std::process::id()));
+        let f = imagefile::create_temporary(&tmp)?;
         Ok((OwnedFd::from(f), Some(tmp), Some(fin)))
     }
 
     /// Keep the newest `keep` images of this job in its directory.
     pub(crate) fn prune(&self) {
+        imagefile::sweep_temporaries(&self.opts.dir);
         let prefix = format!("{}-", self.opts.name);
         let Ok(rd) = std::fs::read_dir(&self.opts.dir) else { return };
         let mut imgs: Vec<(std::time::SystemTime, PathBuf)> = rd
@@ -522,6 +608,25 @@ fn lazy_ranges(p: &ProcessImage) -> Vec<(u64, u64)> {
         .filter(|r| r.contents == Contents::Pages && r.prot & libc::PROT_READ as u32 != 0)
         .map(|r| (r.start, r.end))
         .collect()
+}
+
+/// A stopped process (Ctrl-Z, SIGSTOP) or one held by a tracer cannot park its threads until it runs again: the
+/// checkpoint is refused at once, by name, rather than waiting (and writing the image whenever it is continued).
+fn refuse_stopped(m: &Member) -> Result<()> {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", m.host)).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
+    for t in tasks {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        match stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) {
+            Some("T") => bail!(
+                "pid {} ({}) is stopped (Ctrl-Z or SIGSTOP): continue it (`kill -CONT`, or `fg`/`bg` in its shell) and checkpoint again",
+                m.ids.pid,
+                m.comm
+            ),
+            Some("t") => bail!("pid {} ({}) is held by a tracer (a debugger or strace): detach it and checkpoint again", m.ids.pid, m.comm),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Sessions and process groups a restore can rebuild: a session is the process's own, its parent's, or the

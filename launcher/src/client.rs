@@ -17,6 +17,10 @@ pub struct Args {
     pub tcp_established: bool,
 }
 
+/// The longest silence from a supervisor a checkpoint client accepts (syncing a very large image is the longest
+/// step without progress reports).
+const SILENCE_S: u64 = 180;
+
 pub fn run(a: Args) -> Result<()> {
     let job = runtime::find(a.name.as_deref())?;
     let sock = proto::connect(&job.sock).map_err(|e| anyhow!("cannot reach the supervisor of job {}: {e}", job.name))?;
@@ -28,8 +32,12 @@ pub fn run(a: Args) -> Result<()> {
     let mut bar = Progress::new("checkpoint", a.quiet || a.json, Duration::from_secs(1));
     let ask = Msg::Checkpoint { kill: a.kill, to, fd_attached: to_stdout, bundle: a.bundle, tcp_established: a.tcp_established, handoff: false, pages: proto::Pages::All };
     proto::send(sock, &ask, to_stdout.then_some(1)).map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
+    // The supervisor answers within seconds, and while the image is written says how far it is four times a
+    // second: a silence this long means it is stuck, or gone with its socket held elsewhere.
+    crate::checkpoint::set_timeout(sock, Duration::from_secs(SILENCE_S));
     let answer = loop {
         match proto::recv(sock) {
+            Ok(Some((Msg::Progress { total: 0, .. }, _))) => {}
             Ok(Some((Msg::Progress { bytes, total }, _))) => bar.show(bytes, Some(total.max(bytes)), bytes, ""),
             a => break a,
         }
@@ -39,7 +47,7 @@ pub fn run(a: Args) -> Result<()> {
     let ms = bar.elapsed().as_millis();
     match answer {
         Ok(Some((Msg::CheckpointDone { path, .. }, _))) => {
-            let bytes = path.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len());
+            let bytes = path.as_ref().and_then(|p| std::fs::metadata(p).ok()).filter(|m| m.is_file()).map(|m| m.len());
             if a.json {
                 println!("{}", serde_json::json!({"job": job.name, "image": path, "bytes": bytes, "millis": ms, "killed": a.kill}));
                 return Ok(());
@@ -58,7 +66,10 @@ pub fn run(a: Args) -> Result<()> {
             Ok(())
         }
         Ok(Some((Msg::CheckpointFailed { why }, _))) => bail!("checkpoint of {} failed: {why}; the job goes on untouched", job.name),
-        Ok(_) => bail!("the supervisor of {} went away", job.name),
+        Ok(_) => bail!("the supervisor of {} went away during the checkpoint (is the job still there? see `vrun list`)", job.name),
+        Err(e) if e.0 == libc::EAGAIN => {
+            bail!("the supervisor of {} said nothing for {SILENCE_S} s: the checkpoint is abandoned (see the job's log)", job.name)
+        }
         Err(e) => bail!("talking to the supervisor: {e}"),
     }
 }

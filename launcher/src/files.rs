@@ -35,9 +35,7 @@ pub fn grab(pid: i32, fd: i32) -> Result<OwnedFd> {
 }
 
 fn kcmp_same(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> bool {
-    const KCMP_FILE: i32 = 0;
-    // SAFETY: kcmp only compares kernel objects.
-    unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) == 0 }
+    kcmp_order(pid1, fd1, pid2, fd2) == std::cmp::Ordering::Equal
 }
 
 /// One fd as found in /proc.
@@ -88,7 +86,6 @@ fn found(pid: i32, fd: i32) -> Result<Found> {
 /// `established`: keep TCP connections to peers outside the job (`--tcp-established`); the connections read in
 /// repair mode come back in `Captured::held`.
 pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i32>>, established: bool) -> Result<Captured> {
-    let mut seen: Vec<(i32, i32, u64, u64, u32)> = vec![]; // (host pid, fd, dev, ino, file index)
     let mut all: Vec<Fd> = vec![];
     for (pi, p) in job.processes.iter().enumerate() {
         let host = host_of(members, p.pid)?;
@@ -100,21 +97,10 @@ pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i3
         fds.sort();
         for fd in fds {
             let f = found(host, fd).map_err(|e| anyhow!("pid {} fd {fd}: {e}", p.pid))?;
-            let shared = seen
-                .iter()
-                .find(|(h, ofd, d, i, _)| *d == f.dev && *i == f.ino && kcmp_same(*h, *ofd, host, fd))
-                .map(|s| s.4);
-            let file = match shared {
-                Some(i) => i,
-                None => {
-                    job.files.push(OpenFile { flags: f.flags, pos: f.pos, kind: FileKind::Unknown, locks: vec![] });
-                    (job.files.len() - 1) as u32
-                }
-            };
-            seen.push((host, fd, f.dev, f.ino, file));
-            all.push(Fd { process: pi, host, found: f, file });
+            all.push(Fd { process: pi, host, found: f, file: u32::MAX });
         }
     }
+    group_open_files(job, &mut all);
     // Now that every fd of the job is known, say what each open file is.
     let mut ctx = Ctx {
         pipes: HashMap::new(),
@@ -148,6 +134,50 @@ pub fn capture(job: &mut JobImage, members: &[Member], own: &HashMap<i32, Vec<i3
     }
     fixups(job, &all)?;
     Ok(Captured { data: ctx.data, held: ctx.inet.held })
+}
+
+/// Group the fds into open files (`job.files`), in the order of their first fd: fds share one when kcmp says so.
+/// Only fds on the same inode can; among those, kcmp's ordering sorts them, so thousands of fds on one file
+/// (a job with 7,000 fds of /dev/null) cost n log n comparisons, not n².
+fn group_open_files(job: &mut JobImage, all: &mut [Fd]) {
+    let mut by_inode: HashMap<(u64, u64), Vec<usize>> = HashMap::new();
+    for (i, f) in all.iter().enumerate() {
+        by_inode.entry((f.found.dev, f.found.ino)).or_default().push(i);
+    }
+    // Per fd, the first fd (index in `all`) of its open file.
+    let mut first: Vec<usize> = (0..all.len()).collect();
+    for idx in by_inode.values_mut().filter(|v| v.len() > 1) {
+        let cmp = |a: &usize, b: &usize| kcmp_order(all[*a].host, all[*a].found.fd, all[*b].host, all[*b].found.fd);
+        idx.sort_by(cmp);
+        let mut start = 0;
+        for k in 1..=idx.len() {
+            if k == idx.len() || cmp(&idx[start], &idx[k]) != std::cmp::Ordering::Equal {
+                let lead = *idx[start..k].iter().min().unwrap();
+                idx[start..k].iter().for_each(|&i| first[i] = lead);
+                start = k;
+            }
+        }
+    }
+    for i in 0..all.len() {
+        if first[i] == i {
+            let f = &all[i].found;
+            job.files.push(OpenFile { flags: f.flags, pos: f.pos, kind: FileKind::Unknown, locks: vec![] });
+            all[i].file = (job.files.len() - 1) as u32;
+        } else {
+            all[i].file = all[first[i]].file;
+        }
+    }
+}
+
+/// kcmp's order of two open files (equal when they are the same one).
+fn kcmp_order(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> std::cmp::Ordering {
+    const KCMP_FILE: i32 = 0;
+    // SAFETY: kcmp only compares kernel objects.
+    match unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) } {
+        0 => std::cmp::Ordering::Equal,
+        1 => std::cmp::Ordering::Less,
+        _ => std::cmp::Ordering::Greater,
+    }
 }
 
 /// What each process must redo itself: epoll registrations, pidfds, its POSIX record locks.
@@ -519,6 +549,36 @@ pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, Raw
         out.push(fd);
     }
     Ok(out)
+}
+
+/// Fds 0, 1 and 2 of the job that led outside it (a terminal, a pipe or socket to another process) are bound to
+/// `vrun restore`'s own fd of the same number: a shell gives all three one terminal (one open file), and the job
+/// restored with `> log`, in a pipe or by migration must still write its output to fd 1 and its errors to fd 2.
+/// Returns restore's three fds, each with the status flags the job's open file had (as it shared them before).
+pub fn stdio_bindings(job: &JobImage, stdio: &[RawFd; 3]) -> Result<Vec<OwnedFd>> {
+    let mut out = Vec::with_capacity(3);
+    for (n, &fd) in stdio.iter().enumerate() {
+        let bound = nix::unistd::dup(unsafe_borrow(fd))?;
+        let flags = job.processes.iter().flat_map(|p| &p.fds).filter(|f| f.fd == n as i32).find_map(|f| match job.files.get(f.file as usize) {
+            Some(o @ OpenFile { kind: FileKind::Terminal { .. } | FileKind::Outside { .. }, .. }) => Some(o.flags),
+            _ => None,
+        });
+        if let Some(flags) = flags {
+            set_status_flags(&bound, flags)?;
+        }
+        out.push(bound);
+    }
+    Ok(out)
+}
+
+/// The inherited fd (of `object_at`, one per open file, or `stdio_at`, see `stdio_bindings`) that fd `f` of a
+/// restored process is made from.
+pub fn source_of(job: &JobImage, f: &FdImage, object_at: &[i32], stdio_at: &[i32]) -> i32 {
+    let outside = matches!(job.files.get(f.file as usize).map(|o| &o.kind), Some(FileKind::Terminal { .. } | FileKind::Outside { .. }));
+    match usize::try_from(f.fd) {
+        Ok(n) if n < 3 && outside => stdio_at[n],
+        _ => object_at[f.file as usize],
+    }
 }
 
 /// Where a memfd or deleted file is made again: an unnamed file in the directory the deleted file was in (the

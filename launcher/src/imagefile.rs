@@ -258,3 +258,57 @@ impl Writer {
         Ok(seq)
     }
 }
+
+/// Whether `name` is the temporary file of an image being written (see `checkpoint`'s `open_dest`).
+pub fn is_temporary(name: &str) -> bool {
+    name.starts_with('.') && name.contains(&format!(".{EXT}.tmp-"))
+}
+
+/// Remove the temporary images in `dir` that nobody is writing any more: a writer holds an exclusive lock on
+/// its temporary file for as long as it writes (a supervisor killed mid-checkpoint leaves one behind, possibly
+/// hundreds of MB). Only our own regular files are touched, never through a symbolic link.
+pub fn sweep_temporaries(dir: &Path) {
+    use nix::fcntl::{AtFlags, OFlag, openat};
+    use nix::sys::stat::{Mode, fstat, fstatat};
+    let Ok(d) = nix::fcntl::open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let me = nix::unistd::geteuid().as_raw();
+    for e in rd.flatten() {
+        let name = e.file_name();
+        if !name.to_str().is_some_and(is_temporary) {
+            continue;
+        }
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+        let Ok(f) = openat(&d, name.as_os_str(), flags, Mode::empty()) else { continue };
+        let Ok(st) = fstat(&f) else { continue };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_uid != me {
+            continue;
+        }
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue; // its writer is alive
+        }
+        // Still the very file we locked (not one made under the same name since).
+        let same = fstatat(&d, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW).is_ok_and(|s| s.st_dev == st.st_dev && s.st_ino == st.st_ino);
+        if same {
+            let _ = nix::unistd::unlinkat(&d, name.as_os_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+        }
+    }
+}
+
+/// Create the temporary file an image is written to, exclusively, and hold its writer's lock on it.
+pub fn create_temporary(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    // SAFETY: flock on the file just made; nobody else can have it locked.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!("locking {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(f)
+}

@@ -292,6 +292,7 @@ fn parse_signal(s: &str) -> Result<i32, String> {
 
 fn main() {
     let cli = Cli::parse();
+    ns::raise_nofile();
     if matches!(cli.cmd, Some(Cmd::Inspect { .. } | Cmd::List | Cmd::Completions { .. } | Cmd::Man)) {
         // Reports end quietly when their reader goes away (`vrun inspect IMG | head`).
         // SAFETY: plain signal disposition change, before anything else runs.
@@ -402,7 +403,7 @@ fn launch(a: RunArgs) -> Result<()> {
     env.push((vos::env::SIGNALS.into(), format!("{},{}", opts.signals.0, opts.signals.1)));
     let env: Vec<CString> = env.iter().map(|(k, v)| CString::new(format!("{k}={v}"))).collect::<Result<_, _>>()?;
     let argv: Vec<CString> = a.program.iter().map(|s| CString::new(s.as_str())).collect::<Result<_, _>>()?;
-    supervisor::block_signals()?;
+    supervisor::block_signals(opts.signals)?;
     let started_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
     let started = match ns::start(ns::Child::Exec { argv, env, shim_signals: [opts.signals.0, opts.signals.1] }, ns::ClockOffsets::default(), None) {
         Ok(s) => s,

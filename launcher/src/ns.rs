@@ -14,7 +14,7 @@ use nix::unistd::{ForkResult, Pid, fork};
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// What init starts.
 pub enum Child {
@@ -207,15 +207,26 @@ fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
     use nix::mount::{MsFlags, mount};
     mount(Some("proc"), "/proc", Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
         .context("mounting /proc for the job's pid namespace")?;
-    // Nothing of the launcher's signal handling applies to init or the job.
-    let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&nix::sys::signal::SigSet::empty()), None);
+    // The job ends with its supervisor (see `SUPERVISOR_GONE`); init learns of it by a signal it waits for,
+    // with the children's.
+    let mut waited = nix::sys::signal::SigSet::empty();
+    waited.add(nix::sys::signal::Signal::SIGCHLD);
+    waited.add(SUPERVISOR_GONE);
+    let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&waited), None);
+    let signals = nix::sys::signalfd::SignalFd::with_flags(&waited, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC)?;
+    // SAFETY: prctl with plain integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, SUPERVISOR_GONE as libc::c_ulong, 0, 0, 0) };
+    if supervisor_gone(&status) {
+        return Ok(());
+    }
     let app = match child {
         Child::Exec { argv, env, shim_signals } => {
             // SAFETY: init is single-threaded.
             match unsafe { fork() }? {
                 ForkResult::Child => {
-                    vos::sys::sigprocmask(libc::SIG_BLOCK, Some(shim_signals.iter().fold(0, |m, &s| m | vos::sys::sigbit(s))));
-                    exec_or_report(&argv[0], &argv, &env, &err)
+                    lower_nofile();
+                    vos::sys::sigprocmask(libc::SIG_SETMASK, Some(shim_signals.iter().fold(0, |m, &s| m | vos::sys::sigbit(s))));
+                    exec_or_report(&argv[0], &argv, &env, err.as_raw_fd())
                 }
                 ForkResult::Parent { child } => child,
             }
@@ -236,11 +247,15 @@ fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
             let mut main = None;
             for (pid, index) in tops {
                 let p = spawn_with_pid(pid, || {
-                    arrange_fds(&fds, err.as_raw_fd());
+                    // Room first: the job's fds and the objects handed over may be many thousands.
                     raise_nofile();
+                    let err = match arrange_fds(&fds, err.as_raw_fd()) {
+                        Ok(err) => err,
+                        Err(e) => report_and_exit(err.as_raw_fd(), e),
+                    };
                     lend_restore_caps();
                     let argv = [restorer.clone(), CString::new(plan_fd.to_string()).unwrap(), CString::new(index.to_string()).unwrap()];
-                    exec_or_report(&restorer, &argv, &[], &err)
+                    exec_or_report(&restorer, &argv, &[], err)
                 })?;
                 if main.is_none() || pid == MAIN_PID {
                     main = Some(p);
@@ -258,31 +273,60 @@ fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
     drop(err);
     let mut status = File::from(status);
     loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::__WALL)) {
-            Ok(WaitStatus::Exited(p, code)) if p == app => {
-                let _ = status.write_all(&((code & 0xff) << 8).to_le_bytes());
+        match signals.read_signal() {
+            Ok(Some(si)) if si.ssi_signo == SUPERVISOR_GONE as u32 && supervisor_gone(status.as_fd()) => {
+                // Ending init ends every process of the namespace.
+                let _ = writeln!(std::io::stderr(), "vrun: the job's supervisor is gone: the job ends with it");
                 return Ok(());
             }
-            Ok(WaitStatus::Signaled(p, sig, core)) if p == app => {
-                let st = sig as i32 | if core { 0x80 } else { 0 };
-                let _ = status.write_all(&st.to_le_bytes());
-                return Ok(());
-            }
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(nix::errno::Errno::ECHILD) => return Ok(()),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
+        }
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(p, code)) if p == app => {
+                    let _ = status.write_all(&((code & 0xff) << 8).to_le_bytes());
+                    return Ok(());
+                }
+                Ok(WaitStatus::Signaled(p, sig, core)) if p == app => {
+                    let st = sig as i32 | if core { 0x80 } else { 0 };
+                    let _ = status.write_all(&st.to_le_bytes());
+                    return Ok(());
+                }
+                Ok(WaitStatus::StillAlive) => break,
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::ECHILD) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 }
 
-fn exec_or_report(path: &CString, argv: &[CString], env: &[CString], err: &OwnedFd) -> ! {
+/// What the kernel sends init when the supervisor (its parent) ends, however it ends (SIGKILL included).
+/// A job is never left running unsupervised: unreachable by `vrun checkpoint`, not listed, its output going
+/// nowhere. It ends with its supervisor, as a program ends when its terminal's session does; the last image
+/// stays. (Processes of the job may send init the same signal: init acts only if the supervisor is really gone.)
+const SUPERVISOR_GONE: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGHUP;
+
+/// Whether the supervisor is gone: it alone holds the read end of the status pipe, which init writes.
+fn supervisor_gone(status: impl std::os::fd::AsFd) -> bool {
+    let mut p = [nix::poll::PollFd::new(status.as_fd(), nix::poll::PollFlags::empty())];
+    nix::poll::poll(&mut p, nix::poll::PollTimeout::ZERO).is_ok_and(|n| n > 0)
+        && p[0].revents().is_some_and(|r| r.intersects(nix::poll::PollFlags::POLLERR | nix::poll::PollFlags::POLLHUP))
+}
+
+fn exec_or_report(path: &CString, argv: &[CString], env: &[CString], err: RawFd) -> ! {
     let e = if path.as_bytes().contains(&b'/') {
         nix::unistd::execve(path, argv, env).unwrap_err()
     } else {
         nix::unistd::execvpe(path, argv, env).unwrap_err()
     };
-    let _ = nix::unistd::write(err, &(e as i32).to_le_bytes());
+    report_and_exit(err, e)
+}
+
+/// Tell the supervisor (through the error pipe) why the child could not become what it should, and end it.
+fn report_and_exit(err: RawFd, e: nix::errno::Errno) -> ! {
+    let _ = nix::unistd::write(unsafe_borrow(err), &(e as i32).to_le_bytes());
     // SAFETY: leave the child without running destructors.
     unsafe { libc::_exit(127) }
 }
@@ -307,26 +351,46 @@ fn spawn_with_pid(pid: i32, child: impl FnOnce() -> std::convert::Infallible) ->
     }
 }
 
-/// Give the child exactly `fds` (source, target) plus `keep`, closing everything else.
-fn arrange_fds(fds: &[(RawFd, i32)], keep: RawFd) {
-    let top = fds.iter().map(|&(_, d)| d).chain([keep]).max().unwrap_or(0) + 1;
-    let moved: Vec<(RawFd, i32)> = fds
-        .iter()
-        // SAFETY: F_DUPFD of an fd we hold.
-        .map(|&(s, d)| (unsafe { libc::fcntl(s, libc::F_DUPFD_CLOEXEC, top) }, d))
-        .collect();
-    for &(s, d) in &moved {
-        // SAFETY: plain dup3 onto a number we want.
-        unsafe { libc::dup3(s, d, 0) };
+/// Give the child exactly `fds` (source, target) plus `keep`, closing everything else; returns where `keep` is
+/// now. Only fds that sit on another entry's target number are moved out of the way first (moving all of them
+/// would need twice the fds: a job with thousands of fds would run out).
+fn arrange_fds(fds: &[(RawFd, i32)], keep: RawFd) -> nix::Result<RawFd> {
+    use std::collections::HashSet;
+    let targets: HashSet<i32> = fds.iter().map(|&(_, d)| d).collect();
+    let above = fds.iter().flat_map(|&(s, d)| [s, d]).chain([keep]).max().unwrap_or(0) + 1;
+    let keep = if targets.contains(&keep) { nix::fcntl::fcntl(unsafe_borrow(keep), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(above))? } else { keep };
+    let mut moved: Vec<(RawFd, i32)> = Vec::with_capacity(fds.len());
+    for &(s, d) in fds {
+        let s = if s != d && targets.contains(&s) { nix::fcntl::fcntl(unsafe_borrow(s), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(above))? } else { s };
+        moved.push((s, d));
     }
-    let wanted: Vec<i32> = fds.iter().map(|&(_, d)| d).chain([keep]).collect();
-    if let Ok(rd) = std::fs::read_dir("/proc/self/fd") {
-        let open: Vec<i32> = rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
-        for fd in open.into_iter().filter(|f| !wanted.contains(f)) {
-            // SAFETY: closing an fd this child does not want.
-            unsafe { libc::close(fd) };
+    for &(s, d) in &moved {
+        if s == d {
+            // Already in place: only its close-on-exec flag must go.
+            nix::fcntl::fcntl(unsafe_borrow(d), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+        } else {
+            // SAFETY: plain dup3 onto a number we want; the source stays open for other targets.
+            if unsafe { libc::dup3(s, d, 0) } < 0 {
+                return Err(nix::errno::Errno::last());
+            }
         }
     }
+    let wanted: HashSet<i32> = targets.into_iter().chain([keep]).collect();
+    let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in open.into_iter().filter(|f| !wanted.contains(f)) {
+        // SAFETY: closing an fd this child does not want.
+        unsafe { libc::close(fd) };
+    }
+    Ok(keep)
+}
+
+fn unsafe_borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: the fds arranged are init's, open for the whole life of the child that arranges them.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
 /// Without root, the restorer and the shim's restart code run as the job's own (unprivileged) user, which
@@ -365,9 +429,22 @@ fn lend_restore_caps() {
     }
 }
 
-fn raise_nofile() {
-    if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+/// The open-file limit vrun was started with (`raise_nofile` raised vrun's own; the job gets this one back).
+static NOFILE: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// Let this process open as many files as the hard limit allows: a supervisor holds every open file of a job
+/// while restoring it, and its children lay out thousands of fds. Remembers the limit the job must have.
+pub fn raise_nofile() {
+    if let Ok((soft, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        let _ = NOFILE.set((soft, hard));
         let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// Give a process that starts the job the open-file limit vrun had (not the one it raised for itself).
+fn lower_nofile() {
+    if let Some(&(soft, hard)) = NOFILE.get() {
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard);
     }
 }
 

@@ -48,6 +48,9 @@ pub struct Args {
     pub fill_fd: Option<RawFd>,
 }
 
+/// How long a job restored for a migration must run before the source is told it runs here (`--report-fd`).
+const SETTLE_MS: u16 = 300;
+
 /// With VOS_TIMING set, `vrun restore` reports how long each phase took (on stderr).
 struct Phases(Option<std::time::Instant>);
 
@@ -130,6 +133,8 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     let mut ctls: Vec<OwnedFd> = vec![];
     let mut plans: Vec<(Vec<u8>, usize)> = vec![]; // (process plan, index of its entry)
     let object_at: Vec<i32> = objects.iter().map(|o| fds.put(o.as_raw_fd())).collect();
+    let stdio_bound = files::stdio_bindings(&job, &stdio)?;
+    let stdio_at: Vec<i32> = stdio_bound.iter().map(|o| fds.put(o.as_raw_fd())).collect();
     let shm_at: Vec<i32> = shm.iter().map(|m| fds.put(m.as_raw_fd())).collect();
     let mut keep: Vec<OwnedFd> = vec![];
     for (i, p) in job.processes.iter().enumerate() {
@@ -138,8 +143,8 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         keep.push(child);
         ctls.push(parent);
         let spec = RestartSpec {
-            process: p.clone(),
-            fd_sources: p.fds.iter().map(|f| object_at[f.file as usize]).collect(),
+            process: for_restart(p),
+            fd_sources: p.fds.iter().map(|f| files::source_of(&job, f, &object_at, &stdio_at)).collect(),
             ctl_fd: ctl_at,
             sock: listener.name.clone(),
             log: runtime::log_path(&name).display().to_string(),
@@ -156,7 +161,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     fds.set(memfd_plan, plan_fd.as_raw_fd());
     phases.mark("image checked and planned");
 
-    supervisor::block_signals()?;
+    supervisor::block_signals(a.signals)?;
     let first = &job.processes[0].attrs;
     let now = |c| nix::time::clock_gettime(c).map(|t| t.tv_sec() as i64 * 1_000_000_000 + t.tv_nsec() as i64);
     let clocks = ClockOffsets {
@@ -183,7 +188,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     };
     let started = ns::start(child, clocks, own_mounts)?;
     phases.mark("restorer started");
-    drop((keep, objects, shm, sysv_contents, bundled, plan_fd, stdin));
+    drop((keep, objects, shm, sysv_contents, bundled, plan_fd, stdin, stdio_bound));
     let fail = |e: anyhow::Error| -> anyhow::Error {
         let _ = nix::sys::signal::kill(started.init, nix::sys::signal::Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(started.init, None);
@@ -246,6 +251,24 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         terminal::redraw();
     }
     if let Some(r) = report {
+        // A migration's source lets its copy go once told the job runs here: the job must have run past its
+        // restart, not merely been made. One that fails at once (a signal, an error exit) is reported, and the
+        // source keeps its copy; one that ends well that soon has done its work.
+        let mut ended = [PollFd::new(started.status.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut ended, PollTimeout::from(SETTLE_MS)).is_ok_and(|n| n > 0) {
+            let mut b = [0u8; 4];
+            let st = std::io::Read::read_exact(&mut &started.status, &mut b).map(|_| i32::from_le_bytes(b));
+            let _ = nix::sys::wait::waitpid(started.init, None);
+            match st {
+                Ok(0) => {
+                    let _ = nix::unistd::write(&r, format!("running {name}\n").as_bytes());
+                    std::process::exit(0);
+                }
+                Ok(st) if st & 0x7f != 0 => bail!("the restored job was killed by signal {} at once", st & 0x7f),
+                Ok(st) => bail!("the restored job exited with status {} at once", (st >> 8) & 0xff),
+                Err(_) => bail!("the restored job ended at once"),
+            }
+        }
         let _ = nix::unistd::write(&r, format!("running {name}\n").as_bytes());
     }
     drop(ctls);
@@ -266,6 +289,12 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
 fn unsafe_borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
     // SAFETY: the fd belongs to an object alive for the whole restore.
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}
+
+/// What of a process the shim's restart code needs: not its memory map (the restorer made it; a job with
+/// hundreds of thousands of mappings would otherwise make a plan too large), not its program or auxv.
+fn for_restart(p: &ProcessImage) -> ProcessImage {
+    ProcessImage { regions: vec![], argv: vec![], exe: Default::default(), mm: Default::default(), ..p.clone() }
 }
 
 /// The userfaultfd and the table of runs a restorer left to fill, sent after its report.
@@ -475,6 +504,32 @@ fn rebase(plan: &[u8], base: u64) -> Vec<u8> {
         }
     }
     v
+}
+
+/// How many fd numbers a restore of `job` needs in each restored process (`Fds`: above the job's own highest fd,
+/// one per open file, piece of shared memory, carried or mapped file, and a few of its own), so that a checkpoint
+/// can refuse a job no restore could take (`ns::arrange_fds` lays them out within the hard open-file limit).
+pub fn fds_needed(job: &JobImage) -> u64 {
+    let top = job.processes.iter().flat_map(|p| p.fds.iter().map(|f| f.fd as u64 + 1)).max().unwrap_or(0).max(10);
+    let mapped: std::collections::HashSet<&str> =
+        job.processes.iter().flat_map(|p| p.regions.iter().filter_map(|r| r.file.as_ref()).map(|f| f.path.as_str()).chain([p.exe.path.as_str()])).collect();
+    let objects = job.files.len() + job.shared_memory.len() + job.bundle.len() + mapped.len() + 2 * job.processes.len() + 3;
+    top + objects as u64 + 16
+}
+
+/// About how large the restore plan of `job` will be (`job_plan`): a map op and its name per mapping, and the
+/// restart spec per process. A checkpoint refuses a job whose plan no restore could take (`plan::MAX_PLAN`).
+pub fn plan_size(job: &JobImage) -> u64 {
+    let per_process: u64 = job
+        .processes
+        .iter()
+        .map(|p| {
+            let spec = rmp_serde::to_vec_named(&for_restart(p)).map_or(0, |v| v.len() as u64);
+            let names: u64 = p.regions.iter().map(|r| r.name.len() as u64 + 8).sum();
+            p.regions.len() as u64 * std::mem::size_of::<MapOp>() as u64 + names + p.mm.auxv.len() as u64 + spec + 4096
+        })
+        .sum();
+    per_process + ((job.processes.len() + job.zombies.len()) * std::mem::size_of::<ProcEntry>()) as u64 + 2 * 4096
 }
 
 /// The fds the restored processes inherit, at numbers above every fd of the job.

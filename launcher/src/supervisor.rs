@@ -64,24 +64,32 @@ pub struct Supervisor {
     pub(crate) filling: Option<OwnedFd>,
 }
 
-/// Signals the supervisor forwards to the job (and the one it waits for).
-fn handled() -> SigSet {
+/// Signals the supervisor forwards to the job (and the one it waits for): the usual ones a user or a scheduler
+/// sends, and the job's two trigger signals (`signals`), so `kill -s RTMAX-1 <vrun pid>` checkpoints the job
+/// instead of killing its supervisor (a real-time signal's default action ends a process).
+fn handled(signals: (i32, i32)) -> SigSet {
     let mut s = SigSet::empty();
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGCHLD, Signal::SIGALRM, Signal::SIGWINCH, Signal::SIGCONT] {
         s.add(sig);
     }
-    s
+    let mut raw: libc::sigset_t = *s.as_ref();
+    for sig in [signals.0, signals.1] {
+        // SAFETY: sigaddset on a valid set; an out-of-range number only makes it fail (clap checked them).
+        unsafe { libc::sigaddset(&mut raw, sig) };
+    }
+    // SAFETY: `raw` was made from a valid SigSet by sigaddset.
+    unsafe { SigSet::from_sigset_t_unchecked(raw) }
 }
 
 /// Block the handled signals before the job starts, so none is lost; the job unblocks them for itself.
-pub fn block_signals() -> Result<()> {
-    handled().thread_block()?;
+pub fn block_signals(signals: (i32, i32)) -> Result<()> {
+    handled(signals).thread_block()?;
     Ok(())
 }
 
 impl Supervisor {
     pub fn new(opts: Options, listener: Listener, job: Started, argv: Vec<String>, started_unix_ns: u64) -> Result<Supervisor> {
-        let sigfd = SignalFd::with_flags(&handled(), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+        let sigfd = SignalFd::with_flags(&handled(opts.signals), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
         let s = Supervisor { opts, listener, job, argv, started_unix_ns, sigfd, checkpointed_and_stopped: None, precopied: None, filling: None };
         runtime::register(&runtime::Entry {
             name: s.opts.name.clone(),
@@ -169,7 +177,7 @@ impl Supervisor {
             std::process::exit(code);
         }
         // Die of the same signal, so our parent sees what it would have seen without us.
-        let _ = handled().thread_unblock();
+        let _ = handled(self.opts.signals).thread_unblock();
         // SAFETY: resetting a disposition and signalling ourselves.
         unsafe {
             libc::signal(sig, libc::SIG_DFL);
@@ -222,8 +230,14 @@ impl Supervisor {
             }
             Msg::Checkpoint { kill, to, fd_attached, bundle, tcp_established, handoff, pages } => {
                 let dest = match (to, fd_attached, fd) {
-                    (_, true, Some(fd)) => Dest::Fd(crate::ns::owned(fd)),
-                    (Some(p), _, _) => Dest::Path(PathBuf::from(p)),
+                    (_, true, Some(fd)) => Dest::Stream { fd: crate::ns::owned(fd), name: None },
+                    (Some(p), _, _) => match Dest::to_path(std::path::Path::new(&p)) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            let _ = proto::send(conn.as_raw_fd(), &Msg::CheckpointFailed { why: format!("{e:#}") }, None);
+                            return;
+                        }
+                    },
                     _ => Dest::Dir,
                 };
                 // A migration's client shows its own progress; a checkpoint's is told how far the image is.
@@ -241,8 +255,12 @@ impl Supervisor {
                 let _ = proto::send(conn.as_raw_fd(), &answer, None);
             }
             Msg::Hello { pid, trigger } => {
-                // A trigger signal from outside (kill -s RTMAX-1): a checkpoint to the job's directory.
-                let Trigger::Signal { sig } = trigger else { return };
+                // A trigger signal from outside (kill -s RTMAX-1): a checkpoint to the job's directory. One of
+                // ours heard only now belongs to a checkpoint that is over (the process was stopped meanwhile).
+                let Trigger::Signal { sig } = trigger else {
+                    let _ = proto::send(conn.as_raw_fd(), &Msg::Cancel { why: "no checkpoint is running".into() }, None);
+                    return;
+                };
                 let kill = sig == self.opts.signals.1;
                 let req = Request::to_dir(kill, "signal");
                 match self.checkpoint(req, Some((conn, pid))) {
@@ -261,6 +279,29 @@ impl Supervisor {
 pub fn send_signal(pid: nix::unistd::Pid, sig: i32) -> std::io::Result<()> {
     // SAFETY: kill has no memory effects.
     if unsafe { libc::kill(pid.as_raw(), sig) } == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Send process `pid` of the job the trigger signal `sig` for a checkpoint the supervisor runs: queued with the
+/// supervisor's mark, so its shim says so (a shim that hears it only later, when no checkpoint runs, is told to
+/// go on: `on_connection`).
+pub fn ask_checkpoint(pid: nix::unistd::Pid, sig: i32) -> std::io::Result<()> {
+    // SAFETY: siginfo is plain data; rt_sigqueueinfo only reads it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let raw = &mut info as *mut libc::siginfo_t as *mut u8;
+    // SAFETY: writing si_signo, si_code, si_pid, si_uid and si_value at their x86-64 offsets inside the struct.
+    unsafe {
+        std::ptr::write_unaligned(raw as *mut i32, sig);
+        std::ptr::write_unaligned(raw.add(8) as *mut i32, libc::SI_QUEUE);
+        std::ptr::write_unaligned(raw.add(16) as *mut i32, libc::getpid());
+        std::ptr::write_unaligned(raw.add(20) as *mut u32, libc::getuid());
+        std::ptr::write_unaligned(raw.add(24) as *mut u64, vos::signals::SUPERVISOR_MAGIC);
+    }
+    // SAFETY: a valid siginfo for the call.
+    if unsafe { libc::syscall(libc::SYS_rt_sigqueueinfo, pid.as_raw(), sig, &info as *const libc::siginfo_t) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Only our own user (or root) may drive a job.

@@ -39,8 +39,11 @@ const STACK_SIZE: usize = 256 << 10;
 struct Aligned<const N: usize>([u8; N]);
 
 static mut STACK: Aligned<STACK_SIZE> = Aligned([0; STACK_SIZE]);
-/// The plan, read whole; its blob stays here until the shim has copied it.
-static mut PLAN: Aligned<{ plan::MAX_PLAN }> = Aligned([0; plan::MAX_PLAN]);
+
+unsafe extern "C" {
+    /// The linker's end of this program's memory (bss included).
+    static _end: u8;
+}
 
 freestanding_start!(STACK, STACK_SIZE, rmain);
 
@@ -82,9 +85,8 @@ extern "C" fn rmain(sp: *const usize) -> ! {
         }
         (parse_num(*(sp.add(2)) as *const u8), parse_num(*(sp.add(3)) as *const u8) as usize)
     };
-    // SAFETY: PLAN is this process's own (a forked child gets its own copy).
-    let buf: &mut [u8] = unsafe { &mut *core::ptr::addr_of_mut!(PLAN.0) };
-    let len = read_all(plan_fd, buf);
+    let buf = map_plan(plan_fd);
+    let len = buf.len();
     if len < core::mem::size_of::<JobPlanHead>() {
         fail(&Msg::new("vos-restore: plan too short"));
     }
@@ -170,18 +172,27 @@ fn parse_num(mut p: *const u8) -> i32 {
     v
 }
 
-/// Read the whole plan (with pread: every restorer of the job shares this fd and its offset).
-fn read_all(fd: i32, buf: &mut [u8]) -> usize {
-    let mut n = 0;
-    while n < buf.len() {
-        match sys::pread(fd, &mut buf[n..], n as u64) {
-            Ok(0) => return n,
-            Ok(k) => n += k,
-            Err(sys::Errno::EINTR) => {}
-            Err(e) => fail(Msg::new("vos-restore: reading the plan: ").errno(e)),
-        }
+/// Map the whole plan at `plan::PLAN_ADDR`, privately (a forked child gets its own copy): its size is the
+/// plan's, up to the room left in the window. Its blob stays there until the shim has copied it.
+fn map_plan(fd: i32) -> &'static [u8] {
+    // SAFETY: only the address of the linker symbol is taken.
+    let end = core::ptr::addr_of!(_end) as u64;
+    if end > plan::PLAN_ADDR {
+        fail(&Msg::new("vos-restore: the restorer overlaps its plan's place (built wrong)"));
     }
-    fail(&Msg::new("vos-restore: plan too large"))
+    let len = match sys::fstat(fd) {
+        Ok(st) if st.st_size > 0 && st.st_size as u64 <= plan::MAX_PLAN as u64 => st.st_size as usize,
+        Ok(_) => fail(&Msg::new("vos-restore: the plan is empty or too large")),
+        Err(e) => fail(Msg::new("vos-restore: the plan: ").errno(e)),
+    };
+    let flags = libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE;
+    // SAFETY: a fresh private mapping of the plan in our own window, where nothing else lies (checked above).
+    match unsafe { sys::mmap(plan::PLAN_ADDR as usize, len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) } {
+        // SAFETY: `len` readable bytes were just mapped there; they stay mapped until the window is given back.
+        Ok(a) if a as u64 == plan::PLAN_ADDR => unsafe { core::slice::from_raw_parts(a as *const u8, len) },
+        Ok(_) => fail(&Msg::new("vos-restore: the plan landed elsewhere")),
+        Err(e) => fail(Msg::new("vos-restore: mapping the plan: ").errno(e)),
+    }
 }
 
 #[panic_handler]

@@ -34,8 +34,12 @@ pub static COORDINATOR: AtomicI32 = AtomicI32::new(0);
 const SUPERVISOR_TIMEOUT_S: i64 = 300;
 const PARK_TIMEOUT_NS: u64 = 10_000_000_000;
 
-/// A trigger signal arrived (in a signal handler): start a coordinator unless one runs.
-pub fn trigger(sig: i32) {
+/// Bit of the coordinator's argument that says the supervisor sent the trigger (the rest is the signal).
+const FROM_SUPERVISOR: usize = 1 << 16;
+
+/// A trigger signal arrived (in a signal handler): start a coordinator unless one runs. `supervisor`: the job's
+/// supervisor sent it, for a checkpoint it runs.
+pub fn trigger(sig: i32, supervisor: bool) {
     // This very handler may have interrupted a sleeping call of the app: let the hook retry it.
     interrupts::GEN.fetch_add(1, Ordering::AcqRel);
     if COORDINATOR.compare_exchange(0, -1, Ordering::AcqRel, Ordering::Acquire).is_err() {
@@ -58,7 +62,8 @@ pub fn trigger(sig: i32) {
     };
     // SAFETY: the stack and TCB are reserved for the coordinator; it runs only `coordinate`. The new thread
     // inherits this handler's mask: every signal blocked.
-    if let Err(e) = unsafe { sys::clone3_thread(&args, coordinate, sig as usize) } {
+    let arg = sig as usize | if supervisor { FROM_SUPERVISOR } else { 0 };
+    if let Err(e) = unsafe { sys::clone3_thread(&args, coordinate, arg) } {
         COORDINATOR.store(0, Ordering::Release);
         log::line(format_args!("cannot start the checkpoint thread: {e}"));
     }
@@ -71,9 +76,13 @@ fn stack_range() -> (u64, u64) {
     (s, s + STACK_SIZE as u64)
 }
 
-extern "C" fn coordinate(sig: usize) -> ! {
+extern "C" fn coordinate(arg: usize) -> ! {
     arena::begin_session();
-    if let Err(e) = run(sig as i32) {
+    let trigger = match arg & FROM_SUPERVISOR {
+        0 => Trigger::Signal { sig: (arg & 0xffff) as i32 },
+        _ => Trigger::Supervisor,
+    };
+    if let Err(e) = run(trigger) {
         log::line(format_args!("checkpoint abandoned: {e}"));
     }
     arena::end_session();
@@ -112,7 +121,7 @@ fn move_high(fd: i32) -> i32 {
     }
 }
 
-fn run(sig: i32) -> Result<(), String> {
+fn run(trigger: Trigger) -> Result<(), String> {
     // SAFETY: CONFIG is written only before other shim code runs.
     let sock = unsafe { CONFIG.get().sock.clone() };
     if sock.is_empty() {
@@ -124,7 +133,7 @@ fn run(sig: i32) -> Result<(), String> {
     unsafe {
         sys::syscall6(libc::SYS_setsockopt, conn.0 as usize, libc::SOL_SOCKET as usize, libc::SO_RCVTIMEO as usize, &tv as *const libc::timeval as usize, core::mem::size_of::<libc::timeval>(), 0);
     }
-    conn.send(&Msg::Hello { pid: sys::getpid(), trigger: Trigger::Signal { sig } }, None)?;
+    conn.send(&Msg::Hello { pid: sys::getpid(), trigger }, None)?;
     match conn.recv()? {
         (Msg::Begin { .. }, _) => {}
         (Msg::Cancel { why }, _) => return Err(format!("the supervisor declined: {why}")),

@@ -87,7 +87,7 @@ extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void)
         threads::park((value & 0xffff_ffff) as usize, uc);
     } else if matches!(code, libc::SI_USER | libc::SI_QUEUE | libc::SI_TKILL) && pid != me {
         // From outside the job (seen from inside a pid namespace, an outside sender's pid reads as 0).
-        checkpoint::trigger(sig);
+        checkpoint::trigger(sig, code == libc::SI_QUEUE && value == vos::signals::SUPERVISOR_MAGIC);
     } else {
         deliver_to_app(sig, info, uc);
     }
