@@ -51,6 +51,9 @@ const SIGINFO_LEN: usize = 128;
 /// A unix socket path fits sun_path with its NUL.
 const SUN_PATH: usize = 107;
 const PAGE: u64 = 4096;
+/// A pseudo-terminal's input queue (N_TTY_BUF_SIZE) and its buffer towards the master (tty_buffer's limit).
+const PTY_INPUT: usize = 4096;
+const PTY_OUTPUT: usize = 65536;
 
 /// A path the restore may open or create: absolute, no NUL, not too long.
 pub fn check_path(field: &str, p: &str) -> R {
@@ -203,6 +206,10 @@ impl JobImage {
         }
         for (i, p) in self.ptys.iter().enumerate() {
             check_termios(&format!("ptys[{i}].termios"), &p.termios)?;
+            // What a pseudo-terminal can hold in flight (the restore writes it back, and would wait for room).
+            if p.input.len() > PTY_INPUT || p.output.len() > PTY_OUTPUT {
+                return Err(bad(format!("ptys[{i}]"), format!("{} and {} bytes in flight: more than a pseudo-terminal holds", p.input.len(), p.output.len())));
+            }
         }
         for (i, d) in self.data.iter().enumerate() {
             if d.size > MAX_OBJECT || d.stored > d.size {
@@ -344,6 +351,12 @@ impl JobImage {
         }
         if p.shim.restart_stack_top % 16 != 0 || !inside(p.shim.restart_stack_top, libc::PROT_READ | libc::PROT_WRITE, true) {
             return Err(bad(format!("{at}.shim.restart_stack_top"), format!("{:#x} is not in the process's writable memory", p.shim.restart_stack_top)));
+        }
+        // Each thread resumes from the frame the shim saved on its stack.
+        for (k, t) in p.threads.iter().enumerate() {
+            if !inside(t.park_rsp, libc::PROT_READ | libc::PROT_WRITE, false) {
+                return Err(bad(format!("{at}.threads[{k}].park_rsp"), format!("{:#x} is not in the process's writable memory", t.park_rsp)));
+            }
         }
         Ok(())
     }
@@ -638,7 +651,7 @@ mod tests {
             pgid: 2,
             sid: 2,
             exe: file("/usr/bin/calc"),
-            threads: vec![ThreadImage { tid: 2, ..Default::default() }],
+            threads: vec![ThreadImage { tid: 2, park_rsp: 0x7ffd_0001_0000, ..Default::default() }],
             regions: vec![code, heap, stack],
             fds: vec![FdImage { fd: 0, cloexec: false, file: 0 }, FdImage { fd: 1, cloexec: false, file: 1 }, FdImage { fd: 5, cloexec: true, file: 2 }],
             attrs: ProcessAttrs { cwd: "/tmp".into(), ..Default::default() },
@@ -710,6 +723,7 @@ mod tests {
         refused("processes[0].threads", |_, j| j.processes[0].threads[0].tid = 3);
         refused("zombies[0].pid", |_, j| j.zombies.push(ZombieImage { ids: Ids { pid: 2, ppid: 2, pgid: 2, sid: 2 }, ..Default::default() }));
         refused("processes[0].threads[1].tid", |_, j| j.processes[0].threads.push(ThreadImage { tid: i32::MAX, ..Default::default() }));
+        refused("processes[0].threads[0].park_rsp", |_, j| j.processes[0].threads[0].park_rsp = 0);
         refused("header.job.name", |h, _| h.job.name = "../../etc/cron.d/x".into());
         refused("header.job.name", |h, _| h.job.name = String::new());
     }
@@ -811,6 +825,10 @@ mod tests {
             j.files[1].kind = FileKind::Inotify { watches: vec![w(3), w(2)] };
         });
         refused("ptys[0].termios", |_, j| j.ptys.push(PtyImage::default()));
+        refused("ptys[0]", |_, j| {
+            let termios = serde_bytes::ByteBuf::from(vec![0; core::mem::size_of::<libc::termios>()]);
+            j.ptys.push(PtyImage { termios, input: serde_bytes::ByteBuf::from(vec![b'x'; 1 << 20]), ..Default::default() })
+        });
     }
 
     #[test]

@@ -191,7 +191,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     // Every process reports once its memory is back (or why it failed), then once fds, signals and threads are.
     let mut last_seq = 0;
     for (i, c) in ctls.iter().enumerate() {
-        let report = wait_report(&ctls[i..], &started.status, &job.processes[i..], &mut || image_read.show()).map_err(fail)?;
+        let report = wait_report(&ctls, i, &started.status, &job.processes, &mut || image_read.show()).map_err(fail)?;
         last_seq = last_seq.max(report.next_seq);
         if report.lazy_runs > 0 {
             let (uffd, runs) = lazy_runs(c).map_err(fail)?;
@@ -305,10 +305,12 @@ impl ImageRead {
     }
 }
 
-/// Wait for the report of the restorer on `ctls[0]` (of `procs[0]`); `tick` is called every quarter second
-/// meanwhile. The restorers after it may fail first (the first one then waits for them for ever): a failure they
-/// report, or their end, ends the wait too.
-fn wait_report(ctls: &[OwnedFd], status: &File, procs: &[ProcessImage], tick: &mut dyn FnMut()) -> Result<plan::RestorerReport> {
+/// Wait for the report of the restorer of process `at` (on `all[at]`); `tick` is called every quarter second
+/// meanwhile. The restorers after it may fail first (this one then waits for them for ever): a failure they
+/// report, or their end, ends the wait too; so does the end of the job's main process, with the reason an earlier
+/// process's restart gave, if one did.
+fn wait_report(all: &[OwnedFd], at: usize, status: &File, all_procs: &[ProcessImage], tick: &mut dyn FnMut()) -> Result<plan::RestorerReport> {
+    let (ctls, procs) = (&all[at..], &all_procs[at..]);
     let pid = procs[0].pid;
     // Later restorers that reported success already: not watched any more (their report stays queued).
     let mut fine = vec![false; ctls.len()];
@@ -341,7 +343,17 @@ fn wait_report(ctls: &[OwnedFd], status: &File, procs: &[ProcessImage], tick: &m
             }
         }
         if ready(0) {
-            bail!("the restore failed: the job's main process ended (pid {pid} never reported)");
+            for (c, p) in all[..at].iter().zip(all_procs) {
+                let mut buf = vec![0u8; proto::MAX_MSG];
+                let peeked = nix::sys::socket::recv(c.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT);
+                if let Some(Msg::RestoreFailed { why }) = peeked.ok().and_then(|n| proto::decode(&buf[..n])) {
+                    bail!("restoring pid {} failed: {why}", p.pid);
+                }
+            }
+            match at {
+                0 => bail!("the restore failed: the job's main process ended (pid {pid} never reported)"),
+                _ => bail!("the restore failed: the job's main process (pid {}) ended after its memory was restored", all_procs[0].pid),
+            }
         }
     }
     let ctl = &ctls[0];
