@@ -73,7 +73,8 @@ pub fn open(path: &str, flags: i32, want: Want) -> Result<(OwnedFd, libc::stat)>
     if !want.matches(&st) {
         bail!("{path} is not {}", want.name());
     }
-    let mut flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_PATH | libc::O_NOFOLLOW)) | libc::O_CLOEXEC | libc::O_NOCTTY;
+    // O_NOFOLLOW would stop at the /proc link itself; the path's end was checked above.
+    let mut flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOFOLLOW)) | libc::O_CLOEXEC | libc::O_NOCTTY;
     match want {
         Want::Dir => flags |= libc::O_DIRECTORY,
         Want::Fifo | Want::Device(..) => flags |= libc::O_NONBLOCK,

@@ -516,8 +516,8 @@ fn rebase(plan: &[u8], base: u64) -> Vec<u8> {
 struct Fds {
     next: i32,
     list: Vec<(RawFd, i32)>,
-    /// Files opened for mappings, by path (shared by every process that maps them).
-    by_path: HashMap<(String, bool), i32>,
+    /// Files opened for mappings, by path, for writing, privately (shared by every process that maps them).
+    by_path: HashMap<(String, bool, bool), i32>,
     /// Carried files (`bundle`), by the checkpoint host's (dev, ino): mapped instead of the host's.
     bundled: HashMap<(u64, u64), i32>,
     /// Files `check_files` found to be what the image needs, by path.
@@ -546,11 +546,12 @@ impl Fds {
     /// written (`write`) opens it for writing; page data never goes into it (`MapOp::fillable`).
     fn file(&mut self, id: &vos::image::FileId, private: bool, write: bool, keep: &mut Vec<OwnedFd>) -> Result<i32> {
         let write = write && !private;
-        if let Some(&n) = self.bundled.get(&(id.dev, id.ino)).filter(|_| private) {
+        if let Some(&n) = self.bundled.get(&(id.dev, id.ino)).filter(|_| !write) {
             return Ok(n);
         }
         let path = id.path.as_str();
-        if let Some(&n) = self.by_path.get(&(path.to_string(), write)) {
+        let key = (path.to_string(), write, private);
+        if let Some(&n) = self.by_path.get(&key) {
             return Ok(n);
         }
         let flags = if write { libc::O_RDWR } else { libc::O_RDONLY };
@@ -561,7 +562,7 @@ impl Fds {
         }
         let n = self.put(f.as_raw_fd());
         keep.push(f.into());
-        self.by_path.insert((path.to_string(), write), n);
+        self.by_path.insert(key, n);
         Ok(n)
     }
 }
