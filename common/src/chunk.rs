@@ -10,7 +10,9 @@
 //! the head and `payload_hash` the payload (xxh3). Everything is written and read strictly forward, so the same
 //! code works on a file, a pipe and a socket. A Pages payload is a run table followed by the runs' bytes:
 //! `nruns:u32 0:u32 (addr:u64 len:u64)*nruns data`. Metadata payloads are MessagePack (see `image`). Order:
-//! Header, Job, Data chunks, then for each process its Pages and a ProcessEnd, then End.
+//! Header, Job, Data chunks, then for each process its Pages (and Reuse) chunks and a ProcessEnd, then End, then
+//! nothing. A ProcessEnd payload is `pages:u64` (the pages its Pages and Reuse chunks list, so the restorer can
+//! tell a chunk is missing without MessagePack) followed by the MessagePack summary.
 //!
 //! This module is `no_std`: the restorer reads page chunks with it.
 
@@ -19,7 +21,7 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 pub const FILE_MAGIC: [u8; 8] = *b"\x7fVOSIMG\n";
 /// Bumped on any incompatible change; a reader refuses other versions.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const FILE_HEAD_LEN: usize = 16;
 pub const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"VCHK");
 pub const CHUNK_HEAD_LEN: usize = 40;
@@ -39,7 +41,7 @@ pub enum Kind {
     Job = 2,
     /// Page data of one process (processes follow each other in the order of the job's metadata).
     Pages = 3,
-    /// MessagePack `image::ProcessSummary`: what was stored per region.
+    /// `pages:u64`, then MessagePack `image::ProcessSummary`: what was stored per region.
     ProcessEnd = 4,
     /// Last chunk: `chunks:u64`, the number of chunks before it.
     End = 5,
@@ -193,6 +195,7 @@ impl PageRun {
         b[8..].copy_from_slice(&self.len.to_le_bytes());
         b
     }
+    /// Decode the run at the start of `b`, which must hold `RUN_LEN` bytes or more.
     pub fn decode(b: &[u8]) -> PageRun {
         let mut a = [0u8; 8];
         a.copy_from_slice(&b[..8]);
@@ -200,6 +203,42 @@ impl PageRun {
         a.copy_from_slice(&b[8..16]);
         PageRun { addr, len: u64::from_le_bytes(a) }
     }
+
+    /// The run's end, if it is a well-formed one: page aligned, not empty, within user space, no overflow.
+    pub fn end(&self) -> Option<u64> {
+        let end = self.addr.checked_add(self.len)?;
+        let aligned = self.addr % PAGE as u64 == 0 && self.len % PAGE as u64 == 0;
+        (aligned && self.len > 0 && end <= crate::plan::USER_END).then_some(end)
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.len / PAGE as u64
+    }
+}
+
+/// Bytes before a ProcessEnd chunk's MessagePack summary.
+pub const PROCESS_END_PREFIX: usize = 8;
+
+/// The start of a ProcessEnd payload: the number of pages the process's Pages and Reuse chunks list.
+pub fn process_end_prefix(pages: u64) -> [u8; PROCESS_END_PREFIX] {
+    pages.to_le_bytes()
+}
+
+/// A ProcessEnd payload's page count and summary bytes; None when it is too short to hold the count.
+pub fn split_process_end(payload: &[u8]) -> Option<(u64, &[u8])> {
+    let (count, rest) = payload.split_first_chunk::<PROCESS_END_PREFIX>()?;
+    Some((u64::from_le_bytes(*count), rest))
+}
+
+/// A Pages or Reuse payload's run table: `(nruns, table bytes)`; None when the payload cannot hold it.
+pub fn run_table(payload: &[u8]) -> Option<(usize, &[u8])> {
+    let (n, _) = payload.split_first_chunk::<4>()?;
+    let n = u32::from_le_bytes(*n);
+    if n > MAX_RUNS {
+        return None;
+    }
+    let len = 8 + n as usize * RUN_LEN;
+    Some((n as usize, payload.get(8..len)?))
 }
 
 /// The payload hash of a Pages chunk, fed piece by piece.
@@ -272,10 +311,29 @@ mod tests {
     fn file_head() {
         assert!(check_file_head(&super::file_head()).is_ok());
         let mut b = super::file_head();
-        b[8] = 2;
-        assert_eq!(check_file_head(&b), Err(ImageError::Version(2)));
+        b[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        assert_eq!(check_file_head(&b), Err(ImageError::Version(FORMAT_VERSION + 1)));
         b[0] = 0;
         assert_eq!(check_file_head(&b), Err(ImageError::NotAnImage));
+    }
+
+    #[test]
+    fn runs_and_tables_from_hostile_bytes() {
+        assert_eq!(PageRun { addr: 0x1000, len: 0x2000 }.end(), Some(0x3000));
+        for bad in [(0x1001, 0x1000), (0x1000, 0), (0x1000, 0x10), (u64::MAX & !0xfff, 0x2000), (crate::plan::USER_END, 0x1000)] {
+            assert_eq!(PageRun { addr: bad.0, len: bad.1 }.end(), None, "{bad:x?}");
+        }
+        assert_eq!(run_table(&[]), None);
+        assert_eq!(run_table(&[1, 0, 0]), None);
+        assert_eq!(run_table(&[1, 0, 0, 0, 0, 0, 0, 0]), None, "one run announced, none there");
+        assert_eq!(run_table(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]), None);
+        let mut p = [0u8; 8 + RUN_LEN + 5];
+        p[0] = 1;
+        assert_eq!(run_table(&p).map(|t| (t.0, t.1.len())), Some((1, RUN_LEN)));
+        assert_eq!(split_process_end(&[1, 2, 3]), None);
+        let mut e = process_end_prefix(42).to_vec();
+        e.push(0x90);
+        assert_eq!(split_process_end(&e), Some((42, &[0x90u8][..])));
     }
 
     #[test]

@@ -466,6 +466,16 @@ pub enum FileKind {
     Memory { data: u32, name: String, seals: i32, deleted_from: Option<String>, dev: u64, ino: u64 },
 }
 
+/// The character devices an image may hold open (`FileKind::Device`), with their device numbers: the checkpoint
+/// takes only these, and a restore opens only these, and checks it got them.
+pub const DEVICES: [(&str, u32, u32); 5] =
+    [("/dev/null", 1, 3), ("/dev/zero", 1, 5), ("/dev/full", 1, 7), ("/dev/random", 1, 8), ("/dev/urandom", 1, 9)];
+
+/// The path of the device with these numbers, if an image may hold it.
+pub fn device_path(major: u32, minor: u32) -> Option<&'static str> {
+    DEVICES.iter().find(|d| (d.1, d.2) == (major, minor)).map(|d| d.0)
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EpollItem {
     pub fd: i32,
@@ -558,6 +568,35 @@ pub struct InetSocket {
     /// Options set on it that differ from a fresh socket's: (level, name, value).
     pub options: Vec<(i32, i32, i32)>,
 }
+
+/// Options kept across a restore when the app changed them from a fresh socket's.
+pub const INET_OPTIONS: &[(i32, i32)] = &[
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::SOL_SOCKET, libc::SO_BROADCAST),
+    (libc::SOL_SOCKET, libc::SO_OOBINLINE),
+    (libc::SOL_SOCKET, libc::SO_PRIORITY),
+    (libc::SOL_SOCKET, libc::SO_RCVLOWAT),
+    (libc::SOL_SOCKET, libc::SO_MARK),
+    (libc::SOL_SOCKET, libc::SO_LINGER),
+    (libc::SOL_SOCKET, libc::SO_SNDBUF),
+    (libc::SOL_SOCKET, libc::SO_RCVBUF),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_TCP, libc::TCP_CORK),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+    (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+    (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT),
+    (libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT),
+    (libc::IPPROTO_IP, libc::IP_TOS),
+    (libc::IPPROTO_IP, libc::IP_TTL),
+    (libc::IPPROTO_IP, libc::IP_FREEBIND),
+    (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+    (libc::IPPROTO_IPV6, libc::IPV6_TCLASS),
+    (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS),
+];
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub enum InetState {

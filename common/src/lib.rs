@@ -16,6 +16,8 @@ pub mod sys;
 pub mod image;
 #[cfg(feature = "std")]
 pub mod proto;
+#[cfg(feature = "std")]
+pub mod validate;
 
 /// Signal numbers vOS takes for itself by default (the app's use of them is virtualized by the shim).
 pub mod signals {

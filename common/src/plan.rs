@@ -63,6 +63,8 @@ pub const SYNC_ADDR: u64 = WINDOW_END - 4096;
 pub const WINDOW_START: u64 = 0x2000_0000_0000;
 pub const WINDOW_LEN: u64 = 64 << 20;
 pub const WINDOW_END: u64 = WINDOW_START + WINDOW_LEN;
+/// The end of user address space on x86-64 with 4-level page tables: no mapping of a job lies above it.
+pub const USER_END: u64 = 0x7fff_ffff_f000;
 /// Where the restorer maps the job's plan: in its window, above its own code, data and stack (the restorer checks
 /// its end lies below).
 pub const PLAN_ADDR: u64 = WINDOW_START + (4 << 20);
@@ -131,6 +133,30 @@ pub const OP_GROWSDOWN: u32 = 2;
 pub const OP_SHMAT: u32 = 4;
 /// Anonymous memory whose bytes come from the plan itself (a copy of the image's vDSO), then get `prot`.
 pub const OP_COPY: u32 = 8;
+/// `fd` is memory the restore itself made (a memfd or unnamed file holding shared memory): a MAP_SHARED mapping
+/// of it may take page data. Page data never lands in a shared mapping of any other file: it would write the file.
+pub const OP_OWNED: u32 = 16;
+
+impl MapOp {
+    /// Whether page data may land in this region: OP_FILL, plain mmap (not System V, not a copy), and no shared
+    /// mapping of a file but one the restore made.
+    pub fn fillable(&self) -> bool {
+        let shared_file = self.flags & libc::MAP_SHARED as u32 != 0 && self.flags & libc::MAP_ANONYMOUS as u32 == 0;
+        self.op & OP_FILL != 0 && self.op & (OP_SHMAT | OP_COPY) == 0 && (!shared_file || self.op & OP_OWNED != 0)
+    }
+
+    /// The region's end, if it is a well-formed one: page aligned, not empty, within user space, no overflow.
+    pub fn end(&self) -> Option<u64> {
+        let end = self.addr.checked_add(self.len)?;
+        let aligned = self.addr % 4096 == 0 && self.len % 4096 == 0;
+        (aligned && self.len > 0 && end <= USER_END).then_some(end)
+    }
+
+    /// Whether it touches the restorer's own window.
+    pub fn overlaps_window(&self) -> bool {
+        self.addr < WINDOW_END && self.addr.saturating_add(self.len) > WINDOW_START
+    }
+}
 
 /// One region to recreate at its original address.
 #[repr(C)]

@@ -629,8 +629,7 @@ fn refuse_stopped(m: &Member) -> Result<()> {
     Ok(())
 }
 
-/// Sessions and process groups a restore can rebuild: a session is the process's own, its parent's, or the
-/// one outside the job; a group is its own, one whose leader is in the job, or the outside one with its parent.
+/// Sessions and process groups a restore can rebuild (`vos::validate::check_tree`: a restore refuses the rest).
 fn check_tree(job: &JobImage) -> Result<()> {
     let ids: Vec<vos::image::Ids> = job
         .processes
@@ -638,24 +637,7 @@ fn check_tree(job: &JobImage) -> Result<()> {
         .map(|p| vos::image::Ids { pid: p.pid, ppid: p.ppid, pgid: p.pgid, sid: p.sid })
         .chain(job.zombies.iter().map(|z| z.ids))
         .collect();
-    let get = |pid: i32| ids.iter().find(|i| i.pid == pid);
-    for i in &ids {
-        let parent = get(i.ppid);
-        let (psid, ppgid) = parent.map_or((0, 0), |p| (p.sid, p.pgid));
-        if i.sid != 0 && i.sid != i.pid && i.sid != psid {
-            bail!("pid {}: its session {} is neither its own nor its parent's: not supported yet", i.pid, i.sid);
-        }
-        if i.sid == 0 && psid != 0 {
-            bail!("pid {}: its session is outside the job but its parent's is not: not supported", i.pid);
-        }
-        if i.pgid == 0 && ppgid != 0 {
-            bail!("pid {}: its process group is outside the job but its parent's is not: not supported yet", i.pid);
-        }
-        if i.pgid != 0 && get(i.pgid).is_none() {
-            bail!("pid {}: the leader of its process group {} has exited: not supported yet", i.pid, i.pgid);
-        }
-    }
-    Ok(())
+    vos::validate::check_tree(&ids, job.processes.len()).map_err(|e| anyhow!("{e}: not supported"))
 }
 
 /// Memory several processes share: one process (the first that maps it) stores its pages; the others skip

@@ -261,11 +261,9 @@ fn inotify(watches: &[InotifyWatch]) -> Result<OwnedFd> {
     use std::os::fd::AsRawFd;
     // SAFETY: inotify_init1 has no memory effects.
     let fd = fd_or_err(unsafe { libc::inotify_init1(libc::IN_CLOEXEC) } as i64, "inotify_init1")?;
-    // A file of our own as the dummy, so it is no watched inode of the job's.
-    let dummy = std::env::temp_dir().join(format!(".vos-inotify-{}", std::process::id()));
-    std::fs::write(&dummy, b"")?;
-    let _cleanup = scopeguard(dummy.clone());
-    let cdummy = std::ffi::CString::new(dummy.as_os_str().as_encoded_bytes())?;
+    // A memfd of our own as the dummy: no watched inode of the job's, and no file created anywhere.
+    let dummy = nix::sys::memfd::memfd_create(c"vos-inotify", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+    let cdummy = std::ffi::CString::new(format!("/proc/self/fd/{}", dummy.as_raw_fd()))?;
     let mut last = 0;
     for w in watches {
         let path = std::ffi::CString::new(w.path.as_str())?;
@@ -297,15 +295,3 @@ fn inotify(watches: &[InotifyWatch]) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Removes a file when dropped.
-struct Remove(std::path::PathBuf);
-
-impl Drop for Remove {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn scopeguard(p: std::path::PathBuf) -> Remove {
-    Remove(p)
-}

@@ -8,6 +8,7 @@
 //! supervisor and handed to every restored process, which puts it at its fd numbers (shim/src/files.rs).
 
 use crate::job::Member;
+use crate::pathopen::{self, Want};
 use crate::{events, inet, sockets};
 use anyhow::{Result, anyhow, bail};
 use std::collections::HashMap;
@@ -268,7 +269,10 @@ impl Ctx {
             libc::S_IFCHR => {
                 let (major, minor) = (libc::major(f.rdev), libc::minor(f.rdev));
                 match (major, minor) {
-                    (1, 3) | (1, 5) | (1, 7) | (1, 8) | (1, 9) => Ok(FileKind::Device { path: f.target.clone() }),
+                    _ if vos::image::device_path(major, minor).is_some() => {
+                        // Recorded by its standard name: a restore opens no other (vos::image::DEVICES).
+                        Ok(FileKind::Device { path: vos::image::device_path(major, minor).unwrap_or_default().into() })
+                    }
                     (5, 2) => {
                         let index = f.tty_index.ok_or_else(|| anyhow!("{}: no pseudo-terminal number", f.target))?;
                         Ok(FileKind::PtyMaster { pty: self.pty(job, all, index)? })
@@ -471,16 +475,19 @@ pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, Raw
     for (i, f) in job.files.iter().enumerate() {
         let fd: OwnedFd = match &f.kind {
             FileKind::Regular { file } => {
-                let fd = reopen(&file.path, f.flags)?;
+                let fd = open_by_path(&file.path, f.flags, Want::Regular)?;
                 nix::unistd::lseek(&fd, f.pos as i64, nix::unistd::Whence::SeekSet)?;
                 fd
             }
             FileKind::Dir { path } => {
-                let fd = reopen(path, f.flags | libc::O_DIRECTORY)?;
+                let fd = open_by_path(path, f.flags, Want::Dir)?;
                 let _ = nix::unistd::lseek(&fd, f.pos as i64, nix::unistd::Whence::SeekSet);
                 fd
             }
-            FileKind::Device { path } => reopen(path, f.flags)?,
+            FileKind::Device { path } => {
+                let &(_, major, minor) = vos::image::DEVICES.iter().find(|d| d.0 == path).ok_or_else(|| anyhow!("{path}: not a device an image may hold"))?;
+                open_by_path(path, f.flags, Want::Device(major, minor))?
+            }
             FileKind::Terminal { stream, .. } | FileKind::Outside { stream, .. } => {
                 nix::unistd::dup(unsafe_borrow(stdio[*stream as usize]))?
             }
@@ -582,12 +589,12 @@ pub fn source_of(job: &JobImage, f: &FdImage, object_at: &[i32], stdio_at: &[i32
 }
 
 /// Where a memfd or deleted file is made again: an unnamed file in the directory the deleted file was in (the
-/// same filesystem, as before), else a memfd.
+/// same filesystem, as before), else a memfd. Unnamed: it replaces nothing, and the directory is no symlink.
 fn memory_file(name: &str, dir: Option<&str>) -> Result<OwnedFd> {
     if let Some(d) = dir {
         if let Ok(c) = std::ffi::CString::new(d) {
             // SAFETY: open with a NUL-terminated directory path.
-            let fd = unsafe { libc::open(c.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC, 0o600) };
+            let fd = unsafe { libc::open(c.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW, 0o600) };
             if fd >= 0 {
                 // SAFETY: fresh fd.
                 return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
@@ -658,11 +665,18 @@ fn set_status_flags(fd: &OwnedFd, flags: i32) -> Result<()> {
     Ok(())
 }
 
+/// A file the job had open by path, opened again only if it is still of that kind (`pathopen`).
+fn open_by_path(path: &str, flags: i32, want: Want) -> Result<OwnedFd> {
+    Ok(pathopen::open(path, flags, want).map_err(|e| anyhow!("reopening {e}"))?.0)
+}
+
+/// A pipe again, with its bytes in flight. A named FIFO is opened at its path only if that is a FIFO (a regular
+/// file there would take the bytes), both ends of the very same one.
 fn make_pipe(p: &PipeImage) -> Result<(OwnedFd, OwnedFd)> {
     let (r, w) = match &p.fifo {
         Some(path) => {
-            let r = reopen(path, libc::O_RDONLY | libc::O_NONBLOCK)?;
-            let w = reopen(path, libc::O_WRONLY)?;
+            let r = open_by_path(path, libc::O_RDONLY, Want::Fifo)?;
+            let w = reopen(&format!("/proc/self/fd/{}", r.as_raw_fd()), libc::O_WRONLY | libc::O_NONBLOCK)?;
             (r, w)
         }
         None => nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?,

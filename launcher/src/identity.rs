@@ -19,6 +19,10 @@ struct Mapped {
 impl Mapped {
     fn open(path: &str) -> Result<Mapped> {
         let f = std::fs::File::open(path).map_err(|e| anyhow!("{path}: {e}"))?;
+        Mapped::of(&f, path)
+    }
+
+    fn of(f: &std::fs::File, path: &str) -> Result<Mapped> {
         let len = f.metadata()?.len() as usize;
         if len == 0 {
             return Ok(Mapped { ptr: std::ptr::null_mut(), len: 0 });
@@ -63,7 +67,10 @@ pub fn build_id(bytes: &[u8]) -> Option<String> {
 
 /// (build-id, hash) of the file at `path`: the hash only when it has no build-id.
 fn identity(path: &str) -> Result<(Option<String>, u64)> {
-    let m = Mapped::open(path)?;
+    identity_of(&Mapped::open(path)?)
+}
+
+fn identity_of(m: &Mapped) -> Result<(Option<String>, u64)> {
     Ok(match build_id(m.bytes()) {
         Some(b) => (Some(b), 0),
         None => (None, xxhash_rust::xxh3::xxh3_64(m.bytes())),
@@ -101,32 +108,37 @@ pub fn identify(job: &mut JobImage, members: &[Member]) -> Result<()> {
     Ok(())
 }
 
-/// Whether the file at `id.path` here is the file the image knew; the error names what differs.
-pub fn check(id: &FileId) -> Result<()> {
-    let md = std::fs::metadata(&id.path).map_err(|e| anyhow!("{} is missing: {e}", id.path))?;
-    let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+/// The stat fields that tell an unchanged file: (dev, ino, size, mtime in ns).
+pub type Stamp = (u64, u64, u64, i64);
+
+pub fn stamp(md: &std::fs::Metadata) -> Stamp {
+    (md.dev(), md.ino(), md.size(), md.mtime() * 1_000_000_000 + md.mtime_nsec())
+}
+
+/// Whether `f`, opened from `id.path` here, is the file the image knew; the error names what differs. `known`:
+/// a stamp of this path already found to be that file (nothing is read again if `f` still matches it).
+pub fn check(id: &FileId, f: &std::fs::File, known: Option<Stamp>) -> Result<Stamp> {
+    let md = f.metadata().map_err(|e| anyhow!("{}: {e}", id.path))?;
+    let st = stamp(&md);
     // The very file, untouched (a restore on the same host): nothing to read.
-    if md.dev() == id.dev && md.ino() == id.ino && md.size() == id.size && mtime == id.mtime_ns {
-        return Ok(());
+    if st == (id.dev, id.ino, id.size, id.mtime_ns) || Some(st) == known {
+        return Ok(st);
     }
     let name = id.path.rsplit('/').next().unwrap_or(&id.path);
     match (&id.build_id, id.hash) {
-        (Some(want), _) => {
-            let (have, _) = identity(&id.path)?;
-            match have {
-                Some(h) if h == *want => Ok(()),
-                Some(h) => bail!("{name}: build-id differs ({} has {h}; the image needs {want})", id.path),
-                None => bail!("{name}: build-id differs ({} has none; the image needs {want})", id.path),
-            }
-        }
+        (Some(want), _) => match identity_of(&Mapped::of(f, &id.path)?)?.0 {
+            Some(h) if h == *want => Ok(st),
+            Some(h) => bail!("{name}: build-id differs ({} has {h}; the image needs {want})", id.path),
+            None => bail!("{name}: build-id differs ({} has none; the image needs {want})", id.path),
+        },
         (None, want) if want != 0 => {
             if md.size() != id.size {
                 bail!("{name}: size differs ({} has {} bytes; the image needs {})", id.path, md.size(), id.size);
             }
-            if identity(&id.path)?.1 != want {
+            if identity_of(&Mapped::of(f, &id.path)?)?.1 != want {
                 bail!("{name}: contents differ ({} is not the file the job mapped)", id.path);
             }
-            Ok(())
+            Ok(st)
         }
         _ => bail!("{name}: {} changed since the checkpoint (size or modification time)", id.path),
     }

@@ -8,7 +8,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use vos::chunk::{self, ChunkHead, ImageError, Kind};
-use vos::image::{ImageHeader, JobImage, ProcessSummary};
+use vos::image::{Contents, DataImage, ImageHeader, JobImage, ProcessImage, ProcessSummary};
 use vos::sys::Errno;
 
 pub const EXT: &str = "vimg";
@@ -87,10 +87,10 @@ impl Reader {
         self.file.read_exact(&mut head)?;
         chunk::check_file_head(&head).map_err(|e| anyhow!("{}: {e}", self.name))?;
         self.file.seek(SeekFrom::Start(0))?;
-        let h: [u8; chunk::CHUNK_HEAD_LEN] = b[..chunk::CHUNK_HEAD_LEN].try_into().unwrap();
-        let seq = u64::from_le_bytes(h[8..16].try_into().unwrap());
-        match ChunkHead::decode(&h, seq) {
-            Ok(c) if c.kind == Kind::End && c.len == 8 && u64::from_le_bytes(b[40..48].try_into().unwrap()) == seq => Ok(()),
+        let (h, count) = b.split_first_chunk::<{ chunk::CHUNK_HEAD_LEN }>().ok_or_else(|| anyhow!("{}: unreadable", self.name))?;
+        let seq = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+        match ChunkHead::decode(h, seq) {
+            Ok(c) if c.kind == Kind::End && c.len == 8 && count[..] == chunk::end_payload(seq) => Ok(()),
             _ => bail!("{}: {}", self.name, ImageError::Truncated("last chunk (no end marker)")),
         }
     }
@@ -130,20 +130,49 @@ impl Reader {
         self.meta(Kind::Job, "the job's metadata")
     }
 
-    /// Skip over a process's page chunks (verifying them) and return its summary.
-    pub fn skip_pages(&mut self) -> Result<(ProcessSummary, u64)> {
+    /// Skip over the page chunks of process `p` (verifying them: every run lies in one of its regions that
+    /// stores pages, and what arrived for each region is what its summary says) and return its summary and the
+    /// pages listed.
+    pub fn skip_pages(&mut self, p: &ProcessImage) -> Result<(ProcessSummary, u64)> {
+        let mut per_region = vec![0u64; p.regions.len()];
         let mut pages = 0u64;
+        let name = self.name.clone();
         loop {
             let h = self.head()?;
+            let malformed = |what| anyhow!("{name}: {}", ImageError::Malformed { seq: h.seq, what });
             match h.kind {
-                Kind::Pages => {
-                    let p = self.payload(&h)?;
-                    let n = u32::from_le_bytes(p[..4].try_into().unwrap()) as usize;
-                    pages += ((p.len() - 8 - n * chunk::RUN_LEN) / chunk::PAGE) as u64;
+                Kind::Pages | Kind::Reuse => {
+                    let payload = self.payload(&h)?;
+                    let (n, table) = chunk::run_table(&payload).ok_or_else(|| malformed("bad run table"))?;
+                    let mut data = 0u64;
+                    for i in 0..n {
+                        let run = chunk::PageRun::decode(&table[i * chunk::RUN_LEN..]);
+                        let end = run.end().ok_or_else(|| malformed("bad page run"))?;
+                        let r = p.regions.partition_point(|r| r.end <= run.addr);
+                        match p.regions.get(r) {
+                            Some(reg) if reg.start <= run.addr && end <= reg.end && reg.contents == Contents::Pages => per_region[r] += run.pages(),
+                            _ => return Err(malformed("page run outside the process's memory")),
+                        }
+                        pages += run.pages();
+                        data += run.len;
+                    }
+                    let want = if h.kind == Kind::Pages { data } else { 0 };
+                    if payload.len() as u64 != 8 + (n * chunk::RUN_LEN) as u64 + want {
+                        return Err(malformed("page data length"));
+                    }
                 }
                 Kind::ProcessEnd => {
-                    let p = self.payload(&h)?;
-                    let s = rmp_serde::from_slice(&p).map_err(|e| anyhow!("{}: process summary: {e}", self.name))?;
+                    let payload = self.payload(&h)?;
+                    let (listed, summary) = chunk::split_process_end(&payload).ok_or_else(|| malformed("process end too short"))?;
+                    let s: ProcessSummary =
+                        rmp_serde::from_slice(summary).map_err(|e| anyhow!("{}: process summary (chunk {}): {e}", self.name, h.seq))?;
+                    if listed != pages {
+                        bail!("{}: image is corrupt: pid {}: {listed} pages listed, {pages} arrived (a chunk is missing or misplaced)", self.name, p.pid);
+                    }
+                    let stored: Vec<u64> = s.regions.iter().map(|r| r.stored).collect();
+                    if stored != per_region {
+                        bail!("{}: image is corrupt: pid {}: the pages of its regions are not those its summary lists", self.name, p.pid);
+                    }
                     return Ok((s, pages));
                 }
                 k => bail!("{}: {}", self.name, ImageError::UnexpectedKind { seq: h.seq, found: k as u32, wanted: "page data" }),
@@ -151,35 +180,57 @@ impl Reader {
         }
     }
 
-    /// The Data chunks after the job's metadata: each `(object, offset, bytes)` handed to `f`.
-    pub fn data(&mut self, total: u64, f: &mut dyn FnMut(u32, u64, &[u8]) -> Result<()>) -> Result<()> {
+    /// The Data chunks of object `object` (`d`, whose contents come next): each `(offset, bytes)` handed to `f`.
+    pub fn data(&mut self, object: u32, d: &DataImage, f: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
         let mut got = 0;
-        while got < total {
+        while got < d.stored {
             let h = self.head()?;
             if h.kind != Kind::Data {
                 bail!("{}: {}", self.name, ImageError::UnexpectedKind { seq: h.seq, found: h.kind as u32, wanted: "object contents" });
             }
             let p = self.payload(&h)?;
-            if p.len() < 16 {
-                bail!("{}: {}", self.name, ImageError::Malformed { seq: h.seq, what: "short data chunk" });
+            let malformed = |what| anyhow!("{}: {}", self.name, ImageError::Malformed { seq: h.seq, what });
+            let (head, bytes) = p.split_first_chunk::<16>().ok_or_else(|| malformed("short data chunk"))?;
+            let (id, off) = (u32::from_le_bytes([head[0], head[1], head[2], head[3]]), u64::from_le_bytes(head[8..].try_into()?));
+            if id != object {
+                return Err(malformed("contents of another object (out of order)"));
             }
-            let object = u32::from_le_bytes(p[..4].try_into().unwrap());
-            let off = u64::from_le_bytes(p[8..16].try_into().unwrap());
-            f(object, off, &p[16..])?;
-            got += (p.len() - 16) as u64;
+            let len = bytes.len() as u64;
+            if len > d.stored - got || off.checked_add(len).is_none_or(|e| e > d.size) {
+                return Err(malformed("contents beyond the object's size"));
+            }
+            f(off, bytes)?;
+            got += len;
         }
         Ok(())
     }
 
-    /// The End chunk: nothing may be missing before it.
+    /// The End chunk: nothing may be missing before it, and nothing may follow it.
     pub fn end(&mut self) -> Result<()> {
         let h = self.head()?;
         if h.kind != Kind::End {
             bail!("{}: {}", self.name, ImageError::UnexpectedKind { seq: h.seq, found: h.kind as u32, wanted: "the end marker" });
         }
         let p = self.payload(&h)?;
-        if p.len() != 8 || u64::from_le_bytes(p[..8].try_into().unwrap()) != h.seq {
+        if p.len() != 8 || p[..] != chunk::end_payload(h.seq) {
             bail!("{}: {}", self.name, ImageError::Malformed { seq: h.seq, what: "end marker counts the wrong number of chunks" });
+        }
+        // A file: its end is here. A stream: it ends here (its writer closes it after the End chunk).
+        let trailing = match (self.file.stream_position(), self.file.metadata()) {
+            (Ok(at), Ok(md)) if md.file_type().is_file() => at != md.len(),
+            _ => {
+                let mut b = [0u8; 1];
+                loop {
+                    match self.file.read(&mut b) {
+                        Ok(n) => break n > 0,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => bail!("{}: reading past the end marker: {e}", self.name),
+                    }
+                }
+            }
+        };
+        if trailing {
+            bail!("{}: image is corrupt: data follows its end marker", self.name);
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! `vrun inspect`: what an image holds, as a report or as JSON. Reads (and so verifies) the whole image.
 
 use crate::imagefile::Reader;
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 use serde::Serialize;
 use vos::image::{Contents, FileKind, ImageHeader, JobImage, OpenFile, ProcessSummary, RegionKind};
 
@@ -20,11 +20,14 @@ pub fn run(src: &str, json: bool, mappings: bool) -> Result<()> {
     let mut r = Reader::open(src)?;
     let header = r.header()?;
     let job = r.job()?;
-    let total: u64 = job.data.iter().map(|d| d.stored).sum();
-    r.data(total, &mut |_, _, _| Ok(()))?;
+    // The report indexes and sizes by the metadata: it must hold together first.
+    job.validate(&header).map_err(|e| anyhow!("{}: {e}", r.name))?;
+    for (i, d) in job.data.iter().enumerate() {
+        r.data(i as u32, d, &mut |_, _| Ok(()))?;
+    }
     let mut summaries = Vec::new();
-    for _ in &job.processes {
-        summaries.push(r.skip_pages()?.0);
+    for p in &job.processes {
+        summaries.push(r.skip_pages(p)?.0);
     }
     r.end()?;
     let rep = Report { source: r.name.clone(), format: vos::chunk::FORMAT_VERSION, header, job, summaries };
@@ -74,20 +77,20 @@ impl Memory {
 /// One mapping: how it travels, and what it adds to the totals.
 fn mapping(r: &vos::image::Region, s: vos::image::RegionSummary, m: &mut Memory) -> String {
     let len = r.end - r.start;
-    let stored = s.stored * 4096;
-    m.stored += stored;
-    m.zero_pages += s.zero;
+    let stored = s.stored.saturating_mul(4096);
+    m.stored = m.stored.saturating_add(stored);
+    m.zero_pages = m.zero_pages.saturating_add(s.zero);
     match (&r.contents, r.kind) {
         (_, RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock) => "kernel's, not stored".to_string(),
         (Contents::File, _) => "shared file, data stays in the file".to_string(),
         (Contents::Nothing, _) => "nothing to store".to_string(),
         (Contents::Elsewhere, _) => "shared memory, stored with another process".to_string(),
         (Contents::Pages, RegionKind::File) => {
-            m.from_files += len - stored;
+            m.from_files += len.saturating_sub(stored);
             format!("{} stored (copied on write), rest from the file", size(stored))
         }
         (Contents::Pages, _) => {
-            let untouched = len.saturating_sub((s.stored + s.zero) * 4096);
+            let untouched = len.saturating_sub(s.stored.saturating_add(s.zero).saturating_mul(4096));
             m.untouched += untouched;
             if r.prot == 0 && s.stored == 0 {
                 "guard, nothing stored".to_string()

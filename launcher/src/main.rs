@@ -16,6 +16,7 @@ mod inspect;
 mod job;
 mod migrate;
 mod ns;
+mod pathopen;
 mod precopy;
 mod progress;
 mod restore;

@@ -12,7 +12,7 @@ use crate::imagefile::Reader;
 use crate::ns::{self, Child, ClockOffsets};
 use crate::progress::Progress;
 use crate::supervisor::{self, Options, Supervisor};
-use crate::{bundle, files, host, identity, job, runtime, sysv, terminal, vdso};
+use crate::{bundle, files, host, identity, job, pathopen, runtime, sysv, terminal, vdso};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
@@ -78,10 +78,9 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     let mut job = r.job()?;
     rebind_paths(&mut job, &a.map);
     crate::inet::rebind(&mut job, &a.map_addr)?;
-    if job.processes.len() != header.processes as usize || job.processes.is_empty() {
-        bail!("{}: the header and the job's metadata disagree on the number of processes", r.name);
-    }
-    check_files(&job).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
+    // Everything the image says is checked before anything is made from it.
+    job.validate(&header).map_err(|e| anyhow!("{}: {e}", r.name))?;
+    let verified = check_files(&job).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
 
     let name = runtime::unique_name(a.name.as_deref().unwrap_or(&header.job.name));
     let listener = supervisor::listen(&name)?;
@@ -90,10 +89,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     let stdio = [stdin.as_raw_fd(), 1, 2];
     // Memfds and deleted files get their contents from the Data chunks that follow the job's metadata, in order.
     let mut fill = |data: u32, fd: RawFd| -> Result<()> {
-        r.data(job.data[data as usize].stored, &mut |object, off, bytes| {
-            if object != data {
-                bail!("the image's object contents are out of order");
-            }
+        r.data(data, &job.data[data as usize], &mut |off, bytes| {
             nix::sys::uio::pwrite(unsafe_borrow(fd), bytes, off as i64)?;
             Ok(())
         })
@@ -123,7 +119,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     }
 
     let bundled = bundle::restore(&job, &mut fill)?;
-    let mut fds = Fds::new(&job);
+    let mut fds = Fds::new(&job, verified);
     for (&k, f) in &bundled {
         let n = fds.put(f.as_raw_fd());
         fds.bundled.insert(k, n);
@@ -200,7 +196,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     // Every process reports once its memory is back (or why it failed), then once fds, signals and threads are.
     let mut last_seq = 0;
     for (i, c) in ctls.iter().enumerate() {
-        let report = wait_report(c, &started.status, job.processes[i].pid, &mut || image_read.show()).map_err(fail)?;
+        let report = wait_report(&ctls, i, &started.status, &job.processes, &mut || image_read.show()).map_err(fail)?;
         last_seq = last_seq.max(report.next_seq);
         if report.lazy_runs > 0 {
             let (uffd, runs) = lazy_runs(c).map_err(fail)?;
@@ -338,22 +334,58 @@ impl ImageRead {
     }
 }
 
-/// Wait for a restorer's report; `tick` is called every quarter second meanwhile.
-fn wait_report(ctl: &OwnedFd, status: &File, pid: i32, tick: &mut dyn FnMut()) -> Result<plan::RestorerReport> {
+/// Wait for the report of the restorer of process `at` (on `all[at]`); `tick` is called every quarter second
+/// meanwhile. The restorers after it may fail first (this one then waits for them for ever): a failure they
+/// report, or their end, ends the wait too; so does the end of the job's main process, with the reason an earlier
+/// process's restart gave, if one did.
+fn wait_report(all: &[OwnedFd], at: usize, status: &File, all_procs: &[ProcessImage], tick: &mut dyn FnMut()) -> Result<plan::RestorerReport> {
+    let (ctls, procs) = (&all[at..], &all_procs[at..]);
+    let pid = procs[0].pid;
+    // Later restorers that reported success already: not watched any more (their report stays queued).
+    let mut fine = vec![false; ctls.len()];
     loop {
-        let mut fds = [PollFd::new(ctl.as_fd(), PollFlags::POLLIN), PollFd::new(status.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![PollFd::new(status.as_fd(), PollFlags::POLLIN)];
+        let watched: Vec<usize> = (0..ctls.len()).filter(|&i| !fine[i]).collect();
+        fds.extend(watched.iter().map(|&i| PollFd::new(ctls[i].as_fd(), PollFlags::POLLIN)));
         match poll(&mut fds, PollTimeout::from(250u16)) {
             Ok(0) => tick(),
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => bail!("poll: {e}"),
         }
-        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+        let ready = |k: usize| fds[k].revents().is_some_and(|r| !r.is_empty());
+        if ready(1) {
             break;
         }
-        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
-            bail!("the restore failed: the job's main process ended (pid {pid} never reported)");
+        for (k, &i) in watched.iter().enumerate().skip(1) {
+            if !ready(k + 1) {
+                continue;
+            }
+            let mut buf = vec![0u8; std::mem::size_of::<plan::RestorerReport>()];
+            match nix::sys::socket::recv(ctls[i].as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => bail!("the restorer of pid {} ended without a word", procs[i].pid),
+                Ok(n) => match plan::RestorerReport::from_bytes(&buf[..n]) {
+                    Some(rep) if rep.status != plan::REPORT_OK => bail!("{}", rep.message()),
+                    _ => fine[i] = true,
+                },
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+                Err(e) => bail!("the restorer of pid {}: {e}", procs[i].pid),
+            }
+        }
+        if ready(0) {
+            for (c, p) in all[..at].iter().zip(all_procs) {
+                let mut buf = vec![0u8; proto::MAX_MSG];
+                let peeked = nix::sys::socket::recv(c.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT);
+                if let Some(Msg::RestoreFailed { why }) = peeked.ok().and_then(|n| proto::decode(&buf[..n])) {
+                    bail!("restoring pid {} failed: {why}", p.pid);
+                }
+            }
+            match at {
+                0 => bail!("the restore failed: the job's main process ended (pid {pid} never reported)"),
+                _ => bail!("the restore failed: the job's main process (pid {}) ended after its memory was restored", all_procs[0].pid),
+            }
         }
     }
+    let ctl = &ctls[0];
     let mut buf = vec![0u8; proto::MAX_MSG];
     let n = loop {
         match nix::sys::socket::recv(ctl.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::empty()) {
@@ -388,8 +420,10 @@ fn rebind_paths(job: &mut JobImage, map: &[(String, String)]) {
 }
 
 /// Every file the job maps or has open must still be there, and mapped files unchanged: named here, before
-/// anything is restored.
-fn check_files(job: &JobImage) -> Result<()> {
+/// anything is restored. Returns, by path, the files found to be what the image needs (`Fds::file` opens them
+/// later, in the job's mount namespace, and checks again that it got those).
+fn check_files(job: &JobImage) -> Result<HashMap<String, identity::Stamp>> {
+    let mut verified = HashMap::new();
     let mut checked = std::collections::HashSet::new();
     for p in &job.processes {
         for (f, private) in std::iter::once((&p.exe, true)).chain(p.regions.iter().filter_map(|r| Some((r.file.as_ref()?, !r.shared)))) {
@@ -397,10 +431,11 @@ fn check_files(job: &JobImage) -> Result<()> {
             if carried || !checked.insert((&f.path, private)) {
                 continue;
             }
+            let (fd, _) = pathopen::open(&f.path, libc::O_RDONLY, pathopen::Want::Regular)
+                .map_err(|e| anyhow!("{}, mapped by pid {}: {e}", f.path, p.pid))?;
             if private {
-                identity::check(f).map_err(|e| anyhow!("pid {}: {e}", p.pid))?;
-            } else {
-                std::fs::metadata(&f.path).map_err(|e| anyhow!("{}, mapped by pid {}, is missing: {e}", f.path, p.pid))?;
+                let st = identity::check(f, &File::from(fd), None).map_err(|e| anyhow!("pid {}: {e}", p.pid))?;
+                verified.insert(f.path.clone(), st);
             }
         }
         std::fs::metadata(&p.attrs.cwd).map_err(|e| anyhow!("the working directory {} of pid {} is missing: {e}", p.attrs.cwd, p.pid))?;
@@ -415,9 +450,9 @@ fn check_files(job: &JobImage) -> Result<()> {
             },
             _ => continue,
         };
-        std::fs::metadata(path).map_err(|e| anyhow!("{path}, open in the job, is missing: {e}"))?;
+        std::fs::symlink_metadata(path).map_err(|e| anyhow!("{path}, open in the job, is missing: {e}"))?;
     }
-    Ok(())
+    Ok(verified)
 }
 
 /// The job's processes, live ones first in image order, then zombies, as the restorer's plan lists them.
@@ -536,16 +571,18 @@ pub fn plan_size(job: &JobImage) -> u64 {
 struct Fds {
     next: i32,
     list: Vec<(RawFd, i32)>,
-    /// Files opened for mappings, by path (shared by every process that maps them).
-    by_path: HashMap<(String, bool), i32>,
+    /// Files opened for mappings, by path, for writing, privately (shared by every process that maps them).
+    by_path: HashMap<(String, bool, bool), i32>,
     /// Carried files (`bundle`), by the checkpoint host's (dev, ino): mapped instead of the host's.
     bundled: HashMap<(u64, u64), i32>,
+    /// Files `check_files` found to be what the image needs, by path.
+    verified: HashMap<String, identity::Stamp>,
 }
 
 impl Fds {
-    fn new(job: &JobImage) -> Fds {
+    fn new(job: &JobImage, verified: HashMap<String, identity::Stamp>) -> Fds {
         let top = job.processes.iter().flat_map(|p| p.fds.iter().map(|f| f.fd + 1)).max().unwrap_or(0);
-        Fds { next: top.max(10), list: vec![], by_path: HashMap::new(), bundled: HashMap::new() }
+        Fds { next: top.max(10), list: vec![], by_path: HashMap::new(), bundled: HashMap::new(), verified }
     }
     fn reserve(&mut self) -> i32 {
         self.next += 1;
@@ -559,19 +596,28 @@ impl Fds {
     fn set(&mut self, n: i32, fd: RawFd) {
         self.list.push((fd, n));
     }
-    /// A file to map, opened once for the whole job (its carried copy when the image has one).
-    fn file(&mut self, id: &vos::image::FileId, write: bool, keep: &mut Vec<OwnedFd>) -> Result<i32> {
+    /// A file to map, opened once for the whole job (its carried copy when the image has one): a regular file,
+    /// and for a private mapping (`private`) the very file the image needs. Only a shared mapping that may be
+    /// written (`write`) opens it for writing; page data never goes into it (`MapOp::fillable`).
+    fn file(&mut self, id: &vos::image::FileId, private: bool, write: bool, keep: &mut Vec<OwnedFd>) -> Result<i32> {
+        let write = write && !private;
         if let Some(&n) = self.bundled.get(&(id.dev, id.ino)).filter(|_| !write) {
             return Ok(n);
         }
         let path = id.path.as_str();
-        if let Some(&n) = self.by_path.get(&(path.to_string(), write)) {
+        let key = (path.to_string(), write, private);
+        if let Some(&n) = self.by_path.get(&key) {
             return Ok(n);
         }
-        let f = std::fs::OpenOptions::new().read(true).write(write).open(path).with_context(|| format!("opening {path}"))?;
+        let flags = if write { libc::O_RDWR } else { libc::O_RDONLY };
+        let (fd, _) = pathopen::open(path, flags, pathopen::Want::Regular).with_context(|| format!("opening {path}"))?;
+        let f = File::from(fd);
+        if private {
+            identity::check(id, &f, self.verified.get(path).copied())?;
+        }
         let n = self.put(f.as_raw_fd());
         keep.push(f.into());
-        self.by_path.insert((path.to_string(), write), n);
+        self.by_path.insert(key, n);
         Ok(n)
     }
 }
@@ -632,8 +678,10 @@ fn process_plan(
         op.flags = (if r.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE }) as u32;
         match (r.kind, r.shared_memory, &r.file) {
             (RegionKind::SharedAnon, Some(m), _) => {
+                // A memfd or unnamed file this restore made: the one shared mapping page data may go into.
                 op.fd = shm_at[m as usize];
                 op.offset = r.offset;
+                op.op |= plan::OP_OWNED;
             }
             (RegionKind::SysvShm, _, _) => {
                 op.op |= plan::OP_SHMAT;
@@ -642,8 +690,7 @@ fn process_plan(
                 op.flags = if r.vmflags & VMF_MAYWRITE != 0 { 0 } else { libc::SHM_RDONLY as u32 };
             }
             (RegionKind::File, _, Some(f)) => {
-                let write = r.shared && r.prot & libc::PROT_WRITE as u32 != 0;
-                op.fd = fds.file(f, write, keep)?;
+                op.fd = fds.file(f, !r.shared, r.prot & libc::PROT_WRITE as u32 != 0, keep)?;
                 op.offset = r.offset;
             }
             _ => op.flags |= libc::MAP_ANONYMOUS as u32,
@@ -663,7 +710,7 @@ fn process_plan(
         }
         ops.push(op);
     }
-    let exe_fd = fds.file(&p.exe, false, keep)?;
+    let exe_fd = fds.file(&p.exe, true, false, keep)?;
     let head_len = std::mem::size_of::<PlanHead>();
     let ops_off = head_len as u64;
     let mut blob: Vec<u8> = vec![];
@@ -684,6 +731,8 @@ fn process_plan(
         ops[i].data_off = off;
         ops[i].data_len = len;
     }
+    // The restorer takes regions in address order (and refuses others): the vDSO's copies go among the rest.
+    ops.sort_by_key(|o| o.addr);
     let (blob_off, blob_len) = add(&rmp_serde::to_vec_named(spec)?);
     let blob_base = ops_off + (ops.len() * std::mem::size_of::<MapOp>()) as u64;
     for op in ops.iter_mut() {

@@ -285,14 +285,40 @@ fn new_socket(kind: i32) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Whether something listens on (or is bound to) the unix socket at `a`: a live socket is not stale.
+fn in_use(a: &SockAddr) -> bool {
+    let Some((addr, len)) = sockaddr(a) else { return false };
+    [libc::SOCK_STREAM, libc::SOCK_SEQPACKET, libc::SOCK_DGRAM].iter().any(|&kind| {
+        let Ok(fd) = new_socket(kind | libc::SOCK_NONBLOCK) else { return false };
+        // SAFETY: addr is a valid sockaddr_un of length len.
+        let r = unsafe { libc::connect(fd.as_raw_fd(), &addr as *const _ as *const libc::sockaddr, len) };
+        // Refused (nobody there) or of another type: not this one.
+        r == 0 || !matches!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ECONNREFUSED | libc::EPROTOTYPE | libc::ENOENT))
+    })
+}
+
+/// Remove the socket file at `path`, left by the checkpointed job (or its earlier life), which is in a restored
+/// bind's way. Only a stale socket: never a symlink (not followed), any other file, or a socket in use.
+fn remove_stale_socket(path: &str) {
+    if in_use(&SockAddr::Path(path.to_string())) {
+        return;
+    }
+    let p = std::path::Path::new(path);
+    let (Some(dir), Some(name)) = (p.parent(), p.file_name()) else { return };
+    let dir = if dir.as_os_str().is_empty() { std::path::Path::new(".") } else { dir };
+    let Ok(d) = nix::fcntl::open(dir, nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty()) else {
+        return;
+    };
+    let is_socket = nix::sys::stat::fstatat(&d, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK);
+    if is_socket {
+        let _ = nix::unistd::unlinkat(&d, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
+    }
+}
+
 fn bind(fd: &OwnedFd, a: &SockAddr) -> Result<()> {
     let Some((addr, len)) = sockaddr(a) else { return Ok(()) };
     if let SockAddr::Path(p) = a {
-        // A socket file left by the checkpointed job (or its earlier life) is in the way.
-        use std::os::unix::fs::FileTypeExt;
-        if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
-            let _ = std::fs::remove_file(p);
-        }
+        remove_stale_socket(p);
     }
     // SAFETY: addr is a valid sockaddr_un of length len.
     if unsafe { libc::bind(fd.as_raw_fd(), &addr as *const _ as *const libc::sockaddr, len) } < 0 {

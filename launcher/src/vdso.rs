@@ -33,7 +33,7 @@ fn functions(bytes: &[u8]) -> Result<HashMap<String, u64>> {
         .dynsyms
         .iter()
         .filter(|s| s.is_function() && s.st_value != 0)
-        .filter_map(|s| Some((elf.dynstrtab.get_at(s.st_name)?.to_string(), s.st_value - base)))
+        .filter_map(|s| Some((elf.dynstrtab.get_at(s.st_name)?.to_string(), s.st_value.checked_sub(base)?)))
         .collect())
 }
 
@@ -57,7 +57,8 @@ pub fn swap(img: &VdsoInfo, here: &VdsoInfo) -> Result<Option<Swap>> {
         }
     }
     jumps.sort();
-    if jumps.windows(2).any(|w| w[1].0 < w[0].0 + JUMP_LEN) || jumps.iter().any(|(a, _)| a + JUMP_LEN > img.image.len() as u64) {
+    let fits = |a: u64| a.checked_add(JUMP_LEN).is_some_and(|e| e <= img.image.len() as u64);
+    if jumps.windows(2).any(|w| w[1].0 < w[0].0.saturating_add(JUMP_LEN)) || !jumps.iter().all(|(a, _)| fits(*a)) {
         bail!("the image's vDSO has entry points too close together to redirect");
     }
     let text_off = here.vvar_len + here.vvar_vclock_len;
@@ -70,7 +71,7 @@ impl Swap {
     pub fn plan(&self, regions: &[&Region], rips: &[u64]) -> Result<(u64, u64, Vec<(MapOp, Option<Vec<u8>>)>)> {
         let old_text = regions.iter().find(|r| r.kind == RegionKind::Vdso).map(|r| r.start).ok_or_else(|| anyhow!("the process has no vDSO"))?;
         for &rip in rips {
-            if self.jumps.iter().any(|(a, _)| rip > old_text + a && rip < old_text + a + JUMP_LEN) {
+            if self.jumps.iter().any(|(a, _)| rip > old_text.saturating_add(*a) && rip < old_text.saturating_add(a + JUMP_LEN)) {
                 bail!("a thread stopped at {rip:#x}, inside a vDSO entry point that must be redirected: checkpoint again");
             }
         }
@@ -80,7 +81,7 @@ impl Swap {
         for &(at, to) in &self.jumps {
             let at = at as usize;
             text[at..at + 6].copy_from_slice(&JUMP);
-            text[at + 6..at + 14].copy_from_slice(&(new_text + to).to_le_bytes());
+            text[at + 6..at + 14].copy_from_slice(&new_text.wrapping_add(to).to_le_bytes());
         }
         let mut ops = vec![];
         for r in regions.iter().filter(|r| matches!(r.kind, RegionKind::Vvar | RegionKind::VvarVclock | RegionKind::Vdso)) {
@@ -103,7 +104,7 @@ impl Swap {
 
 /// The highest free range of `len` bytes below the top of user space, outside the restorer's window.
 fn free_gap(regions: &[&Region], len: u64) -> Option<u64> {
-    const TOP: u64 = 0x7fff_ffff_f000;
+    const TOP: u64 = plan::USER_END;
     const BOTTOM: u64 = 0x1_0000_0000;
     // A main stack may still grow down by its limit: leave it room.
     const STACK_ROOM: u64 = 64 << 20;

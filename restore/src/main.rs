@@ -95,8 +95,8 @@ extern "C" fn rmain(sp: *const usize) -> ! {
     if head.magic != plan::JOB_PLAN_MAGIC || head.total_len as usize != len {
         fail(&Msg::new("vos-restore: bad plan"));
     }
-    let end = head.procs_off as usize + head.nproc as usize * core::mem::size_of::<ProcEntry>();
-    if end > len || index >= head.nproc as usize || head.sync_off as usize + 4096 > len {
+    let end = (head.procs_off as usize).checked_add(head.nproc as usize * core::mem::size_of::<ProcEntry>());
+    if end.is_none_or(|e| e > len) || index >= head.nproc as usize || (head.sync_off as usize).checked_add(4096).is_none_or(|e| e > len) || head.procs_off % 8 != 0 {
         fail(&Msg::new("vos-restore: plan out of bounds"));
     }
     // The counters every restorer of the job shares.
@@ -116,7 +116,7 @@ static NPROCS: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize
 /// Restore the address space of the process described by `entry`, then hand over to the shim's restart code.
 fn restore_process(buf: &[u8], entry: &ProcEntry) -> ! {
     let off = entry.plan_off as usize;
-    if off + core::mem::size_of::<PlanHead>() > buf.len() {
+    if off.checked_add(core::mem::size_of::<PlanHead>()).is_none_or(|e| e > buf.len()) {
         fail(&Msg::new("vos-restore: plan out of bounds"));
     }
     // SAFETY: bounds checked; plain data; read_unaligned copies.
@@ -125,15 +125,15 @@ fn restore_process(buf: &[u8], entry: &ProcEntry) -> ! {
         fail(&Msg::new("vos-restore: bad process plan"));
     }
     CTL.store(head.ctl_fd, Ordering::Relaxed);
-    let ops_len = head.nmaps as usize * core::mem::size_of::<MapOp>();
-    if head.ops_off as usize + ops_len > buf.len() || (head.blob_off + head.blob_len) as usize > buf.len()
-        || (head.auxv_off + head.auxv_len) as usize > buf.len() || head.ops_off % 8 != 0
-    {
+    let ops_len = head.nmaps as u64 * core::mem::size_of::<MapOp>() as u64;
+    let within = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= buf.len() as u64);
+    if !within(head.ops_off, ops_len) || !within(head.blob_off, head.blob_len) || !within(head.auxv_off, head.auxv_len) || head.ops_off % 8 != 0 {
         fail(&Msg::new("vos-restore: plan out of bounds"));
     }
-    // SAFETY: bounds and alignment checked; MapOp is plain data and PLAN is 16-aligned.
+    // SAFETY: bounds and alignment checked; MapOp is plain data and the plan is mapped page-aligned.
     let ops: &[MapOp] = unsafe { core::slice::from_raw_parts(buf.as_ptr().add(head.ops_off as usize) as *const MapOp, head.nmaps as usize) };
 
+    memory::check_regions(ops);
     memory::make_self_anonymous();
     memory::clear_address_space();
     memory::map_regions(ops, buf);

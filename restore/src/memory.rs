@@ -9,9 +9,6 @@ use crate::sys::{self, Errno};
 
 const MADV_POPULATE_WRITE: i32 = 23;
 
-/// Highest user address on x86-64 with 4-level page tables.
-const TASK_SIZE: u64 = 0x7fff_ffff_f000;
-
 unsafe extern "C" {
     static __ehdr_start: u8;
 }
@@ -67,20 +64,35 @@ pub fn clear_address_space() {
     // SAFETY: nothing outside the window is used any more: our code, data, stack and plan live inside it.
     unsafe {
         let _ = sys::munmap(0, plan::WINDOW_START as usize);
-        let _ = sys::munmap(plan::WINDOW_END as usize, (TASK_SIZE - plan::WINDOW_END) as usize);
+        let _ = sys::munmap(plan::WINDOW_END as usize, (plan::USER_END - plan::WINDOW_END) as usize);
     }
 }
 
-fn overlaps_window(op: &MapOp) -> bool {
-    op.addr < plan::WINDOW_END && op.addr + op.len > plan::WINDOW_START
-}
-
-/// Map every region at its address; regions that receive page data stay writable until `protect_regions`.
-pub fn map_regions(ops: &[MapOp], plan_buf: &[u8]) {
+/// Refuse a plan whose regions are not page ranges of user space, sorted and apart, outside our window, or that
+/// would put page data anywhere but memory the restore made for it. Checked whole before anything is mapped.
+pub fn check_regions(ops: &[MapOp]) {
+    let mut prev_end = 0;
     for op in ops {
-        if overlaps_window(op) {
+        let Some(end) = op.end() else {
+            fail(Msg::new("vos-restore: region ").hex(op.addr).push("+").hex(op.len).push(" is not a range of pages in user space"))
+        };
+        if op.addr < prev_end {
+            fail(Msg::new("vos-restore: region ").hex(op.addr).push(" is out of order or overlaps another"));
+        }
+        prev_end = end;
+        if op.overlaps_window() {
             fail(Msg::new("vos-restore: region ").hex(op.addr).push(" overlaps the restorer's window"));
         }
+        if op.op & plan::OP_FILL != 0 && !op.fillable() {
+            fail(Msg::new("vos-restore: region ").hex(op.addr).push(" would take page data into a shared file mapping"));
+        }
+    }
+}
+
+/// Map every region at its address (`check_regions` passed); regions that receive page data stay writable until
+/// `protect_regions`.
+pub fn map_regions(ops: &[MapOp], plan_buf: &[u8]) {
+    for op in ops {
         if op.op & plan::OP_SHMAT != 0 {
             attach(op);
             continue;
@@ -101,7 +113,8 @@ pub fn map_regions(ops: &[MapOp], plan_buf: &[u8]) {
             Ok(_) => fail(Msg::new("vos-restore: region ").hex(op.addr).push(" landed elsewhere")),
             Err(e) => fail(Msg::new("vos-restore: mapping ").hex(op.addr).push("+").hex(op.len).push(": ").errno(e)),
         }
-        if op.name_len > 0 {
+        let name_fits = op.name_off.checked_add(op.name_len).is_some_and(|e| e <= plan_buf.len() as u64);
+        if op.name_len > 0 && name_fits && plan_buf[(op.name_off + op.name_len - 1) as usize] == 0 {
             let name = plan_buf.as_ptr() as usize + op.name_off as usize;
             const PR_SET_VMA: i32 = 0x53564d41;
             // Naming is cosmetic ([anon:NAME] in /proc/PID/maps); a kernel without it just shows no name.
@@ -136,7 +149,7 @@ fn attach(op: &MapOp) {
 
 /// Anonymous memory holding bytes the plan carries (a copy of the image's vDSO, see launcher/src/vdso.rs).
 fn copy_in(op: &MapOp, plan_buf: &[u8]) {
-    if op.data_off + op.data_len > plan_buf.len() as u64 || op.data_len > op.len {
+    if op.data_off.checked_add(op.data_len).is_none_or(|e| e > plan_buf.len() as u64) || op.data_len > op.len {
         fail(Msg::new("vos-restore: plan data out of bounds at ").hex(op.addr));
     }
     let flags = (op.flags as i32) | libc::MAP_FIXED_NOREPLACE;
@@ -196,12 +209,12 @@ fn image_fail(e: ImageError) -> ! {
     fail(&m)
 }
 
-/// The op that covers `run` entirely and takes page data, if any (ops are sorted by address).
+/// Whether `run` is well formed and lies entirely in one region that takes page data (ops are sorted and apart:
+/// `check_regions`).
 fn fill_target(ops: &[MapOp], run: &PageRun) -> bool {
-    let i = ops.partition_point(|o| o.addr + o.len <= run.addr);
-    ops.get(i).is_some_and(|o| {
-        o.op & plan::OP_FILL != 0 && o.addr <= run.addr && run.addr + run.len <= o.addr + o.len
-    })
+    let Some(end) = run.end() else { return false };
+    let i = ops.partition_point(|o| o.addr.saturating_add(o.len) <= run.addr);
+    ops.get(i).is_some_and(|o| o.fillable() && o.addr <= run.addr && o.end().is_some_and(|oe| end <= oe))
 }
 
 /// Checks page chunks on a second thread while the next ones are read.
@@ -231,10 +244,17 @@ pub fn read_pages(fd: i32, first_seq: u64, ops: &[MapOp], base_fd: i32) -> (u64,
                 if let Some(bad) = RING.finish() {
                     image_fail(ImageError::PayloadCorrupt { seq: bad });
                 }
-                // Only `inspect` reads the summary; check it and skip it.
+                // The count of pages listed tells a chunk that went missing; only `inspect` reads the summary
+                // after it: check it and skip it.
+                let mut count = [0u8; chunk::PROCESS_END_PREFIX];
+                if head.len < count.len() as u64 {
+                    image_fail(ImageError::Malformed { seq, what: "process end too short" });
+                }
+                src.read_exact(&mut count).unwrap_or_else(|e| image_fail(read_err(e)));
                 let mut h = PayloadHasher::default();
+                h.update(&count);
                 let mut buf = [0u8; 4096];
-                let mut left = head.len as usize;
+                let mut left = head.len as usize - count.len();
                 while left > 0 {
                     let n = left.min(buf.len());
                     src.read_exact(&mut buf[..n]).unwrap_or_else(|e| image_fail(read_err(e)));
@@ -244,9 +264,17 @@ pub fn read_pages(fd: i32, first_seq: u64, ops: &[MapOp], base_fd: i32) -> (u64,
                 if h.finish() != head.payload_hash {
                     image_fail(ImageError::PayloadCorrupt { seq });
                 }
+                let listed = chunk::split_process_end(&count).map_or(0, |c| c.0);
+                if listed != pages {
+                    fail(Msg::new("vos-restore: image is corrupt: chunk ").dec(seq).push(": the process's page data lists ").dec(listed)
+                        .push(" pages, ").dec(pages).push(" arrived (a chunk is missing or misplaced)"));
+                }
                 return (seq + 1, pages);
             }
             _ => image_fail(ImageError::UnexpectedKind { seq, found: head.kind as u32, wanted: "page data" }),
+        }
+        if head.len < 8 {
+            image_fail(ImageError::Malformed { seq, what: "bad run table" });
         }
         let job = RING.slot();
         job.seq = seq;
@@ -261,8 +289,7 @@ pub fn read_pages(fd: i32, first_seq: u64, ops: &[MapOp], base_fd: i32) -> (u64,
         src.read_exact(&mut job.table[8..job.tlen]).unwrap_or_else(|e| image_fail(read_err(e)));
         for i in 0..job.nruns {
             let run = PageRun::decode(&job.table[8 + i * chunk::RUN_LEN..]);
-            let aligned = run.addr % chunk::PAGE as u64 == 0 && run.len % chunk::PAGE as u64 == 0 && run.len > 0;
-            if !aligned || !fill_target(ops, &run) {
+            if !fill_target(ops, &run) {
                 image_fail(ImageError::Malformed { seq, what: "page run outside the process's memory" });
             }
             job.runs[i] = run;
@@ -375,7 +402,7 @@ fn reuse(src: &mut Fd, seq: u64, len: u64, hash: u64, ops: &[MapOp], base_fd: i3
         image_fail(ImageError::PayloadCorrupt { seq });
     }
     let nruns = u32::from_le_bytes([table[0], table[1], table[2], table[3]]) as usize;
-    if 8 + nruns * chunk::RUN_LEN != len as usize {
+    if nruns > chunk::MAX_RUNS as usize || 8 + nruns * chunk::RUN_LEN != len as usize {
         image_fail(ImageError::Malformed { seq, what: "bad reuse table" });
     }
     if base_fd == -1 {
@@ -384,8 +411,7 @@ fn reuse(src: &mut Fd, seq: u64, len: u64, hash: u64, ops: &[MapOp], base_fd: i3
     let mut pages = 0;
     for i in 0..nruns {
         let run = PageRun::decode(&table[8 + i * chunk::RUN_LEN..]);
-        let aligned = run.addr % chunk::PAGE as u64 == 0 && run.len % chunk::PAGE as u64 == 0 && run.len > 0;
-        if !aligned || !fill_target(ops, &run) {
+        if !fill_target(ops, &run) {
             image_fail(ImageError::Malformed { seq, what: "reused run outside the process's memory" });
         }
         pages += run.len / chunk::PAGE as u64;

@@ -12,7 +12,6 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicI32, Ordering};
-use vos::chunk::Kind;
 use vos::image::{FileId, ProcessImage, ProcessSummary, Region, ShimImage};
 use vos::proto::{self, Msg, Trigger};
 use vos::sys;
@@ -309,6 +308,6 @@ fn write(w: &mut Writer, image: &ProcessImage, skip: &[(u64, u64)], reuse: &[(u6
     exclude.extend_from_slice(skip);
     let summary: ProcessSummary = memory::write_pages(w, &image.regions, &exclude, reuse, lazy)?;
     let s = rmp_serde::to_vec_named(&summary).map_err(|e| format!("encoding the summary: {e}"))?;
-    w.chunk(Kind::ProcessEnd, &s).map_err(|e| format!("writing the image: {e}"))?;
+    w.process_end(&s).map_err(|e| format!("writing the image: {e}"))?;
     Ok(())
 }

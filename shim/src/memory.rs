@@ -480,13 +480,7 @@ fn coalesce(runs: &mut Vec<PageRun>, regions: &[Region], exclude: &[(u64, u64)],
 /// Write Reuse chunks listing `runs`.
 fn write_reuse(w: &mut Writer, runs: &[PageRun]) -> Result<(), String> {
     for part in runs.chunks(chunk::MAX_RUNS as usize) {
-        let mut payload = Vec::with_capacity(8 + part.len() * chunk::RUN_LEN);
-        payload.extend_from_slice(&(part.len() as u32).to_le_bytes());
-        payload.extend_from_slice(&0u32.to_le_bytes());
-        for r in part {
-            payload.extend_from_slice(&r.encode());
-        }
-        w.chunk(chunk::Kind::Reuse, &payload).map_err(|e| format!("writing the image: {e}"))?;
+        w.reuse(part).map_err(|e| format!("writing the image: {e}"))?;
     }
     Ok(())
 }
@@ -525,7 +519,7 @@ pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)], r
                                 Some(last) if last.addr + last.len == a && a != r.start => last.len += b - a,
                                 _ => reused_runs.push(PageRun { addr: a, len: b - a }),
                             }
-                            s.stored += (b - a) / PAGE as u64;
+                            // Counted below, once the runs are final.
                             return Ok(());
                         }
                         let mut p = a;
@@ -559,6 +553,14 @@ pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)], r
                 "its memory is in more pieces than a post-copy restore can leave to fetch ({} at most): migrate it without --lazy",
                 plan::MAX_LAZY_RUNS
             ));
+        }
+        // The summary counts every page listed, reused ones too (as the runs go: joined across gaps for
+        // post-copy), so a reader can check it against the chunks region by region.
+        for run in &reused_runs {
+            let i = regions.partition_point(|r| r.end <= run.addr);
+            if let Some(s) = summary.regions.get_mut(i) {
+                s.stored += run.len / PAGE as u64;
+            }
         }
         write_reuse(w, &reused_runs)
     })();

@@ -1,6 +1,6 @@
 //! Writing image chunks to an fd (file, pipe or socket) with raw syscalls.
 
-use vos::chunk::{self, ChunkHead, Kind};
+use vos::chunk::{self, ChunkHead, Kind, PageRun};
 use vos::hashring::Job;
 use vos::sys::{self, Errno};
 
@@ -9,6 +9,8 @@ pub struct Writer {
     /// Number of the next chunk.
     pub seq: u64,
     pub bytes: u64,
+    /// Pages listed in the Pages and Reuse chunks written (the ProcessEnd chunk states it for the restorer).
+    pub pages: u64,
     /// For a regular file: bytes written since writeback was last started.
     unsynced: Option<u64>,
 }
@@ -19,7 +21,7 @@ const WRITEBACK_EVERY: u64 = 16 << 20;
 impl Writer {
     pub fn new(fd: i32, first_seq: u64) -> Writer {
         let regular = sys::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
-        Writer { fd, seq: first_seq, bytes: 0, unsynced: regular.then_some(0) }
+        Writer { fd, seq: first_seq, bytes: 0, pages: 0, unsynced: regular.then_some(0) }
     }
 
     fn wrote(&mut self, n: u64) {
@@ -55,6 +57,36 @@ impl Writer {
             iov[i] = libc::iovec { iov_base: job.src[i] as *mut libc::c_void, iov_len: job.runs[i].len as usize };
         }
         self.writev_all(&iov[..job.nruns])?;
+        self.seq += 1;
+        self.pages += job.runs[..job.nruns].iter().map(|r| r.pages()).sum::<u64>();
+        Ok(())
+    }
+
+    /// A Reuse chunk listing `runs` (pages the destination already holds).
+    pub fn reuse(&mut self, runs: &[PageRun]) -> Result<(), Errno> {
+        let mut table = [0u8; 8 + chunk::MAX_RUNS as usize * chunk::RUN_LEN];
+        let runs = &runs[..runs.len().min(chunk::MAX_RUNS as usize)];
+        table[..4].copy_from_slice(&(runs.len() as u32).to_le_bytes());
+        for (i, r) in runs.iter().enumerate() {
+            table[8 + i * chunk::RUN_LEN..8 + (i + 1) * chunk::RUN_LEN].copy_from_slice(&r.encode());
+        }
+        self.chunk(Kind::Reuse, &table[..8 + runs.len() * chunk::RUN_LEN])?;
+        self.pages += runs.iter().map(|r| r.pages()).sum::<u64>();
+        Ok(())
+    }
+
+    /// The ProcessEnd chunk: the pages listed, then the MessagePack summary.
+    pub fn process_end(&mut self, summary: &[u8]) -> Result<(), Errno> {
+        let prefix = chunk::process_end_prefix(self.pages);
+        let head = ChunkHead { kind: Kind::ProcessEnd, seq: self.seq, len: (prefix.len() + summary.len()) as u64, payload_hash: {
+            let mut h = chunk::PayloadHasher::default();
+            h.update(&prefix);
+            h.update(summary);
+            h.finish()
+        } };
+        self.write_all(&head.encode())?;
+        self.write_all(&prefix)?;
+        self.write_all(summary)?;
         self.seq += 1;
         Ok(())
     }

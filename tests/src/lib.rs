@@ -3,6 +3,7 @@
 //! in $VOS_BIN.
 
 pub mod hosts;
+pub mod image;
 
 use std::fs;
 use std::io::Read;
@@ -350,5 +351,68 @@ impl LineClient {
 
     pub fn inc(&mut self) -> i64 {
         self.ask("inc").unwrap().parse().unwrap()
+    }
+}
+
+/// What a `vrun` run that may refuse did.
+pub struct Outcome {
+    /// None: it did not end in time (and was killed).
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    /// It restored a job (registered under its name), which was then ended.
+    pub ran: bool,
+}
+
+/// Run `c` (a `vrun inspect`, or a `vrun restore --name NAME`) for at most `timeout`, its output to files in `w`.
+/// A restore that succeeded is ended at once: its job, then vrun.
+pub fn run_bounded(w: &Work, mut c: Command, name: Option<&str>, timeout: Duration) -> Outcome {
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let (out, err) = (w.path(&format!("bounded-{seq}.out")), w.path(&format!("bounded-{seq}.err")));
+    c.stdout(fs::File::create(&out).unwrap()).stderr(fs::File::create(&err).unwrap());
+    let mut child = c.spawn().expect("spawning vrun");
+    let start = Instant::now();
+    let mut ran = false;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        let pid = name.map_or(0, |n| registered_pid(Path::new("/run/vos"), n));
+        if pid > 0 {
+            ran = true;
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let t = Instant::now();
+            while child.try_wait().unwrap().is_none() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            break child.wait().ok();
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let read = |p: &Path| String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned();
+    Outcome { status, stdout: read(&out), stderr: read(&err), ran }
+}
+
+/// Words in a refusal that mean vrun or vos-restore broke rather than refused.
+pub const CRASH_WORDS: [&str; 4] = ["ended without a word", "never reported", "internal error", "panicked"];
+
+impl Outcome {
+    /// vrun refused cleanly: exit status 1, a `vrun:` message naming one of `expect` (any message if empty),
+    /// nothing that says it crashed, and no job ran.
+    pub fn assert_refused(&self, what: &str, expect: &[&str]) {
+        use std::os::unix::process::ExitStatusExt;
+        let st = self.status.unwrap_or_else(|| panic!("{what}: vrun did not end in time; stderr: {}", self.stderr));
+        assert_eq!((st.code(), st.signal()), (Some(1), None), "{what}: vrun ended with {st:?}; stderr: {}", self.stderr);
+        assert!(!self.ran, "{what}: the job was restored and ran");
+        let msg = self.stderr.lines().find(|l| l.starts_with("vrun: ")).unwrap_or_else(|| panic!("{what}: no `vrun:` message in {:?}", self.stderr));
+        assert!(expect.is_empty() || expect.iter().any(|e| msg.contains(e)), "{what}: message {msg:?} names none of {expect:?}");
+        assert!(!CRASH_WORDS.iter().any(|c| self.stderr.contains(c)), "{what}: a crash, not a refusal: {}", self.stderr);
     }
 }

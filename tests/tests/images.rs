@@ -2,6 +2,9 @@
 
 use std::fs;
 use std::time::Duration;
+use vos::chunk::Kind;
+use vos::image::{Contents, FdImage, FileKind, OpenFile, PipeImage, RegionKind, SockAddr, SocketImage};
+use vos_tests::image::{self, Image};
 use vos_tests::*;
 
 fn good_image(w: &Work) -> (String, std::path::PathBuf) {
@@ -97,4 +100,161 @@ fn inspect_reports_and_json() {
     // A directory means its newest complete image.
     let (st, text, _) = run_vrun(&["inspect", w.dir.to_str().unwrap()]);
     assert!(st.success() && text.contains(img.rsplit('/').next().unwrap()));
+}
+
+/// `vrun restore IMG` as job `name`, bounded in time (a restore that succeeds is ended).
+fn try_restore(w: &Work, img: &std::path::Path, name: &str) -> Outcome {
+    let mut c = vrun();
+    c.args(["restore", "--name", name, "--dir"]).arg(&w.dir).arg(img);
+    run_bounded(w, c, Some(name), Duration::from_secs(30))
+}
+
+fn try_inspect(w: &Work, img: &std::path::Path) -> Outcome {
+    let mut c = vrun();
+    c.arg("inspect").arg(img);
+    run_bounded(w, c, None, Duration::from_secs(30))
+}
+
+/// A private file mapping the image marks shared, pages and all, pointed at a copy of the real file: the restore
+/// refuses it, and the file keeps every byte (a restore used to open it read-write and write the pages into it).
+#[test]
+fn shared_mark_on_a_private_mapping_never_writes_its_file() {
+    let w = Work::new("sharedmark");
+    let (img, _) = good_image(&w);
+    let good = Image::read(&img);
+    let job = good.job();
+    let sum = &good.summaries()[0];
+    let p = &job.processes[0];
+    // A private, writable file mapping with pages copied on write (a library's data).
+    let i = (0..p.regions.len())
+        .find(|&i| {
+            let r = &p.regions[i];
+            r.kind == RegionKind::File && !r.shared && r.prot & libc::PROT_WRITE as u32 != 0 && sum.regions[i].stored > 0
+        })
+        .expect("a private file mapping with stored pages");
+    let orig = p.regions[i].file.as_ref().unwrap().path.clone();
+    let victim = w.path("victim.so");
+    fs::copy(&orig, &victim).unwrap();
+    let before = fs::read(&victim).unwrap();
+    for (tag, contents) in [("pages", Contents::Pages), ("file", Contents::File)] {
+        let mut bad = good.clone();
+        bad.edit_job(|j| {
+            let r = &mut j.processes[0].regions[i];
+            r.shared = true;
+            r.contents = contents.clone();
+            r.name = victim.display().to_string();
+            r.file.as_mut().unwrap().path = victim.display().to_string();
+        });
+        let path = w.path(&format!("shared-{tag}.vimg"));
+        bad.write(&path);
+        let o = try_restore(&w, &path, &w.name("shared"));
+        assert!(fs::read(&victim).unwrap() == before, "{tag}: the restore wrote into {}", victim.display());
+        o.assert_refused(tag, &["contents", "page run", "shared file mapping"]);
+    }
+}
+
+/// Images that decode but do not hold together: `inspect` and `restore` both refuse each with a message (exit
+/// status 1, no panic, no crash of vos-restore), and the job's program never runs.
+#[test]
+fn malformed_images_are_refused_by_inspect_and_restore() {
+    let w = Work::new("malformed");
+    let (img, out) = good_image(&w);
+    let good = Image::read(&img);
+    let first_pages = good.all(Kind::Pages)[0];
+    let mut cases: Vec<(&str, Image, &[&str])> = vec![];
+    let mut b = good.clone();
+    b.edit_job(|j| j.processes[0].fds[0].file = j.files.len() as u32 + 5);
+    cases.push(("file index out of range", b, &["fds[0].file", "out of range"]));
+    let mut b = good.clone();
+    b.chunks.remove(first_pages);
+    cases.push(("missing page chunk", b, &["missing or misplaced"]));
+    let mut b = good.clone();
+    let c = b.chunks.remove(first_pages);
+    b.chunks.push(c);
+    cases.push(("page chunk after its process's end", b, &["missing or misplaced"]));
+    let mut b = good.clone();
+    let c = b.chunks.remove(first_pages);
+    b.chunks.insert(1, c);
+    cases.push(("page chunk before the job", b, &["expected the job's metadata"]));
+    let mut b = good.clone();
+    b.chunks.push(image::Chunk { kind: Kind::End as u32, payload: vos::chunk::end_payload(b.chunks.len() as u64).to_vec() });
+    cases.push(("a chunk after the end", b, &["follows its end marker"]));
+    let mut b = good.clone();
+    b.chunks[first_pages].payload = vec![1, 0];
+    cases.push(("pages chunk of 2 bytes", b, &["bad run table"]));
+    for (what, b, expect) in cases {
+        let path = w.path(&format!("{}.vimg", what.replace(' ', "-")));
+        b.write(&path);
+        try_inspect(&w, &path).assert_refused(&format!("inspect: {what}"), expect);
+        try_restore(&w, &path, &w.name("bad")).assert_refused(&format!("restore: {what}"), expect);
+        refused(&w, &path, &out, expect);
+    }
+    // Data after the end of a stream: the image comes on stdin.
+    let mut bytes = fs::read(&img).unwrap();
+    bytes.extend_from_slice(b"trailing");
+    for cmd in ["inspect", "restore"] {
+        let mut c = vrun();
+        let (r, wr) = std::io::pipe().unwrap();
+        let feed = bytes.clone();
+        std::thread::spawn(move || std::io::Write::write_all(&mut { wr }, &feed));
+        c.arg(cmd).arg("-").stdin(r);
+        if cmd == "restore" {
+            c.args(["--name", &w.name("tail")]);
+        }
+        run_bounded(&w, c, None, Duration::from_secs(30)).assert_refused(&format!("{cmd} from a pipe"), &["follows its end marker"]);
+    }
+}
+
+/// A FIFO path and a unix socket path of a crafted image pointing at files that are not the job's: a regular
+/// file, a symlink, a socket another process listens on. The restore refuses, and each is as it was.
+#[test]
+fn fifo_and_socket_paths_leave_other_files_alone() {
+    let w = Work::new("fifopath");
+    let (img, _) = good_image(&w);
+    let good = Image::read(&img);
+    let victim = w.path("victim.txt");
+    fs::write(&victim, b"precious\n").unwrap();
+    let link = w.path("link");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let live = w.path("live.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let s = |p: &std::path::Path| p.display().to_string();
+    let with_fifo = |path: String| {
+        let mut b = good.clone();
+        b.edit_job(|j| {
+            j.pipes.push(PipeImage { capacity: 65536, data: serde_bytes::ByteBuf::from(b"EVIL BYTES\n".to_vec()), fifo: Some(path) });
+            let pipe = j.pipes.len() as u32 - 1;
+            for (fd, write) in [(40, false), (41, true)] {
+                j.files.push(OpenFile { flags: if write { libc::O_WRONLY } else { libc::O_RDONLY }, kind: FileKind::Pipe { pipe, write }, ..Default::default() });
+                j.processes[0].fds.push(FdImage { fd, cloexec: false, file: j.files.len() as u32 - 1 });
+            }
+        });
+        b
+    };
+    let with_socket = |path: String| {
+        let mut b = good.clone();
+        b.edit_job(|j| {
+            j.sockets.push(SocketImage { kind: libc::SOCK_STREAM, local: SockAddr::Path(path), listening: true, ..Default::default() });
+            j.files.push(OpenFile { flags: libc::O_RDWR, kind: FileKind::Socket { socket: j.sockets.len() as u32 - 1 }, ..Default::default() });
+            j.processes[0].fds.push(FdImage { fd: 42, cloexec: false, file: j.files.len() as u32 - 1 });
+        });
+        b
+    };
+    let cases = [
+        ("fifo at a regular file", with_fifo(s(&victim)), &["not a FIFO"][..]),
+        ("fifo at a symlink", with_fifo(s(&link)), &["symbolic link"][..]),
+        ("socket at a live socket", with_socket(s(&live)), &["binding a unix socket"][..]),
+        ("socket at a symlink", with_socket(s(&link)), &["binding a unix socket"][..]),
+        ("socket at a regular file", with_socket(s(&victim)), &["binding a unix socket"][..]),
+    ];
+    for (what, b, expect) in cases {
+        let path = w.path(&format!("{}.vimg", what.replace(' ', "-")));
+        b.write(&path);
+        let o = try_restore(&w, &path, &w.name("paths"));
+        assert_eq!(fs::read(&victim).unwrap(), b"precious\n", "{what}: the victim file changed");
+        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "{what}: the symlink is gone");
+        assert!(std::os::unix::net::UnixStream::connect(&live).is_ok(), "{what}: the live socket is gone");
+        o.assert_refused(what, expect);
+    }
+    drop(listener);
 }
