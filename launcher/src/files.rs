@@ -35,10 +35,6 @@ pub fn grab(pid: i32, fd: i32) -> Result<OwnedFd> {
     }
 }
 
-fn kcmp_same(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> bool {
-    kcmp_order(pid1, fd1, pid2, fd2) == std::cmp::Ordering::Equal
-}
-
 /// One fd as found in /proc.
 struct Found {
     fd: i32,
@@ -472,6 +468,9 @@ pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, Raw
     let sockets = sockets::restore(job)?;
     let inet = inet::restore(job)?;
     let mut out = Vec::with_capacity(job.files.len());
+    // Pipe ends and terminal sides already given to an open file: another open file of the same one is another
+    // open of it.
+    let mut given: std::collections::HashSet<(bool, u32, bool)> = std::collections::HashSet::new();
     for (i, f) in job.files.iter().enumerate() {
         let fd: OwnedFd = match &f.kind {
             FileKind::Regular { file } => {
@@ -500,7 +499,7 @@ pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, Raw
                 let end = if *write { w } else { r };
                 // The first open file of each end takes the end itself; another open file of the same end (a
                 // FIFO opened twice) gets a new description of it through /proc.
-                if out.iter().any(|o: &OwnedFd| same_file(o, end)) {
+                if !given.insert((false, *pipe, *write)) {
                     reopen(&format!("/proc/self/fd/{}", end.as_raw_fd()), f.flags)?
                 } else {
                     end.try_clone()?
@@ -512,7 +511,7 @@ pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, Raw
             FileKind::PtySlave { pty } => {
                 let (m, sl) = &ptys[*pty as usize];
                 // A second open file of the same terminal side is another open of it.
-                if out.iter().any(|o: &OwnedFd| same_file(o, sl)) {
+                if !given.insert((true, *pty, false)) {
                     // SAFETY: TIOCGPTPEER opens the pair's terminal side; the fd is owned here.
                     let fd = unsafe { libc::ioctl(m.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
                     if fd < 0 {
@@ -633,10 +632,6 @@ fn unsafe_borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
     unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
-fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
-    let me = std::process::id() as i32;
-    kcmp_same(me, a.as_raw_fd(), me, b.as_raw_fd())
-}
 
 fn reopen(path: &str, flags: i32) -> Result<OwnedFd> {
     let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC)) | libc::O_CLOEXEC | libc::O_NOCTTY;

@@ -242,6 +242,7 @@ impl Reader {
 
 /// The newest complete image in a directory (temporary and hidden files are never complete).
 pub fn newest_in(dir: &Path) -> Result<PathBuf> {
+    sweep_temporaries(dir);
     let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
     for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let e = e?;
