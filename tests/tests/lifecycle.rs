@@ -260,3 +260,35 @@ fn faults_at_random_instants_lose_nothing() {
         assert!(temporaries(&dir).is_empty(), "round {round} ({what}): temporaries left: {:?}", temporaries(&dir));
     }
 }
+
+#[test]
+fn a_killed_restore_of_a_process_tree_leaves_nothing_behind() {
+    let w = Work::new("treekill");
+    let prog = own_copy(&w, "bench_tree");
+    let name = w.name("treekill");
+    let out = w.path("out.txt");
+    let job = launch(&w, &name, &[prog.to_str().unwrap(), "20", "12"], &out);
+    wait_for(&out, "ready", Duration::from_secs(60), |s| s.contains("ready"));
+    assert_eq!(running(&prog).len(), 20);
+    let img = job.checkpoint_kill();
+    none_left(&prog, "after checkpoint --kill");
+    for delay in [5u64, 30, 80, 150, 300] {
+        let mut r = vrun();
+        r.args(["restore", "--name", &name, "--dir"]).arg(&w.dir).arg(&img);
+        let mut restoring = spawn(r, &name, &w.path("r.out"), &w.path("restore.err"));
+        std::thread::sleep(Duration::from_millis(delay));
+        kill(restoring.child.as_ref().unwrap().id() as i32, libc::SIGKILL);
+        restoring.wait(Duration::from_secs(10));
+        none_left(&prog, &format!("restore killed after {delay} ms"));
+    }
+    // The image is intact: the whole tree comes back.
+    let mut back = restore(&w, &name, &img, &w.path("back.out"));
+    let t = Instant::now();
+    while running(&prog).len() < 20 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the tree did not come back whole");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(back.checkpoint(true));
+    back.wait(Duration::from_secs(20));
+    none_left(&prog, "at the end");
+}

@@ -217,3 +217,29 @@ fn a_job_on_a_terminal_migrates_with_its_output() {
     }
     let _ = slave.as_raw_fd();
 }
+
+/// A job that dies at once at the destination (here: it cannot bear another address) is not counted as
+/// arrived: migrate fails, the source keeps its copy, which goes on.
+#[test]
+fn a_job_that_dies_on_arrival_stays_at_the_source() {
+    let w = Work::new("arrival");
+    let key = w.path("key");
+    fs::write(&key, [9u8; 32]).unwrap();
+    let mut net = Net::new(2, &w.dir);
+    for h in &mut net.hosts {
+        h.serve(&key);
+    }
+    let prog = gcc("addrwatch");
+    let out = w.path("out.txt");
+    let name = w.name("arrival");
+    let mut c = net.hosts[0].vrun();
+    c.args(["--name", &name, "--dir"]).arg(&net.hosts[0].dir).args([prog.to_str().unwrap(), "100000"]);
+    let job = spawn(c, &name, &out, &w.path("vrun.err"));
+    wait_step(&out, 3);
+    let r = net.hosts[0].migrate(&name, &net.hosts[1], &key, &["--stop-and-copy"]);
+    let err = r.expect_err("a migration whose job died at once succeeded");
+    assert!(err.contains("goes on here") && err.contains("status 3"), "{err}");
+    let s = last_step(&fs::read_to_string(&out).unwrap());
+    wait_step(&out, s + 3);
+    drop(job);
+}
