@@ -184,6 +184,13 @@ impl Supervisor {
             if todo.is_empty() && begun {
                 return Ok(members);
             }
+            // Before any process is asked to stop (its threads are signalled and run the shim's handler), none may
+            // have a thread that this would end.
+            for m in members.iter().filter(|m| !m.zombie && !shims.iter().any(|s| s.pid == m.ids.pid && s.image.is_some())) {
+                if let Some(t) = job::strict_seccomp_thread(m.host) {
+                    bail!("pid {} thread {t} is in seccomp strict mode: it cannot be checkpointed", m.ids.pid);
+                }
+            }
             for m in &todo {
                 // Already parked processes cannot fork; only those asked now can have made new ones.
                 let _ = send_signal(m.host, self.opts.signals.0);

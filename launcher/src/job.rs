@@ -76,6 +76,20 @@ pub fn members(init: Pid) -> Result<Vec<Member>> {
     Ok(out)
 }
 
+/// A thread of process `host` in seccomp strict mode (`Seccomp: 1` in its status), by the id the job's namespace
+/// gives it. Such a thread may only read, write, exit and return from a signal: the signal that parks it, or any
+/// syscall of the shim's handler on it, would end it, and the image would miss it.
+pub fn strict_seccomp_thread(host: Pid) -> Option<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{host}/task")).ok()?;
+    tasks.flatten().find_map(|t| {
+        let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+        (field(&status, "Seccomp")? == "1").then(|| {
+            let tid = t.file_name().to_str().and_then(|n| n.parse().ok()).unwrap_or(0);
+            field(&status, "NSpid").and_then(|v| v.split_whitespace().last()?.parse().ok()).unwrap_or(tid)
+        })
+    })
+}
+
 pub fn zombie_image(m: &Member) -> ZombieImage {
     ZombieImage { ids: m.ids, comm: m.comm.clone(), status: m.exit_code }
 }

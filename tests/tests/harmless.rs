@@ -1,0 +1,62 @@
+//! A checkpoint never harms the job it reports as saved: what the shim or the supervisor would break (guard pages,
+//! mappings past the end of their file, a thread in seccomp strict mode, a main thread gone with pthread_exit,
+//! a unix socket whose peer shut down, a stack that grows down) is either captured and restored exactly, or
+//! refused by name with the job going on untouched.
+
+use std::fs;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use vos_tests::*;
+
+/// `vrun checkpoint NAME ARGS...`, which must fail within a minute (never hang): its stderr.
+fn refused(name: &str, args: &[&str]) -> String {
+    let mut c = vrun().args(["checkpoint", name]).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let t = Instant::now();
+    let st = loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("vrun checkpoint {name} {args:?} did not end within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(c.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!st.success(), "vrun checkpoint {name} {args:?} was not refused");
+    assert!(err.contains("the job goes on untouched"), "{err}");
+    err
+}
+
+/// The job at `out` still makes progress: five more steps.
+fn goes_on(out: &Path) {
+    let s = last_step(&fs::read_to_string(out).unwrap_or_default());
+    wait_step(out, s + 5);
+}
+
+/// Wait for the job and check its steps, each exactly once.
+fn finishes(mut job: Running, out: &Path, steps: i64) {
+    let st = job.wait(Duration::from_secs(120));
+    let text = fs::read_to_string(out).unwrap();
+    assert!(st.success(), "job ended with {st:?}; output tail: {}", text.lines().rev().take(5).collect::<Vec<_>>().join(" | "));
+    assert_steps(&text, steps);
+}
+
+#[test]
+fn a_thread_in_seccomp_strict_mode_is_refused_by_name() {
+    let w = Work::new("seccomp");
+    let prog = gcc("seccomp_strict");
+    let out = w.path("out.txt");
+    let name = w.name("seccomp");
+    let job = launch(&w, &name, &[prog.to_str().unwrap(), "200"], &out);
+    wait_step(&out, 5);
+    for args in [&[][..], &["--kill"]] {
+        let err = refused(&name, args);
+        assert!(err.contains("pid 2 thread 3 is in seccomp strict mode: it cannot be checkpointed"), "{err}");
+        goes_on(&out);
+    }
+    finishes(job, &out, 200);
+}
