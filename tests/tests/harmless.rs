@@ -9,8 +9,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use vos_tests::*;
 
-/// `vrun checkpoint NAME ARGS...`, which must fail within a minute (never hang): its stderr.
-fn refused(name: &str, args: &[&str]) -> String {
+/// `vrun checkpoint NAME ARGS...`, ended within a minute (a checkpoint never hangs): (success, stdout, stderr).
+fn checkpoint(name: &str, args: &[&str]) -> (bool, String, String) {
     let mut c = vrun().args(["checkpoint", name]).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let t = Instant::now();
     let st = loop {
@@ -24,11 +24,39 @@ fn refused(name: &str, args: &[&str]) -> String {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut err = String::new();
+    let (mut out, mut err) = (String::new(), String::new());
+    std::io::Read::read_to_string(c.stdout.as_mut().unwrap(), &mut out).unwrap();
     std::io::Read::read_to_string(c.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert!(!st.success(), "vrun checkpoint {name} {args:?} was not refused");
+    (st.success(), out, err)
+}
+
+/// A checkpoint that must be refused, the job going on untouched: its message.
+fn refused(name: &str, args: &[&str]) -> String {
+    let (ok, _, err) = checkpoint(name, args);
+    assert!(!ok, "vrun checkpoint {name} {args:?} was not refused");
     assert!(err.contains("the job goes on untouched"), "{err}");
     err
+}
+
+/// A checkpoint that must succeed: the image's path.
+fn saved(name: &str, args: &[&str]) -> String {
+    let (ok, out, err) = checkpoint(name, args);
+    assert!(ok, "vrun checkpoint {name} {args:?} failed: {err}");
+    out.lines().last().unwrap_or_default().to_string()
+}
+
+/// Launch `argv` (a program printing "step N" lines to `out`); twice: five more steps, checkpoint --kill, restore.
+/// Returns the restored job.
+fn restored_twice(w: &Work, test: &str, argv: &[&str], out: &Path) -> Running {
+    let name = w.name(test);
+    let mut job = launch(w, &name, argv, out);
+    for n in 1..=2 {
+        goes_on(out);
+        let img = saved(&name, &["--kill"]);
+        assert_eq!(job.wait(Duration::from_secs(20)).code(), Some(75));
+        job = restore(w, &name, &img, &w.path(&format!("restore{n}.out")));
+    }
+    job
 }
 
 /// The job at `out` still makes progress: five more steps.
@@ -59,4 +87,27 @@ fn a_thread_in_seccomp_strict_mode_is_refused_by_name() {
         goes_on(&out);
     }
     finishes(job, &out, 200);
+}
+
+#[test]
+fn seqpacket_queue_with_empty_messages_and_a_shut_down_writer() {
+    let w = Work::new("seqpacket");
+    let prog = gcc("seqpacket");
+    let out = w.path("out.txt");
+    let job = restored_twice(&w, "seqpacket", &[prog.to_str().unwrap(), "150"], &out);
+    // The program reads the queue at the end: the messages exactly, the empty ones too, then end of file.
+    finishes(job, &out, 150);
+
+    // A checkpoint the job goes on from leaves the empty messages peeked, which the kernel then hides from any
+    // later peek: the next checkpoint sees the queue is not whole and refuses.
+    let out = w.path("on.txt");
+    let name = w.name("seqpacket-on");
+    let job = launch(&w, &name, &[prog.to_str().unwrap(), "150"], &out);
+    goes_on(&out);
+    saved(&name, &[]);
+    goes_on(&out);
+    let err = refused(&name, &["--kill"]);
+    assert!(err.contains("a unix socket holds messages a peek cannot show"), "{err}");
+    goes_on(&out);
+    finishes(job, &out, 150);
 }
