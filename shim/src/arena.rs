@@ -23,19 +23,21 @@ struct Arena {
     /// (start, len) of every mapping this arena made, so a session can exclude and unmap them.
     chunks: [AtomicUsize; MAX_CHUNKS * 2],
     nchunks: AtomicUsize,
+    name: &'static core::ffi::CStr,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
 const ZERO: AtomicUsize = AtomicUsize::new(0);
 
 impl Arena {
-    const fn new() -> Arena {
+    const fn new(name: &'static core::ffi::CStr) -> Arena {
         Arena {
             lock: AtomicBool::new(false),
             cur: AtomicUsize::new(0),
             end: AtomicUsize::new(0),
             chunks: [ZERO; MAX_CHUNKS * 2],
             nchunks: AtomicUsize::new(0),
+            name,
         }
     }
 
@@ -59,16 +61,18 @@ impl Arena {
         if n == MAX_CHUNKS {
             return core::ptr::null_mut();
         }
-        let len = (layout.size() + align).max(CHUNK).next_multiple_of(4096);
+        // Never a multiple of 2 MiB: the kernel would align the mapping and leave a hole above it (see `global`).
+        let len = crate::global::no_huge_multiple((layout.size() + align).max(CHUNK).next_multiple_of(4096));
         // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
         let Ok(base) = (unsafe {
             sys::mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
         }) else {
             return core::ptr::null_mut();
         };
-        // A name of its own keeps the kernel from merging it with a neighbouring mapping of the app.
+        // A name of its own keeps the kernel from merging it with a neighbouring mapping of the app. Only the
+        // session arena's starts with "vos-" (mappings so named never travel in an image; the permanent one must).
         const PR_SET_VMA: i32 = 0x53564d41;
-        let _ = sys::prctl(PR_SET_VMA, 0, base, len, c"vos-arena".as_ptr() as usize);
+        let _ = sys::prctl(PR_SET_VMA, 0, base, len, self.name.as_ptr() as usize);
         self.chunks[2 * n].store(base, Ordering::Relaxed);
         self.chunks[2 * n + 1].store(len, Ordering::Relaxed);
         self.nchunks.store(n + 1, Ordering::Relaxed);
@@ -97,8 +101,8 @@ impl Arena {
     }
 }
 
-static PERMANENT: Arena = Arena::new();
-static SESSION: Arena = Arena::new();
+static PERMANENT: Arena = Arena::new(c"shim-heap");
+static SESSION: Arena = Arena::new(c"vos-arena");
 static IN_SESSION: AtomicBool = AtomicBool::new(false);
 
 pub struct ShimAlloc;

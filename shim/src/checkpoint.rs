@@ -17,13 +17,8 @@ use vos::image::{FileId, ProcessImage, ProcessSummary, Region, ShimImage};
 use vos::proto::{self, Msg, Trigger};
 use vos::sys;
 
-const STACK_SIZE: usize = 1 << 20;
-
-#[repr(C, align(16))]
-struct Stack([u8; STACK_SIZE]);
-
-/// The coordinator's stack; its contents never travel in an image.
-static STACK: Global<Stack> = Global::new(Stack([0; STACK_SIZE]));
+/// The coordinator's stack (`global::COORDINATOR_STACK`); its contents never travel in an image.
+const STACK: (usize, usize) = crate::global::COORDINATOR_STACK;
 /// A minimal thread control block for the coordinator (glibc-style: the word at fs:0 points to itself), so
 /// a stray TLS access reads zeros instead of another thread's TLS.
 static TCB: Global<[u64; 64]> = Global::new([0; 64]);
@@ -41,8 +36,12 @@ pub fn trigger(sig: i32) {
     if COORDINATOR.compare_exchange(0, -1, Ordering::AcqRel, Ordering::Acquire).is_err() {
         return;
     }
-    // SAFETY: only one coordinator at a time (COORDINATOR), so STACK and TCB are ours.
-    let (stack, tcb) = unsafe { (STACK.get(), TCB.get()) };
+    let Some(stack) = crate::global::state(STACK) else {
+        COORDINATOR.store(0, Ordering::Release);
+        return;
+    };
+    // SAFETY: only one coordinator at a time (COORDINATOR), so the stack and TCB are ours.
+    let tcb = unsafe { TCB.get() };
     let tcb_addr = tcb.as_ptr() as u64;
     tcb[0] = tcb_addr;
     tcb[2] = tcb_addr;
@@ -51,8 +50,8 @@ pub fn trigger(sig: i32) {
             | libc::CLONE_SYSVSEM | libc::CLONE_SETTLS | libc::CLONE_PARENT_SETTID | libc::CLONE_CHILD_CLEARTID) as u64,
         parent_tid: COORDINATOR.as_ptr() as u64,
         child_tid: COORDINATOR.as_ptr() as u64,
-        stack: stack.0.as_mut_ptr() as u64,
-        stack_size: STACK_SIZE as u64,
+        stack: stack as u64,
+        stack_size: STACK.1 as u64,
         tls: tcb_addr,
         ..Default::default()
     };
@@ -66,9 +65,8 @@ pub fn trigger(sig: i32) {
 
 /// The address range of the coordinator's stack (left out of images).
 fn stack_range() -> (u64, u64) {
-    // SAFETY: only the address is taken.
-    let s = unsafe { STACK.get().0.as_ptr() } as u64;
-    (s, s + STACK_SIZE as u64)
+    let s = crate::global::state(STACK).unwrap_or(0) as u64;
+    (s, s + STACK.1 as u64)
 }
 
 extern "C" fn coordinate(sig: usize) -> ! {

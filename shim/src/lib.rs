@@ -45,6 +45,7 @@ use vos::sys;
 /// Runs in every process that loads the shim, before the program's main.
 #[ctor::ctor]
 unsafe fn init() {
+    global::map_state();
     global::load_config();
     real::resolve();
     reserve_window();

@@ -7,7 +7,7 @@
 //! the main thread again.
 
 use crate::checkpoint::COORDINATOR;
-use crate::global::{CONFIG, Global};
+use crate::global::CONFIG;
 use crate::{arena, files, process, signals, threads, timers};
 use alloc::format;
 use alloc::string::String;
@@ -16,17 +16,12 @@ use vos::image::RestartSpec;
 use vos::proto::{self, Msg};
 use vos::sys;
 
-const STACK_SIZE: usize = 256 << 10;
-
-#[repr(C, align(16))]
-struct Stack([u8; STACK_SIZE]);
-
-static STACK: Global<Stack> = Global::new(Stack([0; STACK_SIZE]));
+/// The restart code's stack (`global::RESTART_STACK`): in the image (the restorer maps it back), its contents not.
+const STACK: (usize, usize) = crate::global::RESTART_STACK;
 
 pub fn stack_range() -> (u64, u64) {
-    // SAFETY: only the address is taken.
-    let s = unsafe { STACK.get().0.as_ptr() } as u64;
-    (s, s + STACK_SIZE as u64)
+    let s = crate::global::state(STACK).unwrap_or(0) as u64;
+    (s, s + STACK.1 as u64)
 }
 
 pub fn stack_top() -> u64 {

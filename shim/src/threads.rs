@@ -9,7 +9,6 @@
 //! that saved frame with `sys::resume_and_call`; when released it returns from the handler and the kernel's
 //! sigreturn puts the interrupted state back. No register format of our own, no glibc internals patched.
 
-use crate::global::Global;
 use crate::{procfs, signals};
 use alloc::format;
 use alloc::string::String;
@@ -45,26 +44,10 @@ pub struct Slot {
     pending: [SigInfo; MAX_PENDING],
 }
 
-impl Slot {
-    const EMPTY: Slot = Slot {
-        tid: AtomicI32::new(0),
-        state: AtomicU32::new(FREE),
-        release_at: AtomicU32::new(0),
-        park_rsp: 0,
-        fs_base: 0,
-        uc: 0,
-        clear_child_tid: 0,
-        robust: 0,
-        robust_len: 0,
-        cpu_ns: 0,
-        npending: 0,
-        pending: [[0; 128]; MAX_PENDING],
-    };
-}
-
 /// Slot i belongs to the thread the coordinator asked with index i; only that thread writes its fields
-/// (other than tid/state, set by the coordinator before asking).
-static SLOTS: Global<[Slot; MAX_THREADS]> = Global::new([Slot::EMPTY; MAX_THREADS]);
+/// (other than tid/state, set by the coordinator before asking). The table is the state mapping's first part
+/// (`global::THREAD_TABLE`; all zeros is every slot empty).
+pub const TABLE_BYTES: usize = MAX_THREADS * core::mem::size_of::<Slot>();
 /// Number of threads parked (futex word the coordinator waits on).
 static PARKED_COUNT: AtomicU32 = AtomicU32::new(0);
 /// Release generation (futex word parked threads wait on).
@@ -77,8 +60,10 @@ static RSEQ_SIZE: AtomicUsize = AtomicUsize::new(0);
 const RSEQ_SIG: u32 = 0x5305_3053;
 
 fn slot(i: usize) -> &'static mut Slot {
-    // SAFETY: slots are partitioned by index between the coordinator (before asking) and the owning thread.
-    unsafe { &mut SLOTS.get()[i] }
+    let table = crate::global::state(crate::global::THREAD_TABLE).expect("the thread table is mapped (checked before any use)");
+    // SAFETY: the table holds MAX_THREADS slots (i < MAX_THREADS at every caller), zeroed (Slot::EMPTY) by mmap;
+    // slots are partitioned by index between the coordinator (before asking) and the owning thread.
+    unsafe { &mut *(table as *mut Slot).add(i) }
 }
 
 /// Learn where glibc keeps each thread's rseq area (constructor).
@@ -99,7 +84,7 @@ pub fn init_rseq_info() {
 /// Called from the signal handler of a thread asked to park. Returns when the coordinator (or the restart
 /// code, after a restore) releases the thread.
 pub fn park(i: usize, uc: *mut c_void) {
-    if i >= MAX_THREADS {
+    if i >= MAX_THREADS || crate::global::state(crate::global::THREAD_TABLE).is_none() {
         return;
     }
     // This very handler interrupted whatever call the thread was in: the hook around it must see the
@@ -171,6 +156,9 @@ fn ask(i: usize, tid: i32) -> bool {
 
 /// Park every thread of the process except the caller. On failure every thread is released again.
 pub fn park_all(timeout_ns: u64) -> Result<Parked, String> {
+    if crate::global::state(crate::global::THREAD_TABLE).is_none() {
+        return Err("the shim could not map its thread table at start-up".into());
+    }
     let me = sys::gettid();
     PARKED_COUNT.store(0, Ordering::Release);
     let mut asked: Vec<(i32, usize)> = Vec::new();
@@ -314,6 +302,7 @@ pub fn capture(p: &Parked) -> Result<Vec<ThreadImage>, String> {
 // ---- restore ---------------------------------------------------------------------------------------------------
 
 fn slot_of(tid: i32) -> Option<usize> {
+    crate::global::state(crate::global::THREAD_TABLE)?;
     (0..MAX_THREADS).find(|&i| slot(i).tid.load(Ordering::Relaxed) == tid && slot(i).state.load(Ordering::Relaxed) == PARKED)
 }
 
