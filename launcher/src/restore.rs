@@ -466,6 +466,7 @@ fn rebase(plan: &[u8], base: u64) -> Vec<u8> {
         h.ops_off += base;
         h.auxv_off += base;
         h.blob_off += base;
+        h.guards_off += base;
         std::ptr::write_unaligned(v.as_mut_ptr() as *mut PlanHead, h);
         for i in 0..h.nmaps as usize {
             let o = (h.ops_off - base) as usize + i * std::mem::size_of::<MapOp>();
@@ -629,6 +630,12 @@ fn process_plan(
         ops[i].data_off = off;
         ops[i].data_len = len;
     }
+    let guards: Vec<u8> = regions
+        .iter()
+        .flat_map(|r| r.guards.iter().filter(|&&(a, b)| r.start <= a && a < b && b <= r.end))
+        .flat_map(|&(a, b)| a.to_le_bytes().into_iter().chain((b - a).to_le_bytes()))
+        .collect();
+    let (guards_off, guards_len) = add(&guards);
     let (blob_off, blob_len) = add(&rmp_serde::to_vec_named(spec)?);
     let blob_base = ops_off + (ops.len() * std::mem::size_of::<MapOp>()) as u64;
     for op in ops.iter_mut() {
@@ -668,6 +675,8 @@ fn process_plan(
         restart_stack_top: p.shim.restart_stack_top,
         blob_off: blob_base + blob_off,
         blob_len,
+        guards_off: blob_base + guards_off,
+        nguards: guards_len / 16,
     };
     let mut out = Vec::with_capacity(blob_base as usize + blob.len());
     // SAFETY: PlanHead and MapOp are repr(C) plain data.

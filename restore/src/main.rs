@@ -126,6 +126,7 @@ fn restore_process(buf: &[u8], entry: &ProcEntry) -> ! {
     let ops_len = head.nmaps as usize * core::mem::size_of::<MapOp>();
     if head.ops_off as usize + ops_len > buf.len() || (head.blob_off + head.blob_len) as usize > buf.len()
         || (head.auxv_off + head.auxv_len) as usize > buf.len() || head.ops_off % 8 != 0
+        || (head.guards_off + head.nguards * 16) as usize > buf.len() || head.guards_off % 8 != 0
     {
         fail(&Msg::new("vos-restore: plan out of bounds"));
     }
@@ -139,6 +140,9 @@ fn restore_process(buf: &[u8], entry: &ProcEntry) -> ! {
     let (next_seq, pages) = memory::read_pages(head.image_fd, first_seq, ops, head.base_fd);
     tree::pass_turn(next_seq);
     memory::protect_regions(ops);
+    // SAFETY: bounds and alignment checked above; pairs of u64 are plain data and PLAN is 16-aligned.
+    let guards: &[[u64; 2]] = unsafe { core::slice::from_raw_parts(buf.as_ptr().add(head.guards_off as usize) as *const [u64; 2], head.nguards as usize) };
+    memory::install_guards(guards);
     if head.vdso_addr != 0 {
         memory::map_vdso(head.vdso_addr, head.vdso_text);
     }

@@ -167,6 +167,7 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
             shared_memory: None,
             dev: makedev(v.dev.0, v.dev.1),
             ino: v.inode,
+            guards: Vec::new(),
         };
         let what = || format!("memory at {:#x}-{:#x} ({})", v.start, v.end, v.name);
         match v.name.as_str() {
@@ -207,7 +208,37 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
         }
         out.push(r);
     }
+    find_guards(&mut out)?;
     Ok(out)
+}
+
+/// Record each region's guard pages (madvise MADV_GUARD_INSTALL): the kernel reports them as swapped out, and
+/// reading one faults, so they are never read; the restorer installs them again. A kernel that cannot tell them
+/// (before Linux 6.14) has none to tell.
+fn find_guards(regions: &mut [Region]) -> Result<(), String> {
+    let pagemap = sys::open(b"/proc/thread-self/pagemap\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/thread-self/pagemap: {e}"))?;
+    let mut vec = [PageRegion::default(); 64];
+    let mut r = Ok(());
+    for reg in regions.iter_mut().filter(|r| !matches!(r.kind, RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock)) {
+        let mut guards: Vec<(u64, u64)> = Vec::new();
+        let found = pagemap::scan_guards(pagemap, reg.start, reg.end, &mut vec, &mut |a, b| {
+            match guards.last_mut() {
+                Some(last) if last.1 == a => last.1 = b,
+                _ => guards.push((a, b)),
+            }
+            Ok::<(), ()>(())
+        });
+        match found {
+            Ok(()) | Err(ScanError::Visit(())) => reg.guards = guards,
+            Err(ScanError::Ioctl { errno, .. }) if errno.0 == libc::EINVAL => break,
+            Err(ScanError::Ioctl { at, errno }) => {
+                r = Err(format!("finding guard pages at {at:#x}: {errno}"));
+                break;
+            }
+        }
+    }
+    let _ = sys::close(pagemap);
+    r
 }
 
 // ---- page scanning ---------------------------------------------------------------------------------------------
@@ -222,7 +253,7 @@ pub struct Scanner {
 
 impl Scanner {
     pub fn open() -> Result<Scanner, String> {
-        let pagemap = sys::open(b"/proc/self/pagemap\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+        let pagemap = sys::open(b"/proc/thread-self/pagemap\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/thread-self/pagemap: {e}"))?;
         Ok(Scanner { pagemap, use_scan: true })
     }
 
@@ -516,6 +547,14 @@ pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)], r
             if r.contents == Contents::Pages {
                 let readable = r.prot & libc::PROT_READ as u32 != 0;
                 let anon = r.kind != RegionKind::File;
+                // Guard pages read as swapped out (or, in shared memory, resident): never touch them.
+                let with_guards: Vec<(u64, u64)>;
+                let exclude = if r.guards.is_empty() {
+                    exclude
+                } else {
+                    with_guards = exclude.iter().chain(&r.guards).copied().collect();
+                    &with_guards[..]
+                };
                 scanner.ranges(r, &mut |start, end| {
                     for (a0, b0) in subtract(start, end, exclude) {
                         split_reuse(a0, b0, reuse, &mut |a, b, reused| {
@@ -554,7 +593,8 @@ pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)], r
             summary.regions.push(s);
         }
         batch.drain(w)?;
-        if lazy && !coalesce(&mut reused_runs, regions, exclude, plan::MAX_LAZY_RUNS) {
+        let exclude: Vec<(u64, u64)> = exclude.iter().chain(regions.iter().flat_map(|r| &r.guards)).copied().collect();
+        if lazy && !coalesce(&mut reused_runs, regions, &exclude, plan::MAX_LAZY_RUNS) {
             return Err(format!(
                 "its memory is in more pieces than a post-copy restore can leave to fetch ({} at most): migrate it without --lazy",
                 plan::MAX_LAZY_RUNS

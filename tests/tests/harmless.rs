@@ -152,3 +152,21 @@ fn the_shim_library_is_mapped_without_alignment_padding() {
         .unwrap();
     assert!(span < 2 << 20, "libvos_shim.so spans {span:#x} bytes when loaded: keep large state out of its bss");
 }
+
+#[test]
+fn guard_pages_are_never_read_and_come_back() {
+    let w = Work::new("guard");
+    let prog = gcc("guard");
+    // A checkpoint the job goes on from: the shim read the guard pages, and the job died of it.
+    let out = w.path("on.txt");
+    let name = w.name("guard-on");
+    let job = launch(&w, &name, &[prog.to_str().unwrap(), "150"], &out);
+    goes_on(&out);
+    saved(&name, &[]);
+    goes_on(&out);
+    finishes(job, &out, 150);
+    // Restored twice: the counter goes on, and each guard page still faults (the program checks at every step).
+    let out = w.path("out.txt");
+    let job = restored_twice(&w, "guard", &[prog.to_str().unwrap(), "200"], &out);
+    finishes(job, &out, 200);
+}
