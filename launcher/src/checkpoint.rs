@@ -160,7 +160,7 @@ impl Supervisor {
         shims
             .iter()
             .map(|s| {
-                let host = members.iter().find(|m| m.ids.pid == s.pid).ok_or_else(|| anyhow!("pid {} went away", s.pid))?.host;
+                let host = members.iter().find(|m| m.ids.pid == s.pid).ok_or_else(|| anyhow!("pid {} went away", s.pid))?.task;
                 let f = File::open(format!("/proc/{host}/mem")).with_context(|| format!("opening the memory of pid {}", s.pid))?;
                 Ok((s.pid, f))
             })
@@ -317,7 +317,7 @@ impl Supervisor {
             .iter()
             .zip(&job.processes)
             .map(|(s, p)| {
-                let host = members.iter().find(|m| m.ids.pid == s.pid).map(|m| m.host.as_raw());
+                let host = members.iter().find(|m| m.ids.pid == s.pid).map(|m| m.task.as_raw());
                 match (&precopied, host) {
                     (Some(sent), Some(host)) => precopy::reuse(sent, s.pid, host),
                     _ if req.pages == Pages::Lazy => Ok(lazy_ranges(p)),
@@ -374,7 +374,7 @@ impl Supervisor {
         let is_file = nix::sys::stat::fstat(&out).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
         let progress = req.progress.as_ref().filter(|_| is_file);
         let total: u64 = match progress {
-            Some(_) => job::members(self.job.init)?.iter().map(|m| anonymous_bytes(m.host.as_raw())).sum(),
+            Some(_) => job::members(self.job.init)?.iter().map(|m| anonymous_bytes(m.task.as_raw())).sum(),
             None => 0,
         };
         for ((s, skip), reuse) in shims.iter().zip(skips).zip(reuse) {

@@ -253,15 +253,17 @@ fn capture(parked: &threads::Parked) -> Result<ProcessImage, String> {
         skip.push((vos::plan::WINDOW_START, vos::plan::WINDOW_END));
     }
     let regions: Vec<Region> = memory::capture(&vmas, &skip)?;
-    let exe_path = procfs::readlink("/proc/self/exe").map_err(|e| format!("/proc/self/exe: {e}"))?;
-    let exe_st = sys::stat(b"/proc/self/exe\0").map_err(|e| format!("/proc/self/exe: {e}"))?;
+    // The process's memory, fds and files as this thread sees them: /proc/self shows the main thread's, which is
+    // empty once it has exited (pthread_exit from main).
+    let exe_path = procfs::readlink("/proc/thread-self/exe").map_err(|e| format!("/proc/thread-self/exe: {e}"))?;
+    let exe_st = sys::stat(b"/proc/thread-self/exe\0").map_err(|e| format!("/proc/thread-self/exe: {e}"))?;
     // A deleted or memfd program is still the process's: its bytes travel in the image (the launcher's bundle).
     let exe: FileId = if vos::image::is_detached(&exe_path) {
         FileId { path: exe_path, dev: exe_st.st_dev, ino: exe_st.st_ino, size: exe_st.st_size as u64, ..Default::default() }
     } else {
         memory::file_id(&exe_path, exe_st.st_dev, exe_st.st_ino).map_err(|e| format!("the program file: {e}"))?
     };
-    let cmdline = procfs::read_file("/proc/self/cmdline").unwrap_or_default();
+    let cmdline = procfs::read_file("/proc/thread-self/cmdline").unwrap_or_default();
     let argv = cmdline.split(|&c| c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
     Ok(ProcessImage {
         pid: sys::getpid(),

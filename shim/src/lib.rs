@@ -51,6 +51,9 @@ unsafe fn init() {
     reserve_window();
     signals::install();
     threads::init_rseq_info();
+    threads::remember_main();
+    // SAFETY: registering a plain function for fork's child (the forking thread is its main thread).
+    unsafe { libc::pthread_atfork(None, None, Some(threads::remember_main)) };
     global::READY.store(true, Ordering::Release);
     signals::open();
 }

@@ -33,7 +33,7 @@ pub struct Vma {
 }
 
 pub fn read_vmas() -> Result<Vec<Vma>, String> {
-    let text = procfs::read_string("/proc/self/smaps").map_err(|e| format!("reading /proc/self/smaps: {e}"))?;
+    let text = procfs::read_string("/proc/thread-self/smaps").map_err(|e| format!("reading /proc/thread-self/smaps: {e}"))?;
     let mut out: Vec<Vma> = Vec::new();
     for line in text.lines() {
         if let Some(flags) = line.strip_prefix("VmFlags:") {
@@ -402,7 +402,7 @@ impl Batch {
                     self.bounce = (0..hashring::SLOTS + 1).map(|_| alloc::vec![0u8; chunk::PAGES_PER_CHUNK * PAGE]).collect();
                 }
                 let dst = &mut self.bounce[self.cur][self.bounce_used..self.bounce_used + n as usize];
-                sys::pread(mem, dst, a).map_err(|e| format!("reading memory at {a:#x} through /proc/self/mem: {e}"))?;
+                sys::pread(mem, dst, a).map_err(|e| format!("reading memory at {a:#x} through /proc/thread-self/mem: {e}"))?;
                 self.bounce_used += n as usize;
                 dst.as_ptr() as u64
             };
@@ -527,7 +527,7 @@ fn write_reuse(w: &mut Writer, runs: &[PageRun]) -> Result<(), String> {
 /// them from pre-copy, or fetches them after the job resumes when `lazy`). Returns what was stored per region.
 pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)], reuse: &[(u64, u64)], lazy: bool) -> Result<ProcessSummary, String> {
     let mut scanner = Scanner::open()?;
-    let mem = sys::open(b"/proc/self/mem\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/self/mem: {e}"))?;
+    let mem = sys::open(b"/proc/thread-self/mem\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/thread-self/mem: {e}"))?;
     let mut batch = Batch {
         runs: Vec::with_capacity(chunk::MAX_RUNS as usize),
         src: Vec::with_capacity(chunk::MAX_RUNS as usize),

@@ -48,14 +48,21 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
         Err(e) => fail(ctl, format!("decoding the restart spec: {e}")),
     };
     let pid = sys::getpid();
-    let Some(main) = spec.process.threads.iter().find(|t| t.tid == pid) else {
-        fail(ctl, format!("no main thread {pid} in the image"))
+    // The restart code runs as the main thread: give it the main thread's TLS first. A main thread that had exited
+    // (pthread_exit from main) left its TLS in place, unused: the restart code runs on it, then exits again.
+    let main = spec.process.threads.iter().find(|t| t.tid == pid);
+    let fs = match main {
+        Some(m) => m.fs_base as usize,
+        None => threads::exited_main_fs(),
     };
-    // The restart code runs as the main thread: give it the main thread's TLS first.
-    let _ = sys::arch_prctl(sys::ARCH_SET_FS, main.fs_base as usize);
-    let main_state = match rebuild(&spec) {
-        Ok(()) => threads::main_state(main, spec.process.attrs.caps).unwrap_or_else(|e| fail(ctl, e)),
-        Err(e) => fail(ctl, e),
+    if fs == 0 {
+        fail(ctl, format!("no main thread {pid} in the image, nor its thread-local storage"));
+    }
+    let _ = sys::arch_prctl(sys::ARCH_SET_FS, fs);
+    let main_state = match (rebuild(&spec), main) {
+        (Ok(()), Some(main)) => Some(threads::main_state(main, spec.process.attrs.caps).unwrap_or_else(|e| fail(ctl, e))),
+        (Ok(()), None) => None,
+        (Err(e), _) => fail(ctl, e),
     };
     if proto::send(ctl, &Msg::Ready, None).is_err() {
         sys::exit_group(1);
@@ -75,7 +82,10 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
     let _ = crate::map_window(libc::MAP_FIXED);
     arena::end_session();
     COORDINATOR.store(0, Ordering::Release);
-    threads::resume_main(main_state)
+    match main_state {
+        Some(k) => threads::resume_main(k),
+        None => threads::exit_as_main(),
+    }
 }
 
 fn rebuild(spec: &RestartSpec) -> Result<(), String> {

@@ -160,11 +160,17 @@ pub fn park_all(timeout_ns: u64) -> Result<Parked, String> {
         return Err("the shim could not map its thread table at start-up".into());
     }
     let me = sys::gettid();
+    // A main thread that has exited (pthread_exit from main) stays listed, a zombie, while the others run.
+    let pid = sys::getpid();
+    let leader_gone = main_exited();
     PARKED_COUNT.store(0, Ordering::Release);
     let mut asked: Vec<(i32, usize)> = Vec::new();
     let start = sys::now_ns(libc::CLOCK_MONOTONIC);
     loop {
-        let tids = procfs::list_numbers("/proc/self/task").map_err(|e| format!("listing threads: {e}"))?;
+        let mut tids = procfs::list_numbers("/proc/self/task").map_err(|e| format!("listing threads: {e}"))?;
+        if leader_gone {
+            tids.retain(|&t| t != pid);
+        }
         // Threads that exited before parking are dropped; new ones (created meanwhile) are asked too.
         asked.retain(|(tid, i)| {
             let alive = tids.contains(tid);
@@ -188,7 +194,10 @@ pub fn park_all(timeout_ns: u64) -> Result<Parked, String> {
         }
         let parked = asked.iter().filter(|(_, i)| slot(*i).state.load(Ordering::Acquire) == PARKED).count();
         if parked == asked.len() && asked.iter().all(|(t, _)| tids.contains(t)) {
-            let again = procfs::list_numbers("/proc/self/task").map_err(|e| format!("listing threads: {e}"))?;
+            let mut again = procfs::list_numbers("/proc/self/task").map_err(|e| format!("listing threads: {e}"))?;
+            if leader_gone {
+                again.retain(|&t| t != pid);
+            }
             if again == tids {
                 return Ok(Parked { slots: asked.iter().map(|&(_, i)| i).collect() });
             }
@@ -229,6 +238,40 @@ pub fn park_all(timeout_ns: u64) -> Result<Parked, String> {
 pub fn release_all() {
     RELEASE.fetch_add(1, Ordering::AcqRel);
     let _ = sys::futex_wake(&RELEASE, i32::MAX as u32);
+}
+
+/// Whether the process's main thread has exited (pthread_exit from main) while others run: /proc shows it a
+/// zombie. Its thread-local storage and clear-tid word stay where they were (`MAIN_FS`, `MAIN_CTID`).
+pub fn main_exited() -> bool {
+    let stat = procfs::read_string(&format!("/proc/self/task/{}/stat", sys::getpid())).unwrap_or_default();
+    stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()).is_some_and(|s| s == "Z" || s == "X")
+}
+
+/// The main thread's TLS pointer and clear-tid address (glibc's `tid` word of its thread descriptor), as the shim's
+/// constructor (or, in a forked child, the fork) found them: a restored process whose main thread had exited runs
+/// its restart code with them, and ends that thread as glibc's did.
+static MAIN_FS: AtomicUsize = AtomicUsize::new(0);
+static MAIN_CTID: AtomicUsize = AtomicUsize::new(0);
+
+/// Remember the calling thread as the process's main thread (constructor; a fork's child).
+pub extern "C" fn remember_main() {
+    let mut ctid: usize = 0;
+    const PR_GET_TID_ADDRESS: i32 = 40;
+    let _ = sys::prctl(PR_GET_TID_ADDRESS, &mut ctid as *mut usize as usize, 0, 0, 0);
+    MAIN_FS.store(sys::get_fs_base(), Ordering::Relaxed);
+    MAIN_CTID.store(ctid, Ordering::Relaxed);
+}
+
+/// The main thread's TLS pointer, for the restart code of a process whose main thread had exited.
+pub fn exited_main_fs() -> usize {
+    MAIN_FS.load(Ordering::Relaxed)
+}
+
+/// End the calling thread (the restart code, as the process's first thread) as the main thread ended: its
+/// clear-tid word cleared and woken (pthread_join on it returns), the process going on in its other threads.
+pub fn exit_as_main() -> ! {
+    let _ = sys::set_tid_address(MAIN_CTID.load(Ordering::Relaxed));
+    sys::exit_thread(0)
 }
 
 /// Whether thread `tid` has `sig` blocked in its real signal mask.
@@ -293,8 +336,11 @@ pub fn capture(p: &Parked) -> Result<Vec<ThreadImage>, String> {
             cpu_ns: s.cpu_ns,
         });
     }
-    if !out.iter().any(|t| t.tid == pid) {
-        return Err("the main thread has exited (pthread_exit from main): not supported".into());
+    if !out.iter().any(|t| t.tid == pid) && !main_exited() {
+        return Err(format!("main thread {pid} was not parked"));
+    }
+    if out.is_empty() {
+        return Err("no thread of the process is left to capture".into());
     }
     Ok(out)
 }

@@ -170,3 +170,22 @@ fn guard_pages_are_never_read_and_come_back() {
     let job = restored_twice(&w, "guard", &[prog.to_str().unwrap(), "200"], &out);
     finishes(job, &out, 200);
 }
+
+#[test]
+fn a_process_whose_main_thread_exited_keeps_its_other_threads() {
+    let w = Work::new("main_exits");
+    let prog = gcc("main_exits");
+    // A checkpoint the job goes on from: it used to be saved as a zombie, its threads dropped without a word.
+    let out = w.path("on.txt");
+    let name = w.name("main-exits-on");
+    let job = launch(&w, &name, &[prog.to_str().unwrap(), "600"], &out);
+    goes_on(&out);
+    saved(&name, &[]);
+    goes_on(&out);
+    finishes(job, &out, 600);
+    // Restored twice: the workers go on, every step once, and the main thread is gone again each time (the
+    // program checks its state at every step).
+    let out = w.path("out.txt");
+    let job = restored_twice(&w, "main-exits", &[prog.to_str().unwrap(), "600"], &out);
+    finishes(job, &out, 600);
+}
