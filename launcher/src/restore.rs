@@ -587,6 +587,14 @@ fn process_plan(
                 op.offset = r.offset;
                 op.flags = if r.vmflags & VMF_MAYWRITE != 0 { 0 } else { libc::SHM_RDONLY as u32 };
             }
+            // Pages past the end of a file no restore finds (a memfd, a deleted file): a private mapping of an empty
+            // memfd, where touching a page faults with SIGBUS as it did.
+            (RegionKind::Detached, _, _) if r.contents == Contents::Nothing => {
+                let fd = memfd(&r.name, 0)?;
+                op.fd = fds.put(fd.as_raw_fd());
+                keep.push(fd);
+                op.offset = r.offset;
+            }
             (RegionKind::File, _, Some(f)) => {
                 let write = r.shared && r.prot & libc::PROT_WRITE as u32 != 0;
                 op.fd = fds.file(f, write, keep)?;

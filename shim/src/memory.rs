@@ -143,6 +143,7 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
         }
     }
     let mut out = Vec::with_capacity(pieces.len());
+    let mut mem = Mem(-1);
     for v in &pieces {
         if v.name == "[vsyscall]" || v.name.starts_with("[anon:vos-") {
             continue;
@@ -190,7 +191,23 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
                 r.kind = RegionKind::SharedAnon;
                 r.offset = v.offset;
             }
-            n if is_detached(n) => r.kind = RegionKind::Detached,
+            // Every page travels (no file will be there to map again); pages wholly past the end of the mapped
+            // object fault with SIGBUS when touched, so they are never read and come back as such pages.
+            n if is_detached(n) => {
+                r.kind = RegionKind::Detached;
+                r.offset = v.offset;
+                let cut = past_end(&mut mem, v)?;
+                if cut < v.end {
+                    let mut tail = r.clone();
+                    (tail.start, tail.offset, tail.contents) = (cut, v.offset + (cut - v.start), Contents::Nothing);
+                    if cut > v.start {
+                        r.end = cut;
+                        out.push(r);
+                    }
+                    out.push(tail);
+                    continue;
+                }
+            }
             n if n.starts_with('/') => {
                 let id = file_id(n, makedev(v.dev.0, v.dev.1), v.inode).map_err(|e| format!("{}: {e}", what()))?;
                 let st = sys::stat(&procfs::cpath(n)).map_err(|e| format!("{}: {e}", what()))?;
@@ -210,6 +227,47 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
     }
     find_guards(&mut out)?;
     Ok(out)
+}
+
+/// /proc/thread-self/mem, opened when first needed.
+struct Mem(i32);
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        if self.0 >= 0 {
+            let _ = sys::close(self.0);
+        }
+    }
+}
+
+/// The first page of a private file mapping that lies wholly past the end of the mapped object (its end: none).
+/// Reading such a page faults with SIGBUS. The object's size, where /proc lets this process see it (map_files needs
+/// CAP_CHECKPOINT_RESTORE), tells; otherwise a binary search for the first page /proc/thread-self/mem cannot read
+/// (pages past the end are the mapping's last ones).
+fn past_end(mem: &mut Mem, v: &Vma) -> Result<u64, String> {
+    let (start, end) = (v.start, v.end);
+    if let Ok(st) = sys::stat(&procfs::cpath(&format!("/proc/thread-self/map_files/{start:x}-{end:x}"))) {
+        let object_end = (st.st_size as u64).next_multiple_of(PAGE as u64);
+        return Ok(if object_end <= v.offset { start } else { end.min(start + (object_end - v.offset)) });
+    }
+    if mem.0 < 0 {
+        mem.0 = sys::open(b"/proc/thread-self/mem\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/thread-self/mem: {e}"))?;
+    }
+    let readable = |page: u64| {
+        let mut b = [0u8; 1];
+        sys::pread(mem.0, &mut b, start + page * PAGE as u64).is_ok_and(|n| n == 1)
+    };
+    let (mut lo, mut hi) = (0u64, (end - start) / PAGE as u64);
+    if readable(hi - 1) {
+        return Ok(end);
+    }
+    // Invariant: every page below lo reads, page hi does not.
+    hi -= 1;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if readable(mid) { lo = mid + 1 } else { hi = mid }
+    }
+    Ok(start + lo * PAGE as u64)
 }
 
 /// Record each region's guard pages (madvise MADV_GUARD_INSTALL): the kernel reports them as swapped out, and

@@ -189,3 +189,22 @@ fn a_process_whose_main_thread_exited_keeps_its_other_threads() {
     let job = restored_twice(&w, "main-exits", &[prog.to_str().unwrap(), "600"], &out);
     finishes(job, &out, 600);
 }
+
+#[test]
+fn private_mappings_past_the_end_of_a_memfd_or_deleted_file() {
+    let w = Work::new("past_eof");
+    let prog = gcc("past_eof");
+    // A checkpoint the job goes on from: the shim read past the end of the file, and the job died of SIGBUS.
+    let out = w.path("on.txt");
+    let name = w.name("past-eof-on");
+    let job = launch(&w, &name, &[prog.to_str().unwrap(), &w.s(""), "150"], &out);
+    goes_on(&out);
+    saved(&name, &[]);
+    goes_on(&out);
+    finishes(job, &out, 150);
+    // Restored twice: the pages within the files hold their bytes, and those past the end still fault with SIGBUS
+    // (the program checks at every step).
+    let out = w.path("out.txt");
+    let job = restored_twice(&w, "past-eof", &[prog.to_str().unwrap(), &w.s(""), "200"], &out);
+    finishes(job, &out, 200);
+}
