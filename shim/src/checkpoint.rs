@@ -70,7 +70,7 @@ fn stack_range() -> (u64, u64) {
 }
 
 extern "C" fn coordinate(sig: usize) -> ! {
-    arena::begin_session();
+    arena::begin_session(true);
     if let Err(e) = run(sig as i32) {
         log::line(format_args!("checkpoint abandoned: {e}"));
     }

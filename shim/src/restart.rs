@@ -40,7 +40,7 @@ fn fail(ctl: i32, why: String) -> ! {
 pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
     // The image was taken mid-checkpoint: forget that session's arena (its memory did not travel).
     arena::forget_session();
-    arena::begin_session();
+    arena::begin_session(false);
     // SAFETY: per contract.
     let bytes = unsafe { core::slice::from_raw_parts(blob, len) };
     let spec: RestartSpec = match rmp_serde::from_slice(bytes) {
@@ -74,18 +74,33 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
     signals::discard_pending();
     signals::requeue_shared(&spec.process.signals.pending);
     timers::arm(&spec.process.timers);
-    threads::release_all();
+    // The session's memory goes before any app thread runs: none of it may be in the app's way (just below a stack
+    // it grows down, say). The spec lies in it: never used (nor dropped) again. What follows allocates from the
+    // permanent arena.
+    core::mem::forget(spec);
+    arena::end_session();
+    match main_state {
+        Some(k) => {
+            threads::release_all();
+            done(ctl);
+            COORDINATOR.store(0, Ordering::Release);
+            threads::resume_main(k)
+        }
+        None => {
+            // The main thread had exited: it is gone again before any other thread runs (they may look).
+            done(ctl);
+            threads::release_once_main_exited();
+            threads::exit_as_main()
+        }
+    }
+}
+
+/// Tell the launcher the process runs; the restorer is done (this is the shim's stack; the spec was copied out):
+/// its window goes back to being a reservation.
+fn done(ctl: i32) {
     let _ = proto::send(ctl, &Msg::Running, None);
     let _ = sys::close(ctl);
-    // The restorer is done (this is the shim's stack; the spec was copied out): its window goes back to being a
-    // reservation.
     let _ = crate::map_window(libc::MAP_FIXED);
-    arena::end_session();
-    COORDINATOR.store(0, Ordering::Release);
-    match main_state {
-        Some(k) => threads::resume_main(k),
-        None => threads::exit_as_main(),
-    }
 }
 
 fn rebuild(spec: &RestartSpec) -> Result<(), String> {

@@ -274,6 +274,76 @@ pub fn exit_as_main() -> ! {
     sys::exit_thread(0)
 }
 
+/// A minimal thread control block for the releaser (as the coordinator's: fs:0 points to itself).
+static RELEASER_TCB: crate::global::Global<[u64; 64]> = crate::global::Global::new([0; 64]);
+
+/// After a restore whose main thread had exited: release the other threads only once the main thread (the restart
+/// code, about to exit) is a zombie again, from a thread of the shim's own that then ends. It runs on the
+/// coordinator's stack, free during a restart, and holds `COORDINATOR` (no checkpoint starts) until it ends.
+pub fn release_once_main_exited() {
+    let stack = crate::global::state(crate::global::COORDINATOR_STACK);
+    // SAFETY: the restart code is the only thread of the shim running; the TCB is the releaser's alone.
+    let tcb = unsafe { RELEASER_TCB.get() };
+    let tcb_addr = tcb.as_ptr() as u64;
+    tcb[0] = tcb_addr;
+    tcb[2] = tcb_addr;
+    let coordinator = crate::checkpoint::COORDINATOR.as_ptr() as u64;
+    let args = sys::CloneArgs {
+        flags: sys::THREAD_FLAGS | libc::CLONE_PARENT_SETTID as u64,
+        parent_tid: coordinator,
+        child_tid: coordinator,
+        stack: stack.unwrap_or(0) as u64,
+        stack_size: crate::global::COORDINATOR_STACK.1 as u64,
+        tls: tcb_addr,
+        ..Default::default()
+    };
+    // SAFETY: the stack and TCB are reserved for this thread, which runs only `releaser`; it inherits the restart
+    // code's mask (every signal blocked).
+    if stack.is_none() || unsafe { sys::clone3_thread(&args, releaser, sys::getpid() as usize) }.is_err() {
+        // The threads go on now; they may see the main thread for a moment.
+        release_all();
+        crate::checkpoint::COORDINATOR.store(0, Ordering::Release);
+    }
+}
+
+extern "C" fn releaser(pid: usize) -> ! {
+    for _ in 0..10_000 {
+        if main_gone(pid as i32) {
+            break;
+        }
+        sys::nanosleep_ns(1_000_000);
+    }
+    release_all();
+    sys::exit_thread(0)
+}
+
+/// Whether /proc shows thread `pid` (the main one) a zombie, without allocating.
+fn main_gone(pid: i32) -> bool {
+    let mut digits = [0u8; 12];
+    let (mut d, mut v) = (digits.len(), pid.max(0) as u32);
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let mut path = [0u8; 48];
+    let mut n = 0;
+    for part in [&b"/proc/self/task/"[..], &digits[d..], b"/stat\0"] {
+        path[n..n + part.len()].copy_from_slice(part);
+        n += part.len();
+    }
+    let Ok(fd) = sys::open(&path[..n], libc::O_RDONLY, 0) else { return true };
+    let mut buf = [0u8; 512];
+    let got = sys::read(fd, &mut buf).unwrap_or(0);
+    let _ = sys::close(fd);
+    let text = &buf[..got];
+    let state = text.iter().rposition(|&c| c == b')').and_then(|i| text.get(i + 2));
+    matches!(state, Some(b'Z') | Some(b'X'))
+}
+
 /// Whether thread `tid` has `sig` blocked in its real signal mask.
 fn blocks(tid: i32, sig: i32) -> bool {
     let status = procfs::read_string(&format!("/proc/self/task/{tid}/status")).unwrap_or_default();
