@@ -309,6 +309,7 @@ impl Supervisor {
         job.terminal = terminal::capture(&job, members)?;
         terminal::controlling_ptys(&mut job, members)?;
         let skips = share_memory(&mut job);
+        object_sizes(&mut job, members);
         mark("job captured");
         // Pages pre-copy sent and nobody changed since: the destination has them. Post-copy: the destination
         // fetches the anonymous memory itself.
@@ -613,6 +614,23 @@ fn share_memory(job: &mut JobImage) -> Vec<Vec<(u64, u64)>> {
         }
     }
     skips
+}
+
+/// Shared memory that no fd of the job holds is made again as large as its object was, not only as far as its
+/// mappings reach: pages of a mapping wholly past the object's end fault with SIGBUS, and must again. The size is
+/// the mapped file's (/proc/PID/map_files); where it cannot be read, the mappings' reach stays.
+fn object_sizes(job: &mut JobImage, members: &[Member]) {
+    for i in 0..job.shared_memory.len() {
+        if job.shared_memory[i].file.is_some() {
+            continue;
+        }
+        let mapped = job.processes.iter().find_map(|p| Some((p.pid, p.regions.iter().find(|r| r.shared_memory == Some(i as u32))?)));
+        let Some((pid, r)) = mapped else { continue };
+        let Some(task) = job::task_of(members, pid) else { continue };
+        if let Ok(md) = std::fs::metadata(format!("/proc/{task}/map_files/{:x}-{:x}", r.start, r.end)) {
+            job.shared_memory[i].size = md.len();
+        }
+    }
 }
 
 /// Make a written image durable, then give it its name: a reader never sees a partial image under it.

@@ -1,6 +1,6 @@
-/* Private mappings that run past the end of their file: touching a page wholly past the end faults with SIGBUS.
- * A memfd (its fd closed) and a file deleted after mmap, each 2.5 pages long, mapped 8 pages long, a page of each
- * written (copied on write).
+/* Mappings that run past the end of their file: touching a page wholly past the end faults with SIGBUS.
+ * A memfd (its fd closed) and a file deleted after mmap mapped privately, and another memfd (its fd closed) mapped
+ * shared, each 2.5 pages long, mapped 8 pages long, a page of each written (copied on write, or into the memfd).
  * usage: past_eof DIR STEPS
  * At every step the pages within each file must hold its bytes (the written page the written ones, the tail of the
  * last page zeros), and reading or writing any page past the end must fault with SIGBUS (caught with siglongjmp).
@@ -37,8 +37,8 @@ static unsigned char own_byte(int w, long i) { return (unsigned char)(w * 5 + i 
 static char *make(int w, const char *dir) {
     char path[4096];
     int fd;
-    if (w == 0) {
-        fd = memfd_create("past-eof", 0);
+    if (w != 1) {
+        fd = memfd_create(w == 0 ? "past-eof" : "past-eof-shared", 0);
     } else {
         snprintf(path, sizeof path, "%s/past-eof-file", dir);
         fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
@@ -48,7 +48,7 @@ static char *make(int w, const char *dir) {
         unsigned char b = file_byte(w, i);
         if (write(fd, &b, 1) != 1) { perror("write"); exit(2); }
     }
-    char *m = mmap(0, MAP_PAGES * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    char *m = mmap(0, MAP_PAGES * PG, PROT_READ | PROT_WRITE, w == 2 ? MAP_SHARED : MAP_PRIVATE, fd, 0);
     if (m == MAP_FAILED) { perror("mmap"); exit(2); }
     close(fd);
     if (w == 1) unlink(path);
@@ -62,9 +62,9 @@ int main(int argc, char **argv) {
     setvbuf(stdout, 0, _IOLBF, 0);
     signal(SIGBUS, on_fault);
     signal(SIGSEGV, on_fault);
-    char *m[2] = {make(0, argv[1]), make(1, argv[1])};
+    char *m[3] = {make(0, argv[1]), make(1, argv[1]), make(2, argv[1])};
     for (long s = 0; s < steps; s++) {
-        for (int w = 0; w < 2; w++) {
+        for (int w = 0; w < 3; w++) {
             for (long i = 0; i < 3 * PG; i++) {
                 unsigned char want = i >= PG && i < 2 * PG ? own_byte(w, i - PG) : i < FILE_LEN ? file_byte(w, i) : 0;
                 if ((unsigned char)m[w][i] != want) {
