@@ -160,14 +160,15 @@ pub fn park_all(timeout_ns: u64) -> Result<Parked, String> {
         return Err("the shim could not map its thread table at start-up".into());
     }
     let me = sys::gettid();
-    // A main thread that has exited (pthread_exit from main) stays listed, a zombie, while the others run.
     let pid = sys::getpid();
-    let leader_gone = main_exited();
     PARKED_COUNT.store(0, Ordering::Release);
     let mut asked: Vec<(i32, usize)> = Vec::new();
     let start = sys::now_ns(libc::CLOCK_MONOTONIC);
     loop {
         let mut tids = procfs::list_numbers("/proc/self/task").map_err(|e| format!("listing threads: {e}"))?;
+        // A main thread that has exited (pthread_exit from main, perhaps just now) stays listed, a zombie, while
+        // the others run: it will never park.
+        let leader_gone = main_exited();
         if leader_gone {
             tids.retain(|&t| t != pid);
         }
