@@ -590,7 +590,11 @@ fn process_plan(
             // Pages past the end of a file no restore finds (a memfd, a deleted file): a private mapping of an empty
             // memfd, where touching a page faults with SIGBUS as it did.
             (RegionKind::Detached, _, _) if r.contents == Contents::Nothing => {
-                let fd = memfd(&r.name, 0)?;
+                // A memfd's own name, so /proc shows the mapping as before.
+                let fd = match r.name.strip_prefix("/memfd:").and_then(|n| n.strip_suffix(" (deleted)")).and_then(|n| CString::new(n).ok()) {
+                    Some(n) => nix::sys::memfd::memfd_create(n.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?,
+                    None => memfd(&r.name, 0)?,
+                };
                 op.fd = fds.put(fd.as_raw_fd());
                 keep.push(fd);
                 op.offset = r.offset;
