@@ -366,6 +366,9 @@ pub struct Region {
     /// Device and inode of the mapped object (shared memory is told apart by them).
     pub dev: u64,
     pub ino: u64,
+    /// Guard pages in it (madvise MADV_GUARD_INSTALL), [start, end) each: never read, installed again at restore.
+    #[serde(default)]
+    pub guards: Vec<(u64, u64)>,
 }
 
 pub const VMF_GROWSDOWN: u32 = 1;

@@ -10,6 +10,8 @@ pub const PAGE_IS_FILE: u64 = 1 << 2;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
 pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
+/// A guard page (madvise MADV_GUARD_INSTALL): reported since Linux 6.14, as swapped too.
+pub const PAGE_IS_GUARD: u64 = 1 << 8;
 
 #[repr(C)]
 #[derive(Default)]
@@ -74,9 +76,32 @@ pub fn scan<E>(
     mask: u64,
     f: &mut dyn FnMut(u64, u64) -> Result<(), E>,
 ) -> Result<(), ScanError<E>> {
+    walk(pagemap, start, end, vec, &|at, vec| PmScanArg::new(at, end, vec, flags, inverted, mask), f)
+}
+
+/// Walk [start, end) of `pagemap` for guard pages: `f` for each range of them, in order. A kernel that cannot report
+/// them (before 6.14) fails with EINVAL.
+pub fn scan_guards<E>(pagemap: i32, start: u64, end: u64, vec: &mut [PageRegion], f: &mut dyn FnMut(u64, u64) -> Result<(), E>) -> Result<(), ScanError<E>> {
+    let arg = |at, vec: &mut [PageRegion]| PmScanArg {
+        category_mask: PAGE_IS_GUARD,
+        category_anyof_mask: 0,
+        return_mask: PAGE_IS_GUARD,
+        ..PmScanArg::new(at, end, vec, 0, 0, 0)
+    };
+    walk(pagemap, start, end, vec, &arg, f)
+}
+
+fn walk<E>(
+    pagemap: i32,
+    start: u64,
+    end: u64,
+    vec: &mut [PageRegion],
+    make: &dyn Fn(u64, &mut [PageRegion]) -> PmScanArg,
+    f: &mut dyn FnMut(u64, u64) -> Result<(), E>,
+) -> Result<(), ScanError<E>> {
     let mut at = start;
     while at < end {
-        let mut arg = PmScanArg::new(at, end, vec, flags, inverted, mask);
+        let mut arg = make(at, vec);
         let n = crate::sys::ioctl(pagemap, PAGEMAP_SCAN, &mut arg as *mut PmScanArg as usize).map_err(|errno| ScanError::Ioctl { at, errno })?;
         for r in &vec[..n] {
             f(r.start, r.end).map_err(ScanError::Visit)?;

@@ -122,7 +122,14 @@ pub struct PlanHead {
     pub restart_stack_top: u64,
     pub blob_off: u64,
     pub blob_len: u64,
+    /// Guard pages to install once the pages are in (madvise MADV_GUARD_INSTALL): `nguards` pairs of u64 (start,
+    /// length) at this offset.
+    pub guards_off: u64,
+    pub nguards: u64,
 }
+
+/// madvise(2) advice that makes pages guard pages (Linux 6.13).
+pub const MADV_GUARD_INSTALL: i32 = 102;
 
 /// The region receives page data from the image (it stays writable until all of it has arrived).
 pub const OP_FILL: u32 = 1;

@@ -389,6 +389,13 @@ impl JobImage {
             if let Some(m) = r.shared_memory {
                 check_index(&format!("{rat}.shared_memory"), m, self.shared_memory.len(), "shared memory objects")?;
             }
+            let mut guard_end = r.start;
+            for (g, &(a, b)) in r.guards.iter().enumerate() {
+                if a % PAGE != 0 || b % PAGE != 0 || a < guard_end || a >= b || b > r.end {
+                    return Err(bad(format!("{rat}.guards[{g}]"), format!("{a:#x}-{b:#x} is not a range of pages of the region, in order")));
+                }
+                guard_end = b;
+            }
             let len = r.end - r.start;
             let fits = |size: u64| r.offset.checked_add(len).is_some_and(|e| e <= size);
             let contents_ok = match r.kind {

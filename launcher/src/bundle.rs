@@ -16,7 +16,7 @@ pub fn capture(job: &mut JobImage, members: &[Member], all: bool) -> Result<Vec<
     let mut sources = vec![];
     let mut bundle: Vec<BundledFile> = vec![];
     for p in &job.processes {
-        let host = crate::job::host_of(members, p.pid).ok_or_else(|| anyhow!("process {} vanished", p.pid))?.as_raw();
+        let host = crate::job::task_of(members, p.pid).ok_or_else(|| anyhow!("process {} vanished", p.pid))?.as_raw();
         let exe = std::iter::once((&p.exe, format!("/proc/{host}/exe")));
         let libs = p.regions.iter().filter(|r| all && !r.shared).filter_map(|r| Some((r.file.as_ref()?, format!("/proc/{host}/map_files/{:x}-{:x}", r.start, r.end))));
         for (id, through) in exe.chain(libs) {

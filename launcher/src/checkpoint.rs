@@ -228,7 +228,7 @@ impl Supervisor {
         shims
             .iter()
             .map(|s| {
-                let host = members.iter().find(|m| m.ids.pid == s.pid).ok_or_else(|| anyhow!("pid {} went away", s.pid))?.host;
+                let host = members.iter().find(|m| m.ids.pid == s.pid).ok_or_else(|| anyhow!("pid {} went away", s.pid))?.task;
                 let f = File::open(format!("/proc/{host}/mem")).with_context(|| format!("opening the memory of pid {}", s.pid))?;
                 Ok((s.pid, f))
             })
@@ -251,6 +251,13 @@ impl Supervisor {
             let begun = shims.iter().all(|s| s.image.is_some());
             if todo.is_empty() && begun {
                 return Ok(members);
+            }
+            // Before any process is asked to stop (its threads are signalled and run the shim's handler), none may
+            // have a thread that this would end.
+            for m in members.iter().filter(|m| !m.zombie && !shims.iter().any(|s| s.pid == m.ids.pid && s.image.is_some())) {
+                if let Some(t) = job::strict_seccomp_thread(m.host) {
+                    bail!("pid {} thread {t} is in seccomp strict mode: it cannot be checkpointed", m.ids.pid);
+                }
             }
             for m in &todo {
                 refuse_stopped(m)?;
@@ -388,6 +395,7 @@ impl Supervisor {
         job.terminal = terminal::capture(&job, members)?;
         terminal::controlling_ptys(&mut job, members)?;
         let skips = share_memory(&mut job);
+        object_sizes(&mut job, members);
         mark("job captured");
         // Pages pre-copy sent and nobody changed since: the destination has them. Post-copy: the destination
         // fetches the anonymous memory itself.
@@ -396,7 +404,7 @@ impl Supervisor {
             .iter()
             .zip(&job.processes)
             .map(|(s, p)| {
-                let host = members.iter().find(|m| m.ids.pid == s.pid).map(|m| m.host.as_raw());
+                let host = members.iter().find(|m| m.ids.pid == s.pid).map(|m| m.task.as_raw());
                 match (&precopied, host) {
                     (Some(sent), Some(host)) => precopy::reuse(sent, s.pid, host),
                     _ if req.pages == Pages::Lazy => Ok(lazy_ranges(p)),
@@ -454,7 +462,7 @@ impl Supervisor {
         let is_file = nix::sys::stat::fstat(&out).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
         let progress = req.progress.as_ref();
         let total: u64 = match progress {
-            Some(_) if is_file => job::members(self.job.init)?.iter().map(|m| anonymous_bytes(m.host.as_raw())).sum(),
+            Some(_) if is_file => job::members(self.job.init)?.iter().map(|m| anonymous_bytes(m.task.as_raw())).sum(),
             _ => 0,
         };
         for ((s, skip), reuse) in shims.iter().zip(skips).zip(reuse) {
@@ -693,6 +701,23 @@ fn share_memory(job: &mut JobImage) -> Vec<Vec<(u64, u64)>> {
         }
     }
     skips
+}
+
+/// Shared memory that no fd of the job holds is made again as large as its object was, not only as far as its
+/// mappings reach: pages of a mapping wholly past the object's end fault with SIGBUS, and must again. The size is
+/// the mapped file's (/proc/PID/map_files); where it cannot be read, the mappings' reach stays.
+fn object_sizes(job: &mut JobImage, members: &[Member]) {
+    for i in 0..job.shared_memory.len() {
+        if job.shared_memory[i].file.is_some() {
+            continue;
+        }
+        let mapped = job.processes.iter().find_map(|p| Some((p.pid, p.regions.iter().find(|r| r.shared_memory == Some(i as u32))?)));
+        let Some((pid, r)) = mapped else { continue };
+        let Some(task) = job::task_of(members, pid) else { continue };
+        if let Ok(md) = std::fs::metadata(format!("/proc/{task}/map_files/{:x}-{:x}", r.start, r.end)) {
+            job.shared_memory[i].size = md.len();
+        }
+    }
 }
 
 /// Make a written image durable, then give it its name: a reader never sees a partial image under it.

@@ -22,7 +22,11 @@ use vos::image::{DataImage, FdFixup, FdImage, FileId, FileKind, FileLock, JobIma
 pub fn grab(pid: i32, fd: i32) -> Result<OwnedFd> {
     // SAFETY: plain syscalls; the returned fds are owned here.
     unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        let mut pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            // A thread, not a process (see `Member::task`): PIDFD_THREAD.
+            pidfd = libc::syscall(libc::SYS_pidfd_open, pid, libc::O_EXCL);
+        }
         if pidfd < 0 {
             bail!("pidfd_open({pid}): {}", std::io::Error::last_os_error());
         }
@@ -221,7 +225,7 @@ fn locks(info: &str) -> Vec<(String, FileLock)> {
 }
 
 fn host_of(members: &[Member], pid: i32) -> Result<i32> {
-    crate::job::host_of(members, pid).map(|p| p.as_raw()).ok_or_else(|| anyhow!("process {pid} vanished"))
+    crate::job::task_of(members, pid).map(|p| p.as_raw()).ok_or_else(|| anyhow!("process {pid} vanished"))
 }
 
 /// One fd of the job.

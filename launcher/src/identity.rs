@@ -7,7 +7,7 @@ use anyhow::{Result, anyhow, bail};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use crate::job::{Member, host_of, seen_by};
+use crate::job::{Member, seen_by, task_of};
 use vos::image::{FileId, JobImage, is_detached};
 
 /// A read-only mapping of a whole file.
@@ -97,7 +97,7 @@ pub fn identify(job: &mut JobImage, members: &[Member]) -> Result<()> {
         Ok(())
     };
     for p in &mut job.processes {
-        let host = host_of(members, p.pid).ok_or_else(|| anyhow!("process {} vanished", p.pid))?.as_raw();
+        let host = task_of(members, p.pid).ok_or_else(|| anyhow!("process {} vanished", p.pid))?.as_raw();
         fill(host, &mut p.exe)?;
         for r in p.regions.iter_mut().filter(|r| !r.shared) {
             if let Some(id) = &mut r.file {

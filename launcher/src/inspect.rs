@@ -83,6 +83,7 @@ fn mapping(r: &vos::image::Region, s: vos::image::RegionSummary, m: &mut Memory)
     match (&r.contents, r.kind) {
         (_, RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock) => "kernel's, not stored".to_string(),
         (Contents::File, _) => "shared file, data stays in the file".to_string(),
+        (Contents::Nothing, RegionKind::Detached) => "past the end of its file (SIGBUS), nothing to store".to_string(),
         (Contents::Nothing, _) => "nothing to store".to_string(),
         (Contents::Elsewhere, _) => "shared memory, stored with another process".to_string(),
         (Contents::Pages, RegionKind::File) => {
@@ -95,7 +96,9 @@ fn mapping(r: &vos::image::Region, s: vos::image::RegionSummary, m: &mut Memory)
             if r.prot == 0 && s.stored == 0 {
                 "guard, nothing stored".to_string()
             } else {
-                format!("{} stored, {} zero pages skipped, {} never touched", size(stored), s.zero, size(untouched))
+                let guards: u64 = r.guards.iter().map(|(a, b)| b - a).sum();
+                let guards = if guards > 0 { format!(", {} of guard pages", size(guards)) } else { String::new() };
+                format!("{} stored, {} zero pages skipped, {} never touched{guards}", size(stored), s.zero, size(untouched))
             }
         }
     }

@@ -19,6 +19,9 @@ pub struct Member {
     pub exit_code: i32,
     /// Whether the vOS shim is mapped in it.
     pub has_shim: bool,
+    /// Where /proc shows its memory, fds and files, and whose fds pidfd_getfd takes: its own pid, or one of its
+    /// live threads when its main thread has exited (pthread_exit from main: /proc/PID then shows an empty zombie).
+    pub task: Pid,
 }
 
 fn ns_of(pid: i32) -> Option<std::path::PathBuf> {
@@ -57,12 +60,15 @@ pub fn members(init: Pid) -> Result<Vec<Member>> {
         let Ok(status) = std::fs::read_to_string(format!("/proc/{host}/status")) else { continue };
         let last = |k: &str| field(&status, k).and_then(|v| v.split_whitespace().last()?.parse::<i32>().ok()).unwrap_or(0);
         let ppid_host: i32 = field(&status, "PPid").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let zombie = field(&status, "State").is_some_and(|s| s.starts_with('Z'));
+        // A zombie main thread with others still running (pthread_exit from main) is a live process.
+        let threads: i32 = field(&status, "Threads").and_then(|v| v.parse().ok()).unwrap_or(1);
+        let zombie = field(&status, "State").is_some_and(|s| s.starts_with('Z')) && threads <= 1;
+        let task = if field(&status, "State").is_some_and(|s| s.starts_with('Z')) && !zombie { live_thread(host).unwrap_or(host) } else { host };
         let stat = std::fs::read_to_string(format!("/proc/{host}/stat")).unwrap_or_default();
         let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
         // Field 52 (exit_code) is the 50th after the command name.
         let exit_code = after.split_whitespace().nth(49).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let maps = if zombie { String::new() } else { std::fs::read_to_string(format!("/proc/{host}/maps")).unwrap_or_default() };
+        let maps = if zombie { String::new() } else { std::fs::read_to_string(format!("/proc/{task}/maps")).unwrap_or_default() };
         out.push(Member {
             host: Pid::from_raw(host),
             ids: Ids { pid: ns, ppid: map.get(&ppid_host).copied().unwrap_or(0), pgid: last("NSpgid"), sid: last("NSsid") },
@@ -70,10 +76,39 @@ pub fn members(init: Pid) -> Result<Vec<Member>> {
             zombie,
             exit_code,
             has_shim: maps.contains("libvos_shim.so"),
+            task: Pid::from_raw(task),
         });
     }
     out.sort_by_key(|m| m.ids.pid);
     Ok(out)
+}
+
+/// A thread of process `host` in seccomp strict mode (`Seccomp: 1` in its status), by the id the job's namespace
+/// gives it. Such a thread may only read, write, exit and return from a signal: the signal that parks it, or any
+/// syscall of the shim's handler on it, would end it, and the image would miss it.
+pub fn strict_seccomp_thread(host: Pid) -> Option<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{host}/task")).ok()?;
+    tasks.flatten().find_map(|t| {
+        let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+        (field(&status, "Seccomp")? == "1").then(|| {
+            let tid = t.file_name().to_str().and_then(|n| n.parse().ok()).unwrap_or(0);
+            field(&status, "NSpid").and_then(|v| v.split_whitespace().last()?.parse().ok()).unwrap_or(tid)
+        })
+    })
+}
+
+/// A thread of process `host` that has not exited, if any.
+fn live_thread(host: i32) -> Option<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{host}/task")).ok()?;
+    tasks.flatten().filter_map(|t| t.file_name().to_str()?.parse::<i32>().ok()).find(|&t| {
+        let stat = std::fs::read_to_string(format!("/proc/{host}/task/{t}/stat")).unwrap_or_default();
+        stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()).is_some_and(|s| s != "Z" && s != "X")
+    })
+}
+
+/// Where /proc shows the memory and fds of job process `ns` (see `Member::task`).
+pub fn task_of(members: &[Member], ns: i32) -> Option<Pid> {
+    members.iter().find(|m| m.ids.pid == ns).map(|m| m.task)
 }
 
 pub fn zombie_image(m: &Member) -> ZombieImage {

@@ -138,7 +138,7 @@ impl Supervisor {
             // round will take; then the pages themselves.
             let mut plan = vec![];
             for m in members.iter().filter(|m| !m.zombie) {
-                let host = m.host.as_raw();
+                let host = m.task.as_raw();
                 // A process that ended meanwhile is simply not pre-copied any further.
                 let (Ok(pagemap), Ok(vmas)) = (File::open(format!("/proc/{host}/pagemap")), tracked_vmas(host)) else { continue };
                 let mut ranges = vec![];
@@ -155,7 +155,7 @@ impl Supervisor {
             proto::send(conn.as_raw_fd(), &Msg::PrecopyPlan { round, bytes: planned }, None).map_err(|e| anyhow!("the migration went away: {e}"))?;
             let mut bytes = 0u64;
             for (m, ranges) in plan {
-                let Ok(mem) = File::open(format!("/proc/{}/mem", m.host.as_raw())) else { continue };
+                let Ok(mem) = File::open(format!("/proc/{}/mem", m.task.as_raw())) else { continue };
                 let pages = sent.procs.entry(m.ids.pid).or_default();
                 for (a, b, fr) in ranges {
                     let mut p = a;

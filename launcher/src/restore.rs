@@ -530,6 +530,7 @@ fn rebase(plan: &[u8], base: u64) -> Vec<u8> {
         h.ops_off += base;
         h.auxv_off += base;
         h.blob_off += base;
+        h.guards_off += base;
         std::ptr::write_unaligned(v.as_mut_ptr() as *mut PlanHead, h);
         for i in 0..h.nmaps as usize {
             let o = (h.ops_off - base) as usize + i * std::mem::size_of::<MapOp>();
@@ -689,6 +690,18 @@ fn process_plan(
                 op.offset = r.offset;
                 op.flags = if r.vmflags & VMF_MAYWRITE != 0 { 0 } else { libc::SHM_RDONLY as u32 };
             }
+            // Pages past the end of a file no restore finds (a memfd, a deleted file): a private mapping of an empty
+            // memfd, where touching a page faults with SIGBUS as it did.
+            (RegionKind::Detached, _, _) if r.contents == Contents::Nothing => {
+                // A memfd's own name, so /proc shows the mapping as before.
+                let fd = match r.name.strip_prefix("/memfd:").and_then(|n| n.strip_suffix(" (deleted)")).and_then(|n| CString::new(n).ok()) {
+                    Some(n) => nix::sys::memfd::memfd_create(n.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?,
+                    None => memfd(&r.name, 0)?,
+                };
+                op.fd = fds.put(fd.as_raw_fd());
+                keep.push(fd);
+                op.offset = r.offset;
+            }
             (RegionKind::File, _, Some(f)) => {
                 op.fd = fds.file(f, !r.shared, r.prot & libc::PROT_WRITE as u32 != 0, keep)?;
                 op.offset = r.offset;
@@ -731,6 +744,12 @@ fn process_plan(
         ops[i].data_off = off;
         ops[i].data_len = len;
     }
+    let guards: Vec<u8> = regions
+        .iter()
+        .flat_map(|r| r.guards.iter().filter(|&&(a, b)| r.start <= a && a < b && b <= r.end))
+        .flat_map(|&(a, b)| a.to_le_bytes().into_iter().chain((b - a).to_le_bytes()))
+        .collect();
+    let (guards_off, guards_len) = add(&guards);
     // The restorer takes regions in address order (and refuses others): the vDSO's copies go among the rest.
     ops.sort_by_key(|o| o.addr);
     let (blob_off, blob_len) = add(&rmp_serde::to_vec_named(spec)?);
@@ -772,6 +791,8 @@ fn process_plan(
         restart_stack_top: p.shim.restart_stack_top,
         blob_off: blob_base + blob_off,
         blob_len,
+        guards_off: blob_base + guards_off,
+        nguards: guards_len / 16,
     };
     let mut out = Vec::with_capacity(blob_base as usize + blob.len());
     // SAFETY: PlanHead and MapOp are repr(C) plain data.

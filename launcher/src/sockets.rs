@@ -22,6 +22,10 @@ pub struct Diag {
     /// Connections waiting to be accepted.
     pub pending: usize,
     pub shutdown: u8,
+    /// Bytes of the messages it sent that are still queued somewhere (the kernel charges each to its sender), and
+    /// its send buffer size.
+    pub wmem: u32,
+    pub sndbuf: u32,
 }
 
 const TCP_LISTEN: u8 = 10;
@@ -33,6 +37,7 @@ pub fn diag_table() -> Result<HashMap<u64, Diag>> {
     const UDIAG_SHOW_NAME: u32 = 1;
     const UDIAG_SHOW_PEER: u32 = 4;
     const UDIAG_SHOW_ICONS: u32 = 8;
+    const UDIAG_SHOW_MEMINFO: u32 = 0x20;
     // SAFETY: a netlink socket we own.
     let s = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
     if s < 0 {
@@ -64,7 +69,7 @@ pub fn diag_table() -> Result<HashMap<u64, Diag>> {
         pad: 0,
         states: !0,
         ino: 0,
-        show: UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS,
+        show: UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS | UDIAG_SHOW_MEMINFO,
         cookie: [!0, !0],
     };
     // SAFETY: sending a plain-data request.
@@ -114,6 +119,11 @@ pub fn diag_table() -> Result<HashMap<u64, Diag>> {
                     }
                     2 => d.peer = u32::from_ne_bytes(data[..4].try_into().unwrap()) as u64,
                     3 => d.pending = data.len() / 4,
+                    // UNIX_DIAG_MEMINFO: SK_MEMINFO_WMEM_ALLOC, SK_MEMINFO_SNDBUF
+                    5 if data.len() >= 16 => {
+                        d.wmem = u32::from_ne_bytes(data[8..12].try_into().unwrap());
+                        d.sndbuf = u32::from_ne_bytes(data[12..16].try_into().unwrap());
+                    }
                     6 => d.shutdown = data.first().copied().unwrap_or(0),
                     _ => {}
                 }
@@ -156,6 +166,11 @@ impl Capture {
         }
         let sock = grab(host, fd)?;
         let queue = peek_queue(sock.as_raw_fd(), d.kind)?;
+        if d.kind != libc::SOCK_STREAM {
+            if let Some(p) = self.table.get(&d.peer) {
+                whole_queue(&queue, d.kind, p)?;
+            }
+        }
         if d.kind == libc::SOCK_DGRAM && d.peer == 0 && !queue.is_empty() {
             bail!("an unconnected datagram socket holds messages: not supported yet (try again once the app has read them)");
         }
@@ -213,15 +228,49 @@ fn setsockopt_int(fd: RawFd, opt: i32, v: i32) -> Result<()> {
     Ok(())
 }
 
+/// Bounds of a receive queue the supervisor reads: a queue larger, or one that does not come to an end in time,
+/// is refused rather than read on (a kernel that did not move the peek offset would repeat one message for ever).
+const MAX_QUEUE_BYTES: usize = 256 << 20;
+const MAX_QUEUE_MESSAGES: usize = 1 << 20;
+const MAX_QUEUE_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The receive queue, left in place: MSG_PEEK from a moving peek offset. One entry per message (datagram,
-/// seqpacket) or all bytes in one entry (stream).
+/// seqpacket), empty ones included, or all bytes in one entry (stream).
+///
+/// A message and the end of a seqpacket queue whose peer shut down both read as 0 bytes; while SO_PASSCRED is on
+/// each message carries credentials and the end does not, so it is turned on for the moment (the app never sees
+/// it: its threads are parked). Credentials or fds the app's own messages carry are refused, as before.
 fn peek_queue(fd: RawFd, kind: i32) -> Result<Vec<ByteBuf>> {
     let old = getsockopt_int(fd, libc::SO_PEEK_OFF);
     setsockopt_int(fd, libc::SO_PEEK_OFF, 0)?;
+    let marked = kind != libc::SOCK_STREAM && getsockopt_int(fd, libc::SO_PASSCRED) == 0;
+    if marked {
+        if let Err(e) = setsockopt_int(fd, libc::SO_PASSCRED, 1) {
+            let _ = setsockopt_int(fd, libc::SO_PEEK_OFF, old);
+            return Err(e);
+        }
+    }
+    let r = peek_messages(fd, kind, marked);
+    if marked {
+        let _ = setsockopt_int(fd, libc::SO_PASSCRED, 0);
+    }
+    let _ = setsockopt_int(fd, libc::SO_PEEK_OFF, old);
+    r
+}
+
+fn peek_messages(fd: RawFd, kind: i32, marked: bool) -> Result<Vec<ByteBuf>> {
     let mut out: Vec<ByteBuf> = vec![];
     let mut buf = vec![0u8; 1 << 20];
-    let r = loop {
-        let mut cbuf = [0u64; 16];
+    let (mut bytes, start) = (0usize, std::time::Instant::now());
+    loop {
+        if bytes > MAX_QUEUE_BYTES || out.len() > MAX_QUEUE_MESSAGES || start.elapsed() > MAX_QUEUE_TIME {
+            bail!(
+                "the receive queue of a unix socket does not come to an end (over {} messages, {bytes} bytes read in {:.1} s): not supported",
+                out.len(),
+                start.elapsed().as_secs_f64()
+            );
+        }
+        let mut cbuf = [0u64; 64];
         let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
         // SAFETY: msghdr is plain data, pointers valid for the call.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -230,31 +279,101 @@ fn peek_queue(fd: RawFd, kind: i32) -> Result<Vec<ByteBuf>> {
         msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
         msg.msg_controllen = std::mem::size_of_val(&cbuf);
         // SAFETY: peeking into our buffers.
-        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            break if e.raw_os_error() == Some(libc::EAGAIN) { Ok(()) } else { Err(anyhow!("peeking a socket queue: {e}")) };
+            return if e.raw_os_error() == Some(libc::EAGAIN) { Ok(out) } else { Err(anyhow!("peeking a socket queue: {e}")) };
         }
-        if msg.msg_controllen > 0 {
-            break Err(anyhow!("fds or credentials in flight on a unix socket: not supported yet (try again once the peer has received them)"));
+        let (fds, creds) = control(&msg);
+        if fds || (creds && !marked) || msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            bail!("fds or credentials in flight on a unix socket: not supported yet (try again once the peer has received them)");
         }
         if msg.msg_flags & libc::MSG_TRUNC != 0 {
-            break Err(anyhow!("a message in flight is larger than 1 MiB"));
+            bail!("a message in flight is larger than 1 MiB");
         }
-        if n == 0 && kind == libc::SOCK_STREAM {
-            break Ok(());
-        }
+        let n = n as usize;
         if kind == libc::SOCK_STREAM {
+            if n == 0 {
+                return Ok(out);
+            }
             match out.last_mut() {
-                Some(b) => b.extend_from_slice(&buf[..n as usize]),
-                None => out.push(ByteBuf::from(buf[..n as usize].to_vec())),
+                Some(b) => b.extend_from_slice(&buf[..n]),
+                None => out.push(ByteBuf::from(buf[..n].to_vec())),
             }
         } else {
-            out.push(ByteBuf::from(buf[..n as usize].to_vec()));
+            // No credentials: the end of a seqpacket queue whose peer shut down, not a message.
+            if marked && !creds {
+                return Ok(out);
+            }
+            out.push(ByteBuf::from(buf[..n].to_vec()));
         }
-    };
-    let _ = setsockopt_int(fd, libc::SO_PEEK_OFF, old);
-    r.map(|_| out)
+        bytes += n;
+    }
+}
+
+/// Whether `queue` (peeked from a socket whose peer `peer` sent every message in it) is all of it. The kernel hides
+/// an empty message already peeked (by the app, or by an earlier checkpoint the job went on from) from any later peek
+/// at an offset; but every queued message is charged to its sender, so the same messages sent again here, on a pair
+/// of our own, must be charged exactly as much as the peer's are.
+fn whole_queue(queue: &[ByteBuf], kind: i32, peer: &Diag) -> Result<()> {
+    if peer.wmem == 0 && queue.is_empty() {
+        return Ok(());
+    }
+    let hidden = || anyhow!("a unix socket holds messages a peek cannot show (an empty message peeked before): not supported yet (try again once the app has read them)");
+    let mut sv = [0i32; 2];
+    // SAFETY: socketpair into a two-int array.
+    if unsafe { libc::socketpair(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) } < 0 {
+        bail!("socketpair: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fds.
+    let (a, _b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    let room = (peer.sndbuf.max(queue.iter().map(|m| m.len() as u32 + 4096).sum::<u32>()) / 2 + 1) as i32;
+    if setsockopt_int(a.as_raw_fd(), libc::SO_SNDBUFFORCE, room).is_err() {
+        setsockopt_int(a.as_raw_fd(), libc::SO_SNDBUF, room)?;
+    }
+    for m in queue {
+        // SAFETY: sending from our buffer.
+        let r = unsafe { libc::send(a.as_raw_fd(), m.as_ptr() as *const libc::c_void, m.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if r != m.len() as isize {
+            bail!("checking a unix socket's queue is whole: {}", std::io::Error::last_os_error());
+        }
+    }
+    let mut charged: i32 = 0;
+    // SAFETY: SIOCOUTQ writes an int.
+    if unsafe { libc::ioctl(a.as_raw_fd(), libc::TIOCOUTQ, &mut charged) } < 0 {
+        bail!("checking a unix socket's queue is whole: {}", std::io::Error::last_os_error());
+    }
+    if charged as u32 != peer.wmem {
+        return Err(hidden());
+    }
+    Ok(())
+}
+
+/// What the control messages of a peeked message hold: fds (closed here: a peek gives the supervisor copies), and
+/// credentials.
+fn control(msg: &libc::msghdr) -> (bool, bool) {
+    let (mut fds, mut creds) = (false, false);
+    // SAFETY: walking the control buffer the kernel filled, with the libc macros that bound every step.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_CREDENTIALS {
+                creds = true;
+            } else {
+                fds = true;
+                // SCM_RIGHTS and SCM_PIDFD (4) give the receiver fds.
+                if (*c).cmsg_level == libc::SOL_SOCKET && ((*c).cmsg_type == libc::SCM_RIGHTS || (*c).cmsg_type == 4) {
+                    let data = libc::CMSG_DATA(c) as *const i32;
+                    let n = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                    for i in 0..n {
+                        libc::close(std::ptr::read_unaligned(data.add(i)));
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    (fds, creds)
 }
 
 // ---- restore ---------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ pub fn capture(job: &JobImage, members: &[Member]) -> Result<Option<TerminalImag
             if !matches!(job.files[fd.file as usize].kind, FileKind::Terminal { .. }) {
                 continue;
             }
-            let Some(host) = job::host_of(members, p.pid) else { continue };
+            let Some(host) = job::task_of(members, p.pid) else { continue };
             let t = grab(host.as_raw(), fd.fd)?;
             return Ok(Some(read(t.as_raw_fd(), members)?));
         }
@@ -233,7 +233,7 @@ pub fn controlling_ptys(job: &mut JobImage, members: &[Member]) -> Result<()> {
         if p.sid != p.pid {
             continue;
         }
-        let Some(host) = job::host_of(members, p.pid) else { continue };
+        let Some(host) = job::task_of(members, p.pid) else { continue };
         let stat = std::fs::read_to_string(format!("/proc/{host}/stat")).unwrap_or_default();
         let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
         // Field 7 (tty_nr) is the 5th after the command name.

@@ -127,7 +127,9 @@ fn restore_process(buf: &[u8], entry: &ProcEntry) -> ! {
     CTL.store(head.ctl_fd, Ordering::Relaxed);
     let ops_len = head.nmaps as u64 * core::mem::size_of::<MapOp>() as u64;
     let within = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= buf.len() as u64);
-    if !within(head.ops_off, ops_len) || !within(head.blob_off, head.blob_len) || !within(head.auxv_off, head.auxv_len) || head.ops_off % 8 != 0 {
+    if !within(head.ops_off, ops_len) || !within(head.blob_off, head.blob_len) || !within(head.auxv_off, head.auxv_len) || head.ops_off % 8 != 0
+        || !within(head.guards_off, head.nguards.saturating_mul(16)) || head.guards_off % 8 != 0
+    {
         fail(&Msg::new("vos-restore: plan out of bounds"));
     }
     // SAFETY: bounds and alignment checked; MapOp is plain data and the plan is mapped page-aligned.
@@ -141,6 +143,9 @@ fn restore_process(buf: &[u8], entry: &ProcEntry) -> ! {
     let (next_seq, pages) = memory::read_pages(head.image_fd, first_seq, ops, head.base_fd);
     tree::pass_turn(next_seq);
     memory::protect_regions(ops);
+    // SAFETY: bounds and alignment checked above; pairs of u64 are plain data and PLAN is 16-aligned.
+    let guards: &[[u64; 2]] = unsafe { core::slice::from_raw_parts(buf.as_ptr().add(head.guards_off as usize) as *const [u64; 2], head.nguards as usize) };
+    memory::install_guards(guards);
     if head.vdso_addr != 0 {
         memory::map_vdso(head.vdso_addr, head.vdso_text);
     }

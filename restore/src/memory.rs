@@ -178,6 +178,16 @@ pub fn protect_regions(ops: &[MapOp]) {
     }
 }
 
+/// Make the image's guard pages guard pages again (after the pages are in: installing one discards its page).
+pub fn install_guards(guards: &[[u64; 2]]) {
+    for &[addr, len] in guards {
+        // SAFETY: guard pages of a region just mapped, which the image says held no data there.
+        if let Err(e) = unsafe { sys::madvise(addr as usize, len as usize, plan::MADV_GUARD_INSTALL) } {
+            fail(Msg::new("vos-restore: installing guard pages at ").hex(addr).push(": ").errno(e).push(" (they need Linux 6.13)"));
+        }
+    }
+}
+
 struct Fd(i32);
 
 impl Source for Fd {

@@ -23,19 +23,21 @@ struct Arena {
     /// (start, len) of every mapping this arena made, so a session can exclude and unmap them.
     chunks: [AtomicUsize; MAX_CHUNKS * 2],
     nchunks: AtomicUsize,
+    name: &'static core::ffi::CStr,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
 const ZERO: AtomicUsize = AtomicUsize::new(0);
 
 impl Arena {
-    const fn new() -> Arena {
+    const fn new(name: &'static core::ffi::CStr) -> Arena {
         Arena {
             lock: AtomicBool::new(false),
             cur: AtomicUsize::new(0),
             end: AtomicUsize::new(0),
             chunks: [ZERO; MAX_CHUNKS * 2],
             nchunks: AtomicUsize::new(0),
+            name,
         }
     }
 
@@ -59,16 +61,18 @@ impl Arena {
         if n == MAX_CHUNKS {
             return core::ptr::null_mut();
         }
-        let len = (layout.size() + align).max(CHUNK).next_multiple_of(4096);
-        // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
-        let Ok(base) = (unsafe {
-            sys::mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
+        // Never a multiple of 2 MiB: the kernel would align the mapping and leave a hole above it (see `global`).
+        let len = crate::global::no_huge_multiple((layout.size() + align).max(CHUNK).next_multiple_of(4096));
+        let Some(base) = window_chunk(self, len).or_else(|| {
+            // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
+            unsafe { sys::mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0) }.ok()
         }) else {
             return core::ptr::null_mut();
         };
-        // A name of its own keeps the kernel from merging it with a neighbouring mapping of the app.
+        // A name of its own keeps the kernel from merging it with a neighbouring mapping of the app. Only the
+        // session arena's starts with "vos-" (mappings so named never travel in an image; the permanent one must).
         const PR_SET_VMA: i32 = 0x53564d41;
-        let _ = sys::prctl(PR_SET_VMA, 0, base, len, c"vos-arena".as_ptr() as usize);
+        let _ = sys::prctl(PR_SET_VMA, 0, base, len, self.name.as_ptr() as usize);
         self.chunks[2 * n].store(base, Ordering::Relaxed);
         self.chunks[2 * n + 1].store(len, Ordering::Relaxed);
         self.nchunks.store(n + 1, Ordering::Relaxed);
@@ -85,21 +89,64 @@ impl Arena {
         })
     }
 
-    /// Unmap everything. Only when nothing allocated from this arena is used any more.
+    /// Unmap everything (what lay in the restorer's window is reserved again). Only when nothing allocated from this
+    /// arena is used any more.
     fn reset(&self) {
         for (s, e) in self.ranges() {
+            if in_window(s) {
+                // SAFETY: as below; an inaccessible reservation replaces the chunk.
+                let _ = unsafe {
+                    sys::mmap(s, e - s, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED, -1, 0)
+                };
+                continue;
+            }
             // SAFETY: the caller guarantees no allocation from this arena is live.
             let _ = unsafe { sys::munmap(s, e - s) };
         }
+        WINDOW_USED.store(0, Ordering::Relaxed);
         self.nchunks.store(0, Ordering::Release);
         self.cur.store(0, Ordering::Relaxed);
         self.end.store(0, Ordering::Relaxed);
     }
 }
 
-static PERMANENT: Arena = Arena::new();
-static SESSION: Arena = Arena::new();
+static PERMANENT: Arena = Arena::new(c"shim-heap");
+static SESSION: Arena = Arena::new(c"vos-arena");
 static IN_SESSION: AtomicBool = AtomicBool::new(false);
+
+/// A checkpoint's session takes its chunks from the restorer's window first: reserved in every process and never in
+/// an image, nothing there changes the app's address space (a chunk the kernel placed could land just below a
+/// stack the app grows down, at the edge of its guard gap, and stop it growing until the checkpoint ended). A
+/// restart's session cannot: the restorer still runs there.
+static SESSION_IN_WINDOW: AtomicBool = AtomicBool::new(false);
+/// Bytes of the window the session's chunks take.
+static WINDOW_USED: AtomicUsize = AtomicUsize::new(0);
+
+fn in_window(addr: usize) -> bool {
+    (vos::plan::WINDOW_START..vos::plan::WINDOW_END).contains(&(addr as u64))
+}
+
+/// A chunk of `len` bytes in the restorer's window, for the session arena of a checkpoint, while there is room.
+fn window_chunk(arena: &Arena, len: usize) -> Option<usize> {
+    if !core::ptr::eq(arena, &SESSION)
+        || !SESSION_IN_WINDOW.load(Ordering::Relaxed)
+        || !crate::global::WINDOW_RESERVED.load(Ordering::Relaxed)
+    {
+        return None;
+    }
+    let used = WINDOW_USED.load(Ordering::Relaxed);
+    if used + len > vos::plan::WINDOW_LEN as usize {
+        return None;
+    }
+    let at = vos::plan::WINDOW_START as usize + used;
+    // SAFETY: the window is the shim's own reservation; nothing else of the process is there during a checkpoint.
+    let r = unsafe {
+        sys::mmap(at, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED, -1, 0)
+    };
+    let base = r.ok().filter(|&b| b == at)?;
+    WINDOW_USED.store(used + len, Ordering::Relaxed);
+    Some(base)
+}
 
 pub struct ShimAlloc;
 
@@ -113,7 +160,9 @@ unsafe impl GlobalAlloc for ShimAlloc {
 
 /// Start a session: until `end_session`, all of the shim's allocations come from the session arena. Only one
 /// thread of the shim runs at a time during a session (the coordinator, or the restart code), app threads parked.
-pub fn begin_session() {
+/// `in_window`: a checkpoint's session, whose chunks go in the restorer's window first.
+pub fn begin_session(in_window: bool) {
+    SESSION_IN_WINDOW.store(in_window, Ordering::SeqCst);
     IN_SESSION.store(true, Ordering::SeqCst);
 }
 
@@ -130,6 +179,7 @@ pub fn forget_session() {
     SESSION.cur.store(0, Ordering::Relaxed);
     SESSION.end.store(0, Ordering::Relaxed);
     SESSION.lock.store(false, Ordering::Release);
+    WINDOW_USED.store(0, Ordering::Relaxed);
     IN_SESSION.store(false, Ordering::SeqCst);
 }
 

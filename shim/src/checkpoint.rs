@@ -16,13 +16,8 @@ use vos::image::{FileId, ProcessImage, ProcessSummary, Region, ShimImage};
 use vos::proto::{self, Msg, Trigger};
 use vos::sys;
 
-const STACK_SIZE: usize = 1 << 20;
-
-#[repr(C, align(16))]
-struct Stack([u8; STACK_SIZE]);
-
-/// The coordinator's stack; its contents never travel in an image.
-static STACK: Global<Stack> = Global::new(Stack([0; STACK_SIZE]));
+/// The coordinator's stack (`global::COORDINATOR_STACK`); its contents never travel in an image.
+const STACK: (usize, usize) = crate::global::COORDINATOR_STACK;
 /// A minimal thread control block for the coordinator (glibc-style: the word at fs:0 points to itself), so
 /// a stray TLS access reads zeros instead of another thread's TLS.
 static TCB: Global<[u64; 64]> = Global::new([0; 64]);
@@ -44,8 +39,12 @@ pub fn trigger(sig: i32, supervisor: bool) {
     if COORDINATOR.compare_exchange(0, -1, Ordering::AcqRel, Ordering::Acquire).is_err() {
         return;
     }
-    // SAFETY: only one coordinator at a time (COORDINATOR), so STACK and TCB are ours.
-    let (stack, tcb) = unsafe { (STACK.get(), TCB.get()) };
+    let Some(stack) = crate::global::state(STACK) else {
+        COORDINATOR.store(0, Ordering::Release);
+        return;
+    };
+    // SAFETY: only one coordinator at a time (COORDINATOR), so the stack and TCB are ours.
+    let tcb = unsafe { TCB.get() };
     let tcb_addr = tcb.as_ptr() as u64;
     tcb[0] = tcb_addr;
     tcb[2] = tcb_addr;
@@ -54,8 +53,8 @@ pub fn trigger(sig: i32, supervisor: bool) {
             | libc::CLONE_SYSVSEM | libc::CLONE_SETTLS | libc::CLONE_PARENT_SETTID | libc::CLONE_CHILD_CLEARTID) as u64,
         parent_tid: COORDINATOR.as_ptr() as u64,
         child_tid: COORDINATOR.as_ptr() as u64,
-        stack: stack.0.as_mut_ptr() as u64,
-        stack_size: STACK_SIZE as u64,
+        stack: stack as u64,
+        stack_size: STACK.1 as u64,
         tls: tcb_addr,
         ..Default::default()
     };
@@ -70,13 +69,12 @@ pub fn trigger(sig: i32, supervisor: bool) {
 
 /// The address range of the coordinator's stack (left out of images).
 fn stack_range() -> (u64, u64) {
-    // SAFETY: only the address is taken.
-    let s = unsafe { STACK.get().0.as_ptr() } as u64;
-    (s, s + STACK_SIZE as u64)
+    let s = crate::global::state(STACK).unwrap_or(0) as u64;
+    (s, s + STACK.1 as u64)
 }
 
 extern "C" fn coordinate(arg: usize) -> ! {
-    arena::begin_session();
+    arena::begin_session(true);
     let trigger = match arg & FROM_SUPERVISOR {
         0 => Trigger::Signal { sig: (arg & 0xffff) as i32 },
         _ => Trigger::Supervisor,
@@ -263,15 +261,17 @@ fn capture(parked: &threads::Parked) -> Result<ProcessImage, String> {
         skip.push((vos::plan::WINDOW_START, vos::plan::WINDOW_END));
     }
     let regions: Vec<Region> = memory::capture(&vmas, &skip)?;
-    let exe_path = procfs::readlink("/proc/self/exe").map_err(|e| format!("/proc/self/exe: {e}"))?;
-    let exe_st = sys::stat(b"/proc/self/exe\0").map_err(|e| format!("/proc/self/exe: {e}"))?;
+    // The process's memory, fds and files as this thread sees them: /proc/self shows the main thread's, which is
+    // empty once it has exited (pthread_exit from main).
+    let exe_path = procfs::readlink("/proc/thread-self/exe").map_err(|e| format!("/proc/thread-self/exe: {e}"))?;
+    let exe_st = sys::stat(b"/proc/thread-self/exe\0").map_err(|e| format!("/proc/thread-self/exe: {e}"))?;
     // A deleted or memfd program is still the process's: its bytes travel in the image (the launcher's bundle).
     let exe: FileId = if vos::image::is_detached(&exe_path) {
         FileId { path: exe_path, dev: exe_st.st_dev, ino: exe_st.st_ino, size: exe_st.st_size as u64, ..Default::default() }
     } else {
         memory::file_id(&exe_path, exe_st.st_dev, exe_st.st_ino).map_err(|e| format!("the program file: {e}"))?
     };
-    let cmdline = procfs::read_file("/proc/self/cmdline").unwrap_or_default();
+    let cmdline = procfs::read_file("/proc/thread-self/cmdline").unwrap_or_default();
     let argv = cmdline.split(|&c| c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
     Ok(ProcessImage {
         pid: sys::getpid(),

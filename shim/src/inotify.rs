@@ -45,7 +45,7 @@ fn absolute(path: *const c_char) -> String {
     if p.starts_with('/') {
         return p;
     }
-    let cwd = crate::procfs::readlink("/proc/self/cwd").unwrap_or_default();
+    let cwd = crate::procfs::readlink("/proc/thread-self/cwd").unwrap_or_default();
     alloc::format!("{cwd}/{p}")
 }
 

@@ -45,11 +45,15 @@ use vos::sys;
 /// Runs in every process that loads the shim, before the program's main.
 #[ctor::ctor]
 unsafe fn init() {
+    global::map_state();
     global::load_config();
     real::resolve();
     reserve_window();
     signals::install();
     threads::init_rseq_info();
+    threads::remember_main();
+    // SAFETY: registering a plain function for fork's child (the forking thread is its main thread).
+    unsafe { libc::pthread_atfork(None, None, Some(threads::remember_main)) };
     global::READY.store(true, Ordering::Release);
     signals::open();
 }

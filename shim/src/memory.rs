@@ -33,7 +33,7 @@ pub struct Vma {
 }
 
 pub fn read_vmas() -> Result<Vec<Vma>, String> {
-    let text = procfs::read_string("/proc/self/smaps").map_err(|e| format!("reading /proc/self/smaps: {e}"))?;
+    let text = procfs::read_string("/proc/thread-self/smaps").map_err(|e| format!("reading /proc/thread-self/smaps: {e}"))?;
     let mut out: Vec<Vma> = Vec::new();
     for line in text.lines() {
         if let Some(flags) = line.strip_prefix("VmFlags:") {
@@ -143,6 +143,7 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
         }
     }
     let mut out = Vec::with_capacity(pieces.len());
+    let mut mem = Mem(-1);
     for v in &pieces {
         if v.name == "[vsyscall]" || v.name.starts_with("[anon:vos-") {
             continue;
@@ -167,6 +168,7 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
             shared_memory: None,
             dev: makedev(v.dev.0, v.dev.1),
             ino: v.inode,
+            guards: Vec::new(),
         };
         let what = || format!("memory at {:#x}-{:#x} ({})", v.start, v.end, v.name);
         match v.name.as_str() {
@@ -189,7 +191,23 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
                 r.kind = RegionKind::SharedAnon;
                 r.offset = v.offset;
             }
-            n if is_detached(n) => r.kind = RegionKind::Detached,
+            // Every page travels (no file will be there to map again); pages wholly past the end of the mapped
+            // object fault with SIGBUS when touched, so they are never read and come back as such pages.
+            n if is_detached(n) => {
+                r.kind = RegionKind::Detached;
+                r.offset = v.offset;
+                let cut = past_end(&mut mem, v)?;
+                if cut < v.end {
+                    let mut tail = r.clone();
+                    (tail.start, tail.offset, tail.contents) = (cut, v.offset + (cut - v.start), Contents::Nothing);
+                    if cut > v.start {
+                        r.end = cut;
+                        out.push(r);
+                    }
+                    out.push(tail);
+                    continue;
+                }
+            }
             n if n.starts_with('/') => {
                 let id = file_id(n, makedev(v.dev.0, v.dev.1), v.inode).map_err(|e| format!("{}: {e}", what()))?;
                 let st = sys::stat(&procfs::cpath(n)).map_err(|e| format!("{}: {e}", what()))?;
@@ -207,7 +225,78 @@ pub fn capture(vmas: &[Vma], skip: &[(u64, u64)]) -> Result<Vec<Region>, String>
         }
         out.push(r);
     }
+    find_guards(&mut out)?;
     Ok(out)
+}
+
+/// /proc/thread-self/mem, opened when first needed.
+struct Mem(i32);
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        if self.0 >= 0 {
+            let _ = sys::close(self.0);
+        }
+    }
+}
+
+/// The first page of a private file mapping that lies wholly past the end of the mapped object (its end: none).
+/// Reading such a page faults with SIGBUS. The object's size, where /proc lets this process see it (map_files needs
+/// CAP_CHECKPOINT_RESTORE), tells; otherwise a binary search for the first page /proc/thread-self/mem cannot read
+/// (pages past the end are the mapping's last ones).
+fn past_end(mem: &mut Mem, v: &Vma) -> Result<u64, String> {
+    let (start, end) = (v.start, v.end);
+    if let Ok(st) = sys::stat(&procfs::cpath(&format!("/proc/thread-self/map_files/{start:x}-{end:x}"))) {
+        let object_end = (st.st_size as u64).next_multiple_of(PAGE as u64);
+        return Ok(if object_end <= v.offset { start } else { end.min(start + (object_end - v.offset)) });
+    }
+    if mem.0 < 0 {
+        mem.0 = sys::open(b"/proc/thread-self/mem\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/thread-self/mem: {e}"))?;
+    }
+    let readable = |page: u64| {
+        let mut b = [0u8; 1];
+        sys::pread(mem.0, &mut b, start + page * PAGE as u64).is_ok_and(|n| n == 1)
+    };
+    let (mut lo, mut hi) = (0u64, (end - start) / PAGE as u64);
+    if readable(hi - 1) {
+        return Ok(end);
+    }
+    // Invariant: every page below lo reads, page hi does not.
+    hi -= 1;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if readable(mid) { lo = mid + 1 } else { hi = mid }
+    }
+    Ok(start + lo * PAGE as u64)
+}
+
+/// Record each region's guard pages (madvise MADV_GUARD_INSTALL): the kernel reports them as swapped out, and
+/// reading one faults, so they are never read; the restorer installs them again. A kernel that cannot tell them
+/// (before Linux 6.14) has none to tell.
+fn find_guards(regions: &mut [Region]) -> Result<(), String> {
+    let pagemap = sys::open(b"/proc/thread-self/pagemap\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/thread-self/pagemap: {e}"))?;
+    let mut vec = [PageRegion::default(); 64];
+    let mut r = Ok(());
+    for reg in regions.iter_mut().filter(|r| !matches!(r.kind, RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock)) {
+        let mut guards: Vec<(u64, u64)> = Vec::new();
+        let found = pagemap::scan_guards(pagemap, reg.start, reg.end, &mut vec, &mut |a, b| {
+            match guards.last_mut() {
+                Some(last) if last.1 == a => last.1 = b,
+                _ => guards.push((a, b)),
+            }
+            Ok::<(), ()>(())
+        });
+        match found {
+            Ok(()) | Err(ScanError::Visit(())) => reg.guards = guards,
+            Err(ScanError::Ioctl { errno, .. }) if errno.0 == libc::EINVAL => break,
+            Err(ScanError::Ioctl { at, errno }) => {
+                r = Err(format!("finding guard pages at {at:#x}: {errno}"));
+                break;
+            }
+        }
+    }
+    let _ = sys::close(pagemap);
+    r
 }
 
 // ---- page scanning ---------------------------------------------------------------------------------------------
@@ -222,7 +311,7 @@ pub struct Scanner {
 
 impl Scanner {
     pub fn open() -> Result<Scanner, String> {
-        let pagemap = sys::open(b"/proc/self/pagemap\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+        let pagemap = sys::open(b"/proc/thread-self/pagemap\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/thread-self/pagemap: {e}"))?;
         Ok(Scanner { pagemap, use_scan: true })
     }
 
@@ -371,7 +460,7 @@ impl Batch {
                     self.bounce = (0..hashring::SLOTS + 1).map(|_| alloc::vec![0u8; chunk::PAGES_PER_CHUNK * PAGE]).collect();
                 }
                 let dst = &mut self.bounce[self.cur][self.bounce_used..self.bounce_used + n as usize];
-                sys::pread(mem, dst, a).map_err(|e| format!("reading memory at {a:#x} through /proc/self/mem: {e}"))?;
+                sys::pread(mem, dst, a).map_err(|e| format!("reading memory at {a:#x} through /proc/thread-self/mem: {e}"))?;
                 self.bounce_used += n as usize;
                 dst.as_ptr() as u64
             };
@@ -490,7 +579,7 @@ fn write_reuse(w: &mut Writer, runs: &[PageRun]) -> Result<(), String> {
 /// them from pre-copy, or fetches them after the job resumes when `lazy`). Returns what was stored per region.
 pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)], reuse: &[(u64, u64)], lazy: bool) -> Result<ProcessSummary, String> {
     let mut scanner = Scanner::open()?;
-    let mem = sys::open(b"/proc/self/mem\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/self/mem: {e}"))?;
+    let mem = sys::open(b"/proc/thread-self/mem\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/thread-self/mem: {e}"))?;
     let mut batch = Batch {
         runs: Vec::with_capacity(chunk::MAX_RUNS as usize),
         src: Vec::with_capacity(chunk::MAX_RUNS as usize),
@@ -510,6 +599,14 @@ pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)], r
             if r.contents == Contents::Pages {
                 let readable = r.prot & libc::PROT_READ as u32 != 0;
                 let anon = r.kind != RegionKind::File;
+                // Guard pages read as swapped out (or, in shared memory, resident): never touch them.
+                let with_guards: Vec<(u64, u64)>;
+                let exclude = if r.guards.is_empty() {
+                    exclude
+                } else {
+                    with_guards = exclude.iter().chain(&r.guards).copied().collect();
+                    &with_guards[..]
+                };
                 scanner.ranges(r, &mut |start, end| {
                     for (a0, b0) in subtract(start, end, exclude) {
                         split_reuse(a0, b0, reuse, &mut |a, b, reused| {
@@ -548,7 +645,8 @@ pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)], r
             summary.regions.push(s);
         }
         batch.drain(w)?;
-        if lazy && !coalesce(&mut reused_runs, regions, exclude, plan::MAX_LAZY_RUNS) {
+        let exclude: Vec<(u64, u64)> = exclude.iter().chain(regions.iter().flat_map(|r| &r.guards)).copied().collect();
+        if lazy && !coalesce(&mut reused_runs, regions, &exclude, plan::MAX_LAZY_RUNS) {
             return Err(format!(
                 "its memory is in more pieces than a post-copy restore can leave to fetch ({} at most): migrate it without --lazy",
                 plan::MAX_LAZY_RUNS

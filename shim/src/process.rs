@@ -10,7 +10,7 @@ use vos::image::{Caps, MmImage, ProcessAttrs, Rlimit};
 use vos::sys;
 
 pub fn capture() -> Result<ProcessAttrs, String> {
-    let status = procfs::read_string("/proc/self/status").map_err(|e| format!("/proc/self/status: {e}"))?;
+    let status = procfs::read_string("/proc/thread-self/status").map_err(|e| format!("/proc/thread-self/status: {e}"))?;
     let umask = procfs::field(&status, "Umask").and_then(|u| u32::from_str_radix(u, 8).ok()).unwrap_or(0o022);
     let mut rlimits = Vec::new();
     // RLIMIT_CPU (0) .. RLIMIT_RTTIME (15).
@@ -31,7 +31,7 @@ pub fn capture() -> Result<ProcessAttrs, String> {
     let caps = Caps { effective: hex("CapEff"), permitted: hex("CapPrm"), inheritable: hex("CapInh") };
     let ns_last_pid = procfs::read_string("/proc/sys/kernel/ns_last_pid").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
     Ok(ProcessAttrs {
-        cwd: procfs::readlink("/proc/self/cwd").map_err(|e| format!("cwd: {e}"))?,
+        cwd: procfs::readlink("/proc/thread-self/cwd").map_err(|e| format!("cwd: {e}"))?,
         umask,
         rlimits,
         hostname: cstr(&uts.nodename),
@@ -51,13 +51,13 @@ pub fn capture() -> Result<ProcessAttrs, String> {
 
 /// The mm fields from /proc/self/stat (fields 26-28 and 45-51), the current brk and the auxv.
 pub fn capture_mm() -> Result<MmImage, String> {
-    let stat = procfs::read_string("/proc/self/stat").map_err(|e| format!("/proc/self/stat: {e}"))?;
+    let stat = procfs::read_string("/proc/thread-self/stat").map_err(|e| format!("/proc/thread-self/stat: {e}"))?;
     // Fields after the command name, which is in parentheses and may contain spaces.
     let rest = &stat[stat.rfind(')').ok_or("bad /proc/self/stat")? + 2..];
     let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
     // Field n (1-based, counting pid and comm) is f[n - 3].
     let at = |n: usize| f.get(n - 3).copied().unwrap_or(0);
-    let auxv = procfs::read_file("/proc/self/auxv").map_err(|e| format!("/proc/self/auxv: {e}"))?;
+    let auxv = procfs::read_file("/proc/thread-self/auxv").map_err(|e| format!("/proc/thread-self/auxv: {e}"))?;
     Ok(MmImage {
         start_code: at(26),
         end_code: at(27),

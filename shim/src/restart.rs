@@ -7,7 +7,7 @@
 //! the main thread again.
 
 use crate::checkpoint::COORDINATOR;
-use crate::global::{CONFIG, Global};
+use crate::global::CONFIG;
 use crate::{arena, files, process, signals, threads, timers};
 use alloc::format;
 use alloc::string::String;
@@ -16,17 +16,12 @@ use vos::image::RestartSpec;
 use vos::proto::{self, Msg};
 use vos::sys;
 
-const STACK_SIZE: usize = 256 << 10;
-
-#[repr(C, align(16))]
-struct Stack([u8; STACK_SIZE]);
-
-static STACK: Global<Stack> = Global::new(Stack([0; STACK_SIZE]));
+/// The restart code's stack (`global::RESTART_STACK`): in the image (the restorer maps it back), its contents not.
+const STACK: (usize, usize) = crate::global::RESTART_STACK;
 
 pub fn stack_range() -> (u64, u64) {
-    // SAFETY: only the address is taken.
-    let s = unsafe { STACK.get().0.as_ptr() } as u64;
-    (s, s + STACK_SIZE as u64)
+    let s = crate::global::state(STACK).unwrap_or(0) as u64;
+    (s, s + STACK.1 as u64)
 }
 
 pub fn stack_top() -> u64 {
@@ -45,7 +40,7 @@ fn fail(ctl: i32, why: String) -> ! {
 pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
     // The image was taken mid-checkpoint: forget that session's arena (its memory did not travel).
     arena::forget_session();
-    arena::begin_session();
+    arena::begin_session(false);
     // SAFETY: per contract.
     let bytes = unsafe { core::slice::from_raw_parts(blob, len) };
     let spec: RestartSpec = match rmp_serde::from_slice(bytes) {
@@ -53,14 +48,21 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
         Err(e) => fail(ctl, format!("decoding the restart spec: {e}")),
     };
     let pid = sys::getpid();
-    let Some(main) = spec.process.threads.iter().find(|t| t.tid == pid) else {
-        fail(ctl, format!("no main thread {pid} in the image"))
+    // The restart code runs as the main thread: give it the main thread's TLS first. A main thread that had exited
+    // (pthread_exit from main) left its TLS in place, unused: the restart code runs on it, then exits again.
+    let main = spec.process.threads.iter().find(|t| t.tid == pid);
+    let fs = match main {
+        Some(m) => m.fs_base as usize,
+        None => threads::exited_main_fs(),
     };
-    // The restart code runs as the main thread: give it the main thread's TLS first.
-    let _ = sys::arch_prctl(sys::ARCH_SET_FS, main.fs_base as usize);
-    let main_state = match rebuild(&spec) {
-        Ok(()) => threads::main_state(main, spec.process.attrs.caps).unwrap_or_else(|e| fail(ctl, e)),
-        Err(e) => fail(ctl, e),
+    if fs == 0 {
+        fail(ctl, format!("no main thread {pid} in the image, nor its thread-local storage"));
+    }
+    let _ = sys::arch_prctl(sys::ARCH_SET_FS, fs);
+    let main_state = match (rebuild(&spec), main) {
+        (Ok(()), Some(main)) => Some(threads::main_state(main, spec.process.attrs.caps).unwrap_or_else(|e| fail(ctl, e))),
+        (Ok(()), None) => None,
+        (Err(e), _) => fail(ctl, e),
     };
     if proto::send(ctl, &Msg::Ready, None).is_err() {
         sys::exit_group(1);
@@ -72,15 +74,33 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
     signals::discard_pending();
     signals::requeue_shared(&spec.process.signals.pending);
     timers::arm(&spec.process.timers);
-    threads::release_all();
+    // The session's memory goes before any app thread runs: none of it may be in the app's way (just below a stack
+    // it grows down, say). The spec lies in it: never used (nor dropped) again. What follows allocates from the
+    // permanent arena.
+    core::mem::forget(spec);
+    arena::end_session();
+    match main_state {
+        Some(k) => {
+            threads::release_all();
+            done(ctl);
+            COORDINATOR.store(0, Ordering::Release);
+            threads::resume_main(k)
+        }
+        None => {
+            // The main thread had exited: it is gone again before any other thread runs (they may look).
+            done(ctl);
+            threads::release_once_main_exited();
+            threads::exit_as_main()
+        }
+    }
+}
+
+/// Tell the launcher the process runs; the restorer is done (this is the shim's stack; the spec was copied out):
+/// its window goes back to being a reservation.
+fn done(ctl: i32) {
     let _ = proto::send(ctl, &Msg::Running, None);
     let _ = sys::close(ctl);
-    // The restorer is done (this is the shim's stack; the spec was copied out): its window goes back to being a
-    // reservation.
     let _ = crate::map_window(libc::MAP_FIXED);
-    arena::end_session();
-    COORDINATOR.store(0, Ordering::Release);
-    threads::resume_main(main_state)
 }
 
 fn rebuild(spec: &RestartSpec) -> Result<(), String> {

@@ -9,7 +9,6 @@
 //! that saved frame with `sys::resume_and_call`; when released it returns from the handler and the kernel's
 //! sigreturn puts the interrupted state back. No register format of our own, no glibc internals patched.
 
-use crate::global::Global;
 use crate::{procfs, signals};
 use alloc::format;
 use alloc::string::String;
@@ -45,26 +44,10 @@ pub struct Slot {
     pending: [SigInfo; MAX_PENDING],
 }
 
-impl Slot {
-    const EMPTY: Slot = Slot {
-        tid: AtomicI32::new(0),
-        state: AtomicU32::new(FREE),
-        release_at: AtomicU32::new(0),
-        park_rsp: 0,
-        fs_base: 0,
-        uc: 0,
-        clear_child_tid: 0,
-        robust: 0,
-        robust_len: 0,
-        cpu_ns: 0,
-        npending: 0,
-        pending: [[0; 128]; MAX_PENDING],
-    };
-}
-
 /// Slot i belongs to the thread the coordinator asked with index i; only that thread writes its fields
-/// (other than tid/state, set by the coordinator before asking).
-static SLOTS: Global<[Slot; MAX_THREADS]> = Global::new([Slot::EMPTY; MAX_THREADS]);
+/// (other than tid/state, set by the coordinator before asking). The table is the state mapping's first part
+/// (`global::THREAD_TABLE`; all zeros is every slot empty).
+pub const TABLE_BYTES: usize = MAX_THREADS * core::mem::size_of::<Slot>();
 /// Number of threads parked (futex word the coordinator waits on).
 static PARKED_COUNT: AtomicU32 = AtomicU32::new(0);
 /// Release generation (futex word parked threads wait on).
@@ -77,8 +60,10 @@ static RSEQ_SIZE: AtomicUsize = AtomicUsize::new(0);
 const RSEQ_SIG: u32 = 0x5305_3053;
 
 fn slot(i: usize) -> &'static mut Slot {
-    // SAFETY: slots are partitioned by index between the coordinator (before asking) and the owning thread.
-    unsafe { &mut SLOTS.get()[i] }
+    let table = crate::global::state(crate::global::THREAD_TABLE).expect("the thread table is mapped (checked before any use)");
+    // SAFETY: the table holds MAX_THREADS slots (i < MAX_THREADS at every caller), zeroed (Slot::EMPTY) by mmap;
+    // slots are partitioned by index between the coordinator (before asking) and the owning thread.
+    unsafe { &mut *(table as *mut Slot).add(i) }
 }
 
 /// Learn where glibc keeps each thread's rseq area (constructor).
@@ -99,7 +84,7 @@ pub fn init_rseq_info() {
 /// Called from the signal handler of a thread asked to park. Returns when the coordinator (or the restart
 /// code, after a restore) releases the thread.
 pub fn park(i: usize, uc: *mut c_void) {
-    if i >= MAX_THREADS {
+    if i >= MAX_THREADS || crate::global::state(crate::global::THREAD_TABLE).is_none() {
         return;
     }
     // This very handler interrupted whatever call the thread was in: the hook around it must see the
@@ -171,12 +156,22 @@ fn ask(i: usize, tid: i32) -> bool {
 
 /// Park every thread of the process except the caller. On failure every thread is released again.
 pub fn park_all(timeout_ns: u64) -> Result<Parked, String> {
+    if crate::global::state(crate::global::THREAD_TABLE).is_none() {
+        return Err("the shim could not map its thread table at start-up".into());
+    }
     let me = sys::gettid();
+    let pid = sys::getpid();
     PARKED_COUNT.store(0, Ordering::Release);
     let mut asked: Vec<(i32, usize)> = Vec::new();
     let start = sys::now_ns(libc::CLOCK_MONOTONIC);
     loop {
-        let tids = procfs::list_numbers("/proc/self/task").map_err(|e| format!("listing threads: {e}"))?;
+        let mut tids = procfs::list_numbers("/proc/self/task").map_err(|e| format!("listing threads: {e}"))?;
+        // A main thread that has exited (pthread_exit from main, perhaps just now) stays listed, a zombie, while
+        // the others run: it will never park.
+        let leader_gone = main_exited();
+        if leader_gone {
+            tids.retain(|&t| t != pid);
+        }
         // Threads that exited before parking are dropped; new ones (created meanwhile) are asked too.
         asked.retain(|(tid, i)| {
             let alive = tids.contains(tid);
@@ -200,7 +195,10 @@ pub fn park_all(timeout_ns: u64) -> Result<Parked, String> {
         }
         let parked = asked.iter().filter(|(_, i)| slot(*i).state.load(Ordering::Acquire) == PARKED).count();
         if parked == asked.len() && asked.iter().all(|(t, _)| tids.contains(t)) {
-            let again = procfs::list_numbers("/proc/self/task").map_err(|e| format!("listing threads: {e}"))?;
+            let mut again = procfs::list_numbers("/proc/self/task").map_err(|e| format!("listing threads: {e}"))?;
+            if leader_gone {
+                again.retain(|&t| t != pid);
+            }
             if again == tids {
                 return Ok(Parked { slots: asked.iter().map(|&(_, i)| i).collect() });
             }
@@ -241,6 +239,110 @@ pub fn park_all(timeout_ns: u64) -> Result<Parked, String> {
 pub fn release_all() {
     RELEASE.fetch_add(1, Ordering::AcqRel);
     let _ = sys::futex_wake(&RELEASE, i32::MAX as u32);
+}
+
+/// Whether the process's main thread has exited (pthread_exit from main) while others run: /proc shows it a
+/// zombie. Its thread-local storage and clear-tid word stay where they were (`MAIN_FS`, `MAIN_CTID`).
+pub fn main_exited() -> bool {
+    let stat = procfs::read_string(&format!("/proc/self/task/{}/stat", sys::getpid())).unwrap_or_default();
+    stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()).is_some_and(|s| s == "Z" || s == "X")
+}
+
+/// The main thread's TLS pointer and clear-tid address (glibc's `tid` word of its thread descriptor), as the shim's
+/// constructor (or, in a forked child, the fork) found them: a restored process whose main thread had exited runs
+/// its restart code with them, and ends that thread as glibc's did.
+static MAIN_FS: AtomicUsize = AtomicUsize::new(0);
+static MAIN_CTID: AtomicUsize = AtomicUsize::new(0);
+
+/// Remember the calling thread as the process's main thread (constructor; a fork's child).
+pub extern "C" fn remember_main() {
+    let mut ctid: usize = 0;
+    const PR_GET_TID_ADDRESS: i32 = 40;
+    let _ = sys::prctl(PR_GET_TID_ADDRESS, &mut ctid as *mut usize as usize, 0, 0, 0);
+    MAIN_FS.store(sys::get_fs_base(), Ordering::Relaxed);
+    MAIN_CTID.store(ctid, Ordering::Relaxed);
+}
+
+/// The main thread's TLS pointer, for the restart code of a process whose main thread had exited.
+pub fn exited_main_fs() -> usize {
+    MAIN_FS.load(Ordering::Relaxed)
+}
+
+/// End the calling thread (the restart code, as the process's first thread) as the main thread ended: its
+/// clear-tid word cleared and woken (pthread_join on it returns), the process going on in its other threads.
+pub fn exit_as_main() -> ! {
+    let _ = sys::set_tid_address(MAIN_CTID.load(Ordering::Relaxed));
+    sys::exit_thread(0)
+}
+
+/// A minimal thread control block for the releaser (as the coordinator's: fs:0 points to itself).
+static RELEASER_TCB: crate::global::Global<[u64; 64]> = crate::global::Global::new([0; 64]);
+
+/// After a restore whose main thread had exited: release the other threads only once the main thread (the restart
+/// code, about to exit) is a zombie again, from a thread of the shim's own that then ends. It runs on the
+/// coordinator's stack, free during a restart, and holds `COORDINATOR` (no checkpoint starts) until it ends.
+pub fn release_once_main_exited() {
+    let stack = crate::global::state(crate::global::COORDINATOR_STACK);
+    // SAFETY: the restart code is the only thread of the shim running; the TCB is the releaser's alone.
+    let tcb = unsafe { RELEASER_TCB.get() };
+    let tcb_addr = tcb.as_ptr() as u64;
+    tcb[0] = tcb_addr;
+    tcb[2] = tcb_addr;
+    let coordinator = crate::checkpoint::COORDINATOR.as_ptr() as u64;
+    let args = sys::CloneArgs {
+        flags: sys::THREAD_FLAGS | libc::CLONE_PARENT_SETTID as u64,
+        parent_tid: coordinator,
+        child_tid: coordinator,
+        stack: stack.unwrap_or(0) as u64,
+        stack_size: crate::global::COORDINATOR_STACK.1 as u64,
+        tls: tcb_addr,
+        ..Default::default()
+    };
+    // SAFETY: the stack and TCB are reserved for this thread, which runs only `releaser`; it inherits the restart
+    // code's mask (every signal blocked).
+    if stack.is_none() || unsafe { sys::clone3_thread(&args, releaser, sys::getpid() as usize) }.is_err() {
+        // The threads go on now; they may see the main thread for a moment.
+        release_all();
+        crate::checkpoint::COORDINATOR.store(0, Ordering::Release);
+    }
+}
+
+extern "C" fn releaser(pid: usize) -> ! {
+    for _ in 0..10_000 {
+        if main_gone(pid as i32) {
+            break;
+        }
+        sys::nanosleep_ns(1_000_000);
+    }
+    release_all();
+    sys::exit_thread(0)
+}
+
+/// Whether /proc shows thread `pid` (the main one) a zombie, without allocating.
+fn main_gone(pid: i32) -> bool {
+    let mut digits = [0u8; 12];
+    let (mut d, mut v) = (digits.len(), pid.max(0) as u32);
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let mut path = [0u8; 48];
+    let mut n = 0;
+    for part in [&b"/proc/self/task/"[..], &digits[d..], b"/stat\0"] {
+        path[n..n + part.len()].copy_from_slice(part);
+        n += part.len();
+    }
+    let Ok(fd) = sys::open(&path[..n], libc::O_RDONLY, 0) else { return true };
+    let mut buf = [0u8; 512];
+    let got = sys::read(fd, &mut buf).unwrap_or(0);
+    let _ = sys::close(fd);
+    let text = &buf[..got];
+    let state = text.iter().rposition(|&c| c == b')').and_then(|i| text.get(i + 2));
+    matches!(state, Some(b'Z') | Some(b'X'))
 }
 
 /// Whether thread `tid` has `sig` blocked in its real signal mask.
@@ -305,8 +407,11 @@ pub fn capture(p: &Parked) -> Result<Vec<ThreadImage>, String> {
             cpu_ns: s.cpu_ns,
         });
     }
-    if !out.iter().any(|t| t.tid == pid) {
-        return Err("the main thread has exited (pthread_exit from main): not supported".into());
+    if !out.iter().any(|t| t.tid == pid) && !main_exited() {
+        return Err(format!("main thread {pid} was not parked"));
+    }
+    if out.is_empty() {
+        return Err("no thread of the process is left to capture".into());
     }
     Ok(out)
 }
@@ -314,6 +419,7 @@ pub fn capture(p: &Parked) -> Result<Vec<ThreadImage>, String> {
 // ---- restore ---------------------------------------------------------------------------------------------------
 
 fn slot_of(tid: i32) -> Option<usize> {
+    crate::global::state(crate::global::THREAD_TABLE)?;
     (0..MAX_THREADS).find(|&i| slot(i).tid.load(Ordering::Relaxed) == tid && slot(i).state.load(Ordering::Relaxed) == PARKED)
 }
 
