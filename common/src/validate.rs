@@ -254,8 +254,9 @@ impl JobImage {
         }
         check_tree(&ids, self.processes.len()).map_err(|e| bad("processes", e))?;
         for (n, p) in self.processes.iter().enumerate() {
-            if p.threads.is_empty() || !p.threads.iter().any(|t| t.tid == p.pid) {
-                return Err(bad(format!("processes[{n}].threads"), format!("no main thread {}", p.pid)));
+            // The main thread may have left with pthread_exit; the others go on.
+            if p.threads.is_empty() {
+                return Err(bad(format!("processes[{n}].threads"), "no thread"));
             }
             for (k, t) in p.threads.iter().enumerate() {
                 if t.tid == p.pid {
@@ -397,7 +398,6 @@ impl JobImage {
                 guard_end = b;
             }
             let len = r.end - r.start;
-            let fits = |size: u64| r.offset.checked_add(len).is_some_and(|e| e <= size);
             let contents_ok = match r.kind {
                 RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock => {
                     let n = &mut specials[r.kind as usize - RegionKind::Vdso as usize];
@@ -424,8 +424,10 @@ impl JobImage {
                         },
                         None => m.size,
                     };
-                    if r.offset % PAGE != 0 || (r.contents == Contents::Pages && !fits(size)) {
-                        return Err(bad(&rat, "shared memory pages beyond the object's end, or at an unaligned offset"));
+                    // Mapped past the object's end is allowed (those pages fault, as they did); page data can land
+                    // only within it (the restore maps the rest apart).
+                    if r.offset % PAGE != 0 || (r.contents == Contents::Pages && r.offset > size) {
+                        return Err(bad(&rat, "shared memory mapped from beyond its object's end, or at an unaligned offset"));
                     }
                     r.shared && matches!(r.contents, Contents::Pages | Contents::Elsewhere | Contents::Nothing)
                 }
@@ -727,7 +729,7 @@ mod tests {
         refused("processes[0].pid", |_, j| j.processes[0].pid = 1);
         refused("processes[0].ppid", |_, j| j.processes[0].ppid = -5);
         refused("processes", |_, j| j.processes[0].ppid = 3);
-        refused("processes[0].threads", |_, j| j.processes[0].threads[0].tid = 3);
+        refused("processes[0].threads", |_, j| j.processes[0].threads.clear());
         refused("zombies[0].pid", |_, j| j.zombies.push(ZombieImage { ids: Ids { pid: 2, ppid: 2, pgid: 2, sid: 2 }, ..Default::default() }));
         refused("processes[0].threads[1].tid", |_, j| j.processes[0].threads.push(ThreadImage { tid: i32::MAX, ..Default::default() }));
         refused("processes[0].threads[0].park_rsp", |_, j| j.processes[0].threads[0].park_rsp = 0);
@@ -773,7 +775,7 @@ mod tests {
         refused("processes[0].regions[1]", |_, j| {
             j.shared_memory.push(SharedMemory { size: 4096, ..Default::default() });
             let r = &mut j.processes[0].regions[1];
-            (r.kind, r.shared, r.shared_memory) = (RegionKind::SharedAnon, true, Some(0));
+            (r.kind, r.shared, r.shared_memory, r.offset) = (RegionKind::SharedAnon, true, Some(0), 8192);
         });
         refused("processes[0].regions[1].ino", |_, j| {
             let r = &mut j.processes[0].regions[1];

@@ -132,6 +132,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     let stdio_bound = files::stdio_bindings(&job, &stdio)?;
     let stdio_at: Vec<i32> = stdio_bound.iter().map(|o| fds.put(o.as_raw_fd())).collect();
     let shm_at: Vec<i32> = shm.iter().map(|m| fds.put(m.as_raw_fd())).collect();
+    let shm_size: Vec<u64> = shm.iter().map(|m| nix::sys::stat::fstat(m).map_or(0, |st| st.st_size as u64)).collect();
     let mut keep: Vec<OwnedFd> = vec![];
     for (i, p) in job.processes.iter().enumerate() {
         let (parent, child) = socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
@@ -150,7 +151,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
             Some(_) => plan::POST_COPY,
             None => a.bases.iter().find(|b| b.0 == p.pid).map_or(-1, |b| fds.put(b.1)),
         };
-        let plan = process_plan(p, &spec, &mut fds, &mut keep, image_at, ctl_at, &shm_at, r.seq, swap.as_ref(), base_at)?;
+        let plan = process_plan(p, &spec, &mut fds, &mut keep, image_at, ctl_at, &shm_at, &shm_size, r.seq, swap.as_ref(), base_at)?;
         plans.push((plan, i));
     }
     let plan_fd = job_plan(&job, &plans)?;
@@ -640,6 +641,7 @@ fn process_plan(
     image_fd: i32,
     ctl_fd: i32,
     shm_at: &[i32],
+    shm_size: &[u64],
     first_seq: u64,
     swap: Option<&vdso::Swap>,
     base_fd: i32,
@@ -720,6 +722,21 @@ fn process_plan(
             let mut v = n.as_bytes().to_vec();
             v.push(0);
             names.push((ops.len(), v));
+        }
+        // Shared memory mapped past its object's end: page data may go only where the object is (beyond, a
+        // write would fault), so that part is mapped apart, taking none.
+        let room = match (r.kind, r.shared_memory) {
+            (RegionKind::SharedAnon, Some(m)) => shm_size[m as usize].next_multiple_of(4096).saturating_sub(op.offset).min(op.len),
+            _ => op.len,
+        };
+        if room < op.len {
+            let rest = MapOp { addr: op.addr + room, len: op.len - room, offset: op.offset + room, op: op.op & !plan::OP_FILL, name_len: 0, ..op };
+            op.len = room;
+            if room > 0 {
+                ops.push(op);
+            }
+            ops.push(rest);
+            continue;
         }
         ops.push(op);
     }

@@ -48,9 +48,10 @@ unsafe fn with_job_env(envp: *const *const c_char) -> *const *const c_char {
             i += 1;
             // SAFETY: a C string per contract.
             let s = unsafe { core::ffi::CStr::from_ptr(e) }.to_string_lossy();
-            let key = s.split('=').next().unwrap_or("");
+            // An entry may lack its '=' (the app passes what it likes): it is a key without a value.
+            let (key, value) = s.split_once('=').unwrap_or((&s, ""));
             if key == "LD_PRELOAD" {
-                preload = Some(s[11..].into());
+                preload = Some(value.into());
             } else if !ours.iter().any(|(k, _)| *k == key) {
                 out.push(e);
             }

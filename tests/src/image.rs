@@ -511,8 +511,11 @@ pub fn mutate_chunks(img: &mut Image, rng: &mut Rng) -> String {
             // The last run of a Pages chunk loses its last page (table and data agree, the summary not).
             let i = *rng.pick(&pages);
             let p = &mut img.chunks[i].payload;
+            if p.len() < 8 {
+                return "a pages chunk too short for a run table left".into();
+            }
             let nruns = u32::from_le_bytes(p[..4].try_into().unwrap()) as usize;
-            if nruns == 0 {
+            if nruns == 0 || p.len() < 8 + nruns * chunk::RUN_LEN {
                 return "an empty pages chunk left".into();
             }
             let at = 8 + (nruns - 1) * chunk::RUN_LEN + 8;

@@ -3,6 +3,7 @@
 //! whose supervisor dies, temporary images left behind, and faults injected at random instants.
 
 use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vos_tests::*;
@@ -132,11 +133,25 @@ fn a_client_whose_supervisor_dies_hears_so_at_once() {
     // A checkpoint into a FIFO read slowly: the supervisor is in the middle of it for a good while.
     let fifo = w.path("slow.fifo");
     assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
-    let mut reader = std::process::Command::new("sh").arg("-c").arg(format!("while dd bs=64k count=1 status=none; do sleep 0.05; done < {} > /dev/null", fifo.display())).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // Its read end is open before the checkpoint opens the FIFO (one nobody reads is refused).
+    let read_end = fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
+    // SAFETY: fcntl on an fd we own, clearing O_NONBLOCK.
+    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&read_end), libc::F_SETFL, 0) };
+    // A writer of our own, so the reader waits for the checkpoint's bytes rather than seeing an end at once.
+    let keep_open = fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut f = read_end;
+        let mut b = vec![0u8; 64 << 10];
+        while std::io::Read::read(&mut f, &mut b).is_ok_and(|n| n > 0) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
     let mut client = vrun().args(["checkpoint", &name, "--to"]).arg(&fifo).stderr(std::process::Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(700));
-    assert!(client.try_wait().unwrap().is_none(), "the checkpoint ended too soon for this test");
+    if client.try_wait().unwrap().is_some() {
+        let o = client.wait_with_output().unwrap();
+        panic!("the checkpoint ended too soon for this test: {}", String::from_utf8_lossy(&o.stderr));
+    }
     kill(job.child.as_ref().unwrap().id() as i32, libc::SIGKILL);
     let t = Instant::now();
     let o = loop {
@@ -149,8 +164,8 @@ fn a_client_whose_supervisor_dies_hears_so_at_once() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("went away"), "{err}");
     job.wait(Duration::from_secs(10));
-    let _ = reader.kill();
-    let _ = reader.wait();
+    drop(keep_open);
+    let _ = reader.join();
 }
 
 #[test]

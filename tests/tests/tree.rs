@@ -201,3 +201,17 @@ fn exec_with_a_cleared_environment_keeps_the_shim() {
     twice("envi", &["bash", "-c", &cmd], 80, &w);
     assert_eq!(fs::read_to_string(w.path("status")).unwrap().trim(), "0");
 }
+
+/// An exec with an environment the app made up (entries without '=', LD_PRELOAD among them) runs: the shim
+/// adds the job's settings without choking on what it does not understand.
+#[test]
+fn an_exec_with_a_made_up_environment() {
+    let w = Work::new("oddenv");
+    let prog = gcc("oddenv");
+    let out = w.path("out.txt");
+    let name = w.name("oddenv");
+    let mut job = launch(&w, &name, &[prog.to_str().unwrap()], &out);
+    assert!(job.wait(Duration::from_secs(20)).success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("exec ok: odd") && text.contains("child status 0"), "{text}");
+}
