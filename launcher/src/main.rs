@@ -5,6 +5,7 @@ mod bundle;
 mod channel;
 mod checkpoint;
 mod client;
+mod escape;
 mod events;
 mod files;
 mod fill;
@@ -436,6 +437,7 @@ fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs, report_fd: Option<
     restore::run(args, restorer, beside_me("libvos_shim.so")?).map(|_| ())
 }
 
+/// Names, argv and process names are the jobs' own: escaped.
 fn list() -> Result<()> {
     let jobs = runtime::list();
     if jobs.is_empty() {
@@ -444,7 +446,8 @@ fn list() -> Result<()> {
     }
     println!("{:<16} {:>8} {:<20} PROGRAM", "NAME", "PID", "SINCE (UTC)");
     for j in jobs {
-        println!("{:<16} {:>8} {:<20} {}", j.name, j.pid, supervisor::timestamp_of(j.since_unix), j.program.join(" "));
+        let program: Vec<String> = j.program.iter().map(|a| escape::escape(a)).collect();
+        println!("{:<16} {:>8} {:<20} {}", escape::escape(&j.name), j.pid, supervisor::timestamp_of(j.since_unix), program.join(" "));
         // The job's process tree (pids as this host and as the job see them).
         let members = job::members(nix::unistd::Pid::from_raw(j.init)).unwrap_or_default();
         if members.len() > 1 {
@@ -457,7 +460,7 @@ fn list() -> Result<()> {
 fn print_tree(members: &[job::Member], parent: i32, depth: usize) {
     for m in members.iter().filter(|m| m.ids.ppid == parent) {
         let state = if m.zombie { " (zombie)" } else { "" };
-        println!("{:<16} {:>8} {}{} {}{state}", "", m.host, "  ".repeat(depth), m.ids.pid, m.comm);
+        println!("{:<16} {:>8} {}{} {}{state}", "", m.host, "  ".repeat(depth), m.ids.pid, escape::escape(&m.comm));
         print_tree(members, m.ids.pid, depth + 1);
     }
 }
