@@ -28,12 +28,11 @@ use vos::proto::{self, Msg};
 
 pub struct Args {
     pub src: String,
+    /// A name chosen on the command line (valid): refused if taken. Without it, the image's, made valid and
+    /// unique.
     pub name: Option<String>,
-    pub dir: Option<PathBuf>,
-    pub interval: Option<std::time::Duration>,
-    pub keep: usize,
-    pub signals: (i32, i32),
-    pub quiet: bool,
+    /// Supervisor settings given on the command line; the job's own (from the image) otherwise.
+    pub given: supervisor::Given,
     /// Re-bindings asked for on the command line.
     pub hostname: Option<String>,
     pub domainname: Option<String>,
@@ -79,8 +78,20 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         bail!("{}: the header and the job's metadata disagree on the number of processes", r.name);
     }
     check_files(&job).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
+    let opts = a.given.settle(Some(&header.job))?;
 
-    let name = runtime::unique_name(a.name.as_deref().unwrap_or(&header.job.name));
+    // The image's name is only a suggestion: it may be taken here, or not even a valid name (a hostile image).
+    let reserved = match &a.name {
+        Some(n) => runtime::reserve(n)?,
+        None => {
+            let r = runtime::reserve_like(&header.job.name)?;
+            if r.name() != header.job.name && !opts.quiet {
+                eprintln!("vrun: job {} is restored as {}", crate::escape::escape(&header.job.name), r.name());
+            }
+            r
+        }
+    };
+    let name = reserved.name().to_string();
     let listener = supervisor::listen(&name)?;
     // The job's stdio re-binds to ours; when the image comes on stdin, the job's stdin is /dev/null.
     let stdin: OwnedFd = if a.src == "-" { File::open("/dev/null")?.into() } else { nix::unistd::dup(std::io::stdin())? };
@@ -142,7 +153,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
             fd_sources: p.fds.iter().map(|f| object_at[f.file as usize]).collect(),
             ctl_fd: ctl_at,
             sock: listener.name.clone(),
-            log: runtime::log_path(&name).display().to_string(),
+            log: reserved.log_path().display().to_string(),
             shim: shim.display().to_string(),
         };
         let base_at = match a.fill_fd {
@@ -181,7 +192,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         None if a.bases.is_empty() => None,
         None => Some(crate::fill::start(&a.bases)?),
     };
-    let started = ns::start(child, clocks, own_mounts)?;
+    let started = ns::start(child, clocks, own_mounts, &[reserved.fd()])?;
     phases.mark("restorer started");
     drop((keep, objects, shm, sysv_contents, bundled, plan_fd, stdin));
     let fail = |e: anyhow::Error| -> anyhow::Error {
@@ -191,7 +202,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     };
 
     // How far the restorers read the image (a file: they share its offset), shown while they do.
-    let mut image_read = ImageRead::new(r.raw_fd(), a.quiet);
+    let mut image_read = ImageRead::new(r.raw_fd(), opts.quiet);
     // Every process reports once its memory is back (or why it failed), then once fds, signals and threads are.
     let mut last_seq = 0;
     for (i, c) in ctls.iter().enumerate() {
@@ -250,15 +261,8 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     }
     drop(ctls);
     drop(r);
-    let opts = Options {
-        name,
-        dir: a.dir.unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))),
-        interval: a.interval,
-        keep: a.keep,
-        signals: a.signals,
-        quiet: a.quiet,
-    };
-    let mut sup = Supervisor::new(opts, listener, started, header.job.argv.clone(), header.job.started_unix_ns)?;
+    let opts = Options { name, ..opts };
+    let mut sup = Supervisor::new(opts, reserved, listener, started, header.job.argv.clone(), header.job.started_unix_ns)?;
     sup.filling = filler;
     sup.run()
 }
