@@ -80,18 +80,25 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     check_files(&job).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
     let opts = a.given.settle(Some(&header.job))?;
 
-    // The image's name is only a suggestion: it may be taken here, or not even a valid name (a hostile image).
-    let reserved = match &a.name {
-        Some(n) => runtime::reserve(n)?,
+    // A name given is taken only once the image is whole, just before the job runs: until then it may still be
+    // the checkpointed job's, ending (`vrun checkpoint X --kill --to - | vrun restore --name X -`). Otherwise the
+    // image's name, only a suggestion (it may be taken here, or not even valid: a hostile image), is made valid
+    // and unique now.
+    let early = match &a.name {
+        Some(_) => None,
         None => {
             let r = runtime::reserve_like(&header.job.name)?;
             if r.name() != header.job.name && !opts.quiet {
                 eprintln!("vrun: job {} is restored as {}", crate::escape::escape(&header.job.name), r.name());
             }
-            r
+            Some(r)
         }
     };
-    let name = reserved.name().to_string();
+    let name = match (&early, &a.name) {
+        (Some(r), _) => r.name().to_string(),
+        (None, n) => n.clone().unwrap_or_default(),
+    };
+    let log = runtime::log_path(&name)?;
     let listener = supervisor::listen(&name)?;
     // The job's stdio re-binds to ours; when the image comes on stdin, the job's stdin is /dev/null.
     let stdin: OwnedFd = if a.src == "-" { File::open("/dev/null")?.into() } else { nix::unistd::dup(std::io::stdin())? };
@@ -153,7 +160,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
             fd_sources: p.fds.iter().map(|f| object_at[f.file as usize]).collect(),
             ctl_fd: ctl_at,
             sock: listener.name.clone(),
-            log: reserved.log_path().display().to_string(),
+            log: log.display().to_string(),
             shim: shim.display().to_string(),
         };
         let base_at = match a.fill_fd {
@@ -192,7 +199,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         None if a.bases.is_empty() => None,
         None => Some(crate::fill::start(&a.bases)?),
     };
-    let started = ns::start(child, clocks, own_mounts, &[reserved.fd()])?;
+    let started = ns::start(child, clocks, own_mounts, early.as_ref().map(|r| r.fd()).as_slice())?;
     phases.mark("restorer started");
     drop((keep, objects, shm, sysv_contents, bundled, plan_fd, stdin));
     let fail = |e: anyhow::Error| -> anyhow::Error {
@@ -239,6 +246,10 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     // Only a whole image may run.
     r.seq = last_seq;
     r.end().map_err(fail)?;
+    let reserved = match early {
+        Some(r) => r,
+        None => runtime::reserve_when_free(&name, std::time::Duration::from_secs(10)).map_err(fail)?,
+    };
     sysv::remove_destroyed(started.init.as_raw(), &job.sysv).map_err(fail)?;
     if let Some(t) = &job.terminal {
         terminal::hand_over(t, &job::members(started.init).map_err(fail)?);

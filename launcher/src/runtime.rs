@@ -249,6 +249,12 @@ impl Registry {
         }
     }
 
+    /// Take `name` if it is free.
+    fn take_locked(&self, name: &str) -> Result<Option<Reservation>> {
+        let _lock = self.lock()?;
+        self.take(name)
+    }
+
     /// Take `name` if it is free (under the directory's lock).
     fn take(&self, name: &str) -> Result<Option<Reservation>> {
         if !matches!(self.probe(name)?, Probe::Free) {
@@ -290,9 +296,8 @@ impl Reservation {
         &self.name
     }
 
-    /// The job's log (the shim's lines): beside its entry, so only the job holding the name writes it.
     pub fn log_path(&self) -> PathBuf {
-        self.path.join(format!("{}.log", self.name))
+        log_in(&self.path, &self.name)
     }
 
     /// The entry's fd: the job's init is forked from the supervisor and does not exec, so it must close its copy
@@ -343,12 +348,40 @@ impl Drop for Reservation {
     }
 }
 
+/// The job's log (the shim's lines): beside its entry, so only the job holding the name writes it.
+fn log_in(registry: &Path, name: &str) -> PathBuf {
+    registry.join(format!("{name}.log"))
+}
+
+/// The log of job `name` (valid), for a job that takes its name later (`reserve_when_free`).
+pub fn log_path(name: &str) -> Result<PathBuf> {
+    check_name(name).map_err(|e| anyhow!(e))?;
+    Ok(log_in(&Registry::open()?.path, name))
+}
+
+fn taken(name: &str) -> anyhow::Error {
+    anyhow!("a running job is already named {name} (see `vrun list`); choose another --name")
+}
+
 /// Take `name` exactly (a name the user chose): refused if a running job has it.
 pub fn reserve(name: &str) -> Result<Reservation> {
+    reserve_when_free(name, Duration::ZERO)
+}
+
+/// `reserve`, waiting up to `wait` for a job that has the name to end.
+pub fn reserve_when_free(name: &str, wait: Duration) -> Result<Reservation> {
     check_name(name).map_err(|e| anyhow!(e))?;
     let reg = Registry::open()?;
-    let _lock = reg.lock()?;
-    reg.take(name)?.ok_or_else(|| anyhow!("a running job is already named {name} (see `vrun list`); choose another --name"))
+    let start = Instant::now();
+    loop {
+        if let Some(r) = reg.take_locked(name)? {
+            return Ok(r);
+        }
+        if start.elapsed() >= wait {
+            return Err(taken(name));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Take a name made from `raw` (a program's file name, an image's job name): sanitized, then the first free of
