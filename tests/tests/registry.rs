@@ -246,7 +246,8 @@ fn command_line_values_are_checked() {
     // The bounds themselves are fine.
     let name = w.name("bounds");
     let mut c = vrun();
-    c.args(["--name", &name, "--interval", "31536000", "--keep", "10000", "--dir"]).arg(&w.dir).arg("--").arg("/usr/bin/touch").arg(&marker);
+    // (Not a program that ends at once: vrun may then miss the job's first process.)
+    c.args(["--name", &name, "--interval", "31536000", "--keep", "10000", "--dir"]).arg(&w.dir).args(["--", "/bin/sh", "-c", "touch \"$0\"; sleep 0.5"]).arg(&marker);
     assert!(c.status().unwrap().success());
     assert!(marker.exists());
 }
