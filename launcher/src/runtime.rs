@@ -399,7 +399,7 @@ pub fn reserve_like(raw: &str) -> Result<Reservation> {
 }
 
 /// The first of `base`, `base-2`... that no job holds now, not taken (`vrun serve` names the `vrun restore` it
-/// starts; should another take it meanwhile, that restore refuses it).
+/// starts; should another job take it meanwhile, that restore waits a moment, then refuses it).
 pub fn free_name(raw: &str) -> Result<String> {
     let r = reserve_like(raw)?;
     Ok(r.name.clone())
