@@ -58,6 +58,17 @@ pub struct JobInfo {
     pub name: String,
     pub argv: Vec<String>,
     pub started_unix_ns: u64,
+    /// How the job was supervised, for a restore to go on the same way (absent from older images): where images
+    /// go, the periodic checkpoints and how many are kept, and the trigger signals (checkpoint, exit) its shims
+    /// answer to.
+    #[serde(default)]
+    pub dir: Option<String>,
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
+    #[serde(default)]
+    pub keep: Option<u32>,
+    #[serde(default)]
+    pub signals: Option<(i32, i32)>,
 }
 
 /// Identity of a file a job uses, checked again before restore.

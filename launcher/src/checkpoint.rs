@@ -22,7 +22,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vos::chunk::Kind;
-use vos::image::{Contents, ImageHeader, JobImage, JobInfo, ProcessImage, RegionKind, SharedMemory};
+use vos::image::{Contents, ImageHeader, JobImage, ProcessImage, RegionKind, SharedMemory};
 use vos::proto::{self, Msg, Pages};
 
 /// A checkpoint someone asked for.
@@ -446,7 +446,7 @@ impl Supervisor {
             vrun_version: env!("CARGO_PKG_VERSION").into(),
             created_unix_ns: nanos(),
             host: host::current(),
-            job: JobInfo { name: self.opts.name.clone(), argv: self.argv.clone(), started_unix_ns: self.started_unix_ns },
+            job: self.job_info(),
             reason: req.reason.into(),
             processes: job.processes.len() as u32,
         };

@@ -3,6 +3,7 @@
 use crate::runtime;
 use anyhow::{Result, anyhow, bail};
 use crate::progress::{Progress, mib};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 use vos::proto::{self, Msg};
 
@@ -23,7 +24,8 @@ const SILENCE_S: u64 = 180;
 
 pub fn run(a: Args) -> Result<()> {
     let job = runtime::find(a.name.as_deref())?;
-    let sock = proto::connect(&job.sock).map_err(|e| anyhow!("cannot reach the supervisor of job {}: {e}", job.name))?;
+    let conn = runtime::connect(&job)?;
+    let sock = conn.as_raw_fd();
     let to_stdout = a.to.as_deref() == Some("-");
     let to = match a.to.as_deref() {
         None | Some("-") => None,
@@ -43,7 +45,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     bar.done();
-    let _ = vos::sys::close(sock);
+    drop(conn);
     let ms = bar.elapsed().as_millis();
     match answer {
         Ok(Some((Msg::CheckpointDone { path, .. }, _))) => {

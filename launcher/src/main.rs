@@ -5,6 +5,7 @@ mod bundle;
 mod channel;
 mod checkpoint;
 mod client;
+mod escape;
 mod events;
 mod files;
 mod fill;
@@ -66,24 +67,27 @@ struct Cli {
 /// How a job is supervised (launch and restore alike).
 #[derive(Args, Clone)]
 struct JobArgs {
-    /// Name of the job (default: the program's name; made unique among running jobs)
-    #[arg(long)]
+    /// Name of the job: letters, digits, '.', '_', '+', '-', at most 64 bytes; refused if a running job has it
+    /// (default: the program's file name, made valid and unique among running jobs; a restore: the image's)
+    #[arg(long, value_parser = runtime::name_arg)]
     name: Option<String>,
-    /// Where checkpoint images go (default: the current directory)
+    /// Where checkpoint images go (default: the current directory; a restore: the job's own)
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
-    /// Take a checkpoint every SECS seconds, keeping the last --keep images
-    #[arg(long, value_name = "SECS")]
-    interval: Option<f64>,
-    /// How many periodic images to keep
-    #[arg(long, default_value_t = 3)]
-    keep: usize,
-    /// Signal that asks for a checkpoint (a number, RTMAX-n or RTMIN+n)
-    #[arg(long, value_name = "SIG", default_value = "RTMAX-1", value_parser = parse_signal)]
-    checkpoint_signal: i32,
-    /// Signal that asks for a checkpoint and then the job's end
-    #[arg(long, value_name = "SIG", default_value = "RTMAX-2", value_parser = parse_signal)]
-    exit_signal: i32,
+    /// Take a checkpoint every SECS seconds (0.1 to a year), keeping the last --keep images (a restore: as the
+    /// job did)
+    #[arg(long, value_name = "SECS", value_parser = parse_interval)]
+    interval: Option<Duration>,
+    /// How many periodic images to keep, 1 to 10000 [default: 3; a restore: as the job did]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=supervisor::KEEP_MAX as i64))]
+    keep: Option<u32>,
+    /// Signal that asks for a checkpoint (a number, RTMAX-n or RTMIN+n) [default: RTMAX-1; a restore: the job's,
+    /// which cannot change]
+    #[arg(long, value_name = "SIG", value_parser = parse_signal)]
+    checkpoint_signal: Option<i32>,
+    /// Signal that asks for a checkpoint and then the job's end [default: RTMAX-2; a restore: the job's]
+    #[arg(long, value_name = "SIG", value_parser = parse_signal)]
+    exit_signal: Option<i32>,
     /// Say nothing on stderr except errors
     #[arg(long, short)]
     quiet: bool,
@@ -150,6 +154,7 @@ the names are what `vrun checkpoint` and `vrun migrate` take.\n\nExample:\n  vru
     #[command(after_help = "Examples:\n  vrun checkpoint calc\n  vrun checkpoint calc --kill --to /tmp/calc.vimg\n  vrun checkpoint calc --kill --to - | ssh other vrun restore -")]
     Checkpoint {
         /// The job (may be left out when only one runs)
+        #[arg(value_parser = runtime::name_arg)]
         name: Option<String>,
         /// End the job once the image is safely written
         #[arg(long)]
@@ -199,6 +204,7 @@ anything fails before the destination reports it running (with --lazy: before al
 here.\n\nExamples:\n  vrun migrate calc --to 10.0.0.2:7070 --key /etc/vos/key\n  vrun migrate web --to hostb:7070 --key k --tcp-established\n  vrun migrate big --to hostb:7070 --key k --lazy")]
     Migrate {
         /// The job (may be left out when only one runs)
+        #[arg(value_parser = runtime::name_arg)]
         name: Option<String>,
         /// The destination's `vrun serve` address
         #[arg(long, value_name = "HOST:PORT")]
@@ -272,20 +278,30 @@ and fds of the whole job by kind, then each process. Reading it checks every chu
     },
 }
 
+/// Seconds, as a `Duration` within what `--interval` allows (a huge or odd number must not panic later).
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|_| format!("{s}: not a number of seconds"))?;
+    let (min, max) = (supervisor::INTERVAL_MIN, supervisor::INTERVAL_MAX);
+    if !(min.as_secs_f64()..=max.as_secs_f64()).contains(&secs) {
+        return Err(format!("{s}: use {} to {} seconds", min.as_secs_f64(), max.as_secs()));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s}: {e}"))
+}
+
 fn parse_signal(s: &str) -> Result<i32, String> {
     let t = s.trim_start_matches("SIG");
     let (min, max) = (libc::SIGRTMIN(), libc::SIGRTMAX());
     let v = if let Some(n) = t.strip_prefix("RTMAX-") {
-        n.parse::<i32>().map(|n| max - n)
+        n.parse::<i32>().ok().and_then(|n| max.checked_sub(n))
     } else if let Some(n) = t.strip_prefix("RTMIN+") {
-        n.parse::<i32>().map(|n| min + n)
+        n.parse::<i32>().ok().and_then(|n| min.checked_add(n))
     } else if t == "RTMAX" {
-        Ok(max)
+        Some(max)
     } else {
-        t.parse::<i32>()
+        t.parse::<i32>().ok()
     }
-    .map_err(|_| format!("not a signal: {s}"))?;
-    if v < min || v > max {
+    .ok_or_else(|| format!("not a signal: {s}"))?;
+    if !(min..=max).contains(&v) {
         return Err(format!("{s}: use a real-time signal ({min}..{max}); ordinary signals belong to the app"));
     }
     Ok(v)
@@ -334,26 +350,16 @@ fn beside_me(file: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn interval(j: &JobArgs) -> Result<Option<Duration>> {
-    match j.interval {
-        Some(s) if s <= 0.0 || !s.is_finite() => bail!("--interval must be a positive number of seconds"),
-        Some(s) => Ok(Some(Duration::from_secs_f64(s))),
-        None => Ok(None),
+impl JobArgs {
+    fn given(&self) -> supervisor::Given {
+        supervisor::Given {
+            dir: self.dir.clone(),
+            interval: self.interval,
+            keep: self.keep.map(|k| k as usize),
+            signals: (self.checkpoint_signal, self.exit_signal),
+            quiet: self.quiet,
+        }
     }
-}
-
-fn options(j: &JobArgs, name: String) -> Result<supervisor::Options> {
-    Ok(supervisor::Options {
-        name,
-        dir: match &j.dir {
-            Some(d) => std::path::absolute(d)?,
-            None => std::env::current_dir()?,
-        },
-        interval: interval(j)?,
-        keep: j.keep.max(1),
-        signals: (j.checkpoint_signal, j.exit_signal),
-        quiet: j.quiet,
-    })
 }
 
 /// Find a program the way execvp would.
@@ -384,12 +390,23 @@ fn check_dynamic(path: &Path) -> Result<()> {
 
 fn launch(a: RunArgs) -> Result<()> {
     let prog = a.program.first().ok_or_else(|| anyhow!("no program given"))?.clone();
+    let opts = a.job.given().settle(None)?;
     if let Some(p) = which(&prog) {
         check_dynamic(&p)?;
     }
     let shim = beside_me("libvos_shim.so")?;
-    let base = Path::new(&prog).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(prog.clone());
-    let opts = options(&a.job, runtime::unique_name(a.job.name.as_deref().unwrap_or(&base)))?;
+    let reserved = match &a.job.name {
+        Some(n) => runtime::reserve(n)?,
+        None => {
+            let base = Path::new(&prog).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(prog.clone());
+            let r = runtime::reserve_like(&base)?;
+            if r.name() != base && !opts.quiet {
+                eprintln!("vrun: the job is named {} (`vrun checkpoint {}`)", r.name(), r.name());
+            }
+            r
+        }
+    };
+    let opts = supervisor::Options { name: reserved.name().to_string(), ..opts };
     let listener = supervisor::listen(&opts.name)?;
     let mut env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| !k.starts_with("VOS_")).collect();
     let preload = match env.iter().find(|(k, _)| k == "LD_PRELOAD") {
@@ -400,33 +417,30 @@ fn launch(a: RunArgs) -> Result<()> {
     env.push(("LD_PRELOAD".into(), preload));
     env.push((vos::env::SOCK.into(), listener.name.clone()));
     env.push((vos::env::SHIM.into(), shim.display().to_string()));
-    env.push((vos::env::LOG.into(), runtime::log_path(&opts.name).display().to_string()));
+    env.push((vos::env::LOG.into(), reserved.log_path().display().to_string()));
     env.push((vos::env::SIGNALS.into(), format!("{},{}", opts.signals.0, opts.signals.1)));
     let env: Vec<CString> = env.iter().map(|(k, v)| CString::new(format!("{k}={v}"))).collect::<Result<_, _>>()?;
     let argv: Vec<CString> = a.program.iter().map(|s| CString::new(s.as_str())).collect::<Result<_, _>>()?;
     supervisor::block_signals(opts.signals)?;
     let started_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
-    let started = match ns::start(ns::Child::Exec { argv, env, shim_signals: [opts.signals.0, opts.signals.1] }, ns::ClockOffsets::default(), None) {
+    let child = ns::Child::Exec { argv, env, shim_signals: [opts.signals.0, opts.signals.1] };
+    let started = match ns::start(child, ns::ClockOffsets::default(), None, &[reserved.fd()]) {
         Ok(s) => s,
         Err(e) => {
+            reserved.release();
             eprintln!("vrun: {prog}: {e:#}");
             std::process::exit(127);
         }
     };
-    supervisor::Supervisor::new(opts, listener, started, a.program.clone(), started_ns)?.run()
+    supervisor::Supervisor::new(opts, reserved, listener, started, a.program.clone(), started_ns)?.run()
 }
 
 fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs, report_fd: Option<i32>, bases: Vec<(i32, i32)>, fill_fd: Option<i32>) -> Result<()> {
     let restorer = beside_me("vos-restore")?;
-    let o = options(&j, String::new())?;
     let args = restore::Args {
         src: image,
         name: j.name.clone(),
-        dir: Some(o.dir),
-        interval: o.interval,
-        keep: o.keep,
-        signals: o.signals,
-        quiet: o.quiet,
+        given: j.given(),
         hostname: rebind.hostname,
         domainname: rebind.domainname,
         map: rebind.map,
@@ -438,15 +452,17 @@ fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs, report_fd: Option<
     restore::run(args, restorer, beside_me("libvos_shim.so")?).map(|_| ())
 }
 
+/// Names, argv and process names are the jobs' own: escaped.
 fn list() -> Result<()> {
-    let jobs = runtime::list();
+    let jobs = runtime::list()?;
     if jobs.is_empty() {
         println!("no jobs running");
         return Ok(());
     }
     println!("{:<16} {:>8} {:<20} PROGRAM", "NAME", "PID", "SINCE (UTC)");
     for j in jobs {
-        println!("{:<16} {:>8} {:<20} {}", j.name, j.pid, supervisor::timestamp_of(j.since_unix), j.program.join(" "));
+        let program: Vec<String> = j.program.iter().map(|a| escape::escape(a)).collect();
+        println!("{:<16} {:>8} {:<20} {}", escape::escape(&j.name), j.pid, supervisor::timestamp_of(j.since_unix), program.join(" "));
         // The job's process tree (pids as this host and as the job see them).
         let members = job::members(nix::unistd::Pid::from_raw(j.init)).unwrap_or_default();
         if members.len() > 1 {
@@ -459,7 +475,7 @@ fn list() -> Result<()> {
 fn print_tree(members: &[job::Member], parent: i32, depth: usize) {
     for m in members.iter().filter(|m| m.ids.ppid == parent) {
         let state = if m.zombie { " (zombie)" } else { "" };
-        println!("{:<16} {:>8} {}{} {}{state}", "", m.host, "  ".repeat(depth), m.ids.pid, m.comm);
+        println!("{:<16} {:>8} {}{} {}{state}", "", m.host, "  ".repeat(depth), m.ids.pid, escape::escape(&m.comm));
         print_tree(members, m.ids.pid, depth + 1);
     }
 }

@@ -15,7 +15,7 @@ use crate::runtime;
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::{Deserialize, Serialize};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use vos::proto::{self, Msg, Pages};
@@ -175,11 +175,7 @@ pub fn run(a: Args) -> Result<()> {
     let begin = Begin { name: job.name.clone(), map_addr: a.map_addr.clone(), address: a.move_addr.as_ref().map(|m| m.to_string()), lazy: a.lazy };
     ch.send(Kind::Begin, &rmp_serde::to_vec_named(&begin)?)?;
 
-    let connect = || -> Result<OwnedFd> {
-        let raw = proto::connect(&job.sock).map_err(|e| anyhow!("cannot reach the supervisor of job {}: {e}", job.name))?;
-        // SAFETY: a fresh fd from connect, ours alone.
-        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-    };
+    let connect = || runtime::connect(&job);
     let bar = crate::progress::Progress::new("migrate", a.quiet || a.json, Duration::ZERO);
     let mut progress = Progress { bar, round: 0, planned: None, total: 0 };
     let mut rounds: Vec<u64> = vec![];

@@ -63,7 +63,9 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 /// Enter new namespaces for our children and start init there, which starts `child`.
 /// `own_mounts`: the supervisor's mount namespace, when it made the job's (`enter_job_mounts`); it goes back to
 /// it as soon as init is forked, before init mounts the job's /proc.
-pub fn start(child: Child, clocks: ClockOffsets, own_mounts: Option<OwnMounts>) -> Result<Started> {
+/// `supervisor_only`: fds init closes at once (init is forked and never execs, so close-on-exec does not keep them
+/// from it): the registry entry's lock, held by init, would outlive the supervisor and keep its job's name.
+pub fn start(child: Child, clocks: ClockOffsets, own_mounts: Option<OwnMounts>, supervisor_only: &[RawFd]) -> Result<Started> {
     let root = nix::unistd::geteuid().is_root();
     if !root {
         enter_user_namespace()?;
@@ -78,6 +80,11 @@ pub fn start(child: Child, clocks: ClockOffsets, own_mounts: Option<OwnMounts>) 
         ForkResult::Child => {
             drop(status_r);
             drop(err_r);
+            for &fd in supervisor_only {
+                // SAFETY: the supervisor's fds, not used by init; closed without their owners' destructors (which
+                // would unlock what the supervisor holds), and those never run here (init leaves by _exit).
+                unsafe { libc::close(fd) };
+            }
             let code = match init(child, status_w, err_w) {
                 Ok(()) => 0,
                 Err(e) => {

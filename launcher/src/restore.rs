@@ -28,12 +28,11 @@ use vos::proto::{self, Msg};
 
 pub struct Args {
     pub src: String,
+    /// A name chosen on the command line (valid): refused if taken. Without it, the image's, made valid and
+    /// unique.
     pub name: Option<String>,
-    pub dir: Option<PathBuf>,
-    pub interval: Option<std::time::Duration>,
-    pub keep: usize,
-    pub signals: (i32, i32),
-    pub quiet: bool,
+    /// Supervisor settings given on the command line; the job's own (from the image) otherwise.
+    pub given: supervisor::Given,
     /// Re-bindings asked for on the command line.
     pub hostname: Option<String>,
     pub domainname: Option<String>,
@@ -81,8 +80,27 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     // Everything the image says is checked before anything is made from it.
     job.validate(&header).map_err(|e| anyhow!("{}: {e}", r.name))?;
     let verified = check_files(&job).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
+    let opts = a.given.settle(Some(&header.job))?;
 
-    let name = runtime::unique_name(a.name.as_deref().unwrap_or(&header.job.name));
+    // A name given is taken only once the image is whole, just before the job runs: until then it may still be
+    // the checkpointed job's, ending (`vrun checkpoint X --kill --to - | vrun restore --name X -`). Otherwise the
+    // image's name, only a suggestion (it may be taken here, or not even valid: a hostile image), is made valid
+    // and unique now.
+    let early = match &a.name {
+        Some(_) => None,
+        None => {
+            let r = runtime::reserve_like(&header.job.name)?;
+            if r.name() != header.job.name && !opts.quiet {
+                eprintln!("vrun: job {} is restored as {}", crate::escape::escape(&header.job.name), r.name());
+            }
+            Some(r)
+        }
+    };
+    let name = match (&early, &a.name) {
+        (Some(r), _) => r.name().to_string(),
+        (None, n) => n.clone().unwrap_or_default(),
+    };
+    let log = runtime::log_path(&name)?;
     let listener = supervisor::listen(&name)?;
     // The job's stdio re-binds to ours; when the image comes on stdin, the job's stdin is /dev/null.
     let stdin: OwnedFd = if a.src == "-" { File::open("/dev/null")?.into() } else { nix::unistd::dup(std::io::stdin())? };
@@ -144,7 +162,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
             fd_sources: p.fds.iter().map(|f| files::source_of(&job, f, &object_at, &stdio_at)).collect(),
             ctl_fd: ctl_at,
             sock: listener.name.clone(),
-            log: runtime::log_path(&name).display().to_string(),
+            log: log.display().to_string(),
             shim: shim.display().to_string(),
         };
         let base_at = match a.fill_fd {
@@ -158,7 +176,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     fds.set(memfd_plan, plan_fd.as_raw_fd());
     phases.mark("image checked and planned");
 
-    supervisor::block_signals(a.signals)?;
+    supervisor::block_signals(opts.signals)?;
     let first = &job.processes[0].attrs;
     let now = |c| nix::time::clock_gettime(c).map(|t| t.tv_sec() as i64 * 1_000_000_000 + t.tv_nsec() as i64);
     let clocks = ClockOffsets {
@@ -183,7 +201,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         None if a.bases.is_empty() => None,
         None => Some(crate::fill::start(&a.bases)?),
     };
-    let started = ns::start(child, clocks, own_mounts)?;
+    let started = ns::start(child, clocks, own_mounts, early.as_ref().map(|r| r.fd()).as_slice())?;
     phases.mark("restorer started");
     drop((keep, objects, shm, sysv_contents, bundled, plan_fd, stdin, stdio_bound));
     let fail = |e: anyhow::Error| -> anyhow::Error {
@@ -193,7 +211,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     };
 
     // How far the restorers read the image (a file: they share its offset), shown while they do.
-    let mut image_read = ImageRead::new(r.raw_fd(), a.quiet);
+    let mut image_read = ImageRead::new(r.raw_fd(), opts.quiet);
     // Every process reports once its memory is back (or why it failed), then once fds, signals and threads are.
     let mut last_seq = 0;
     for (i, c) in ctls.iter().enumerate() {
@@ -230,6 +248,10 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     // Only a whole image may run.
     r.seq = last_seq;
     r.end().map_err(fail)?;
+    let reserved = match early {
+        Some(r) => r,
+        None => runtime::reserve_when_free(&name, std::time::Duration::from_secs(10)).map_err(fail)?,
+    };
     sysv::remove_destroyed(started.init.as_raw(), &job.sysv).map_err(fail)?;
     if let Some(t) = &job.terminal {
         terminal::hand_over(t, &job::members(started.init).map_err(fail)?);
@@ -270,15 +292,8 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     }
     drop(ctls);
     drop(r);
-    let opts = Options {
-        name,
-        dir: a.dir.unwrap_or_else(|| std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))),
-        interval: a.interval,
-        keep: a.keep,
-        signals: a.signals,
-        quiet: a.quiet,
-    };
-    let mut sup = Supervisor::new(opts, listener, started, header.job.argv.clone(), header.job.started_unix_ns)?;
+    let opts = Options { name, ..opts };
+    let mut sup = Supervisor::new(opts, reserved, listener, started, header.job.argv.clone(), header.job.started_unix_ns)?;
     sup.filling = filler;
     sup.run()
 }

@@ -13,6 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use crate::fill::{self, Filler};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -59,7 +60,14 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
         bail!("expected the job's description, got {kind:?}");
     }
     let begin: Begin = rmp_serde::from_slice(&b).context("a malformed job description")?;
-    let name = crate::runtime::unique_name(&begin.name);
+    // The name becomes a file name here (DIR/NAME.log, the registry): a peer's must be a valid one.
+    let name = match crate::runtime::check_name(&begin.name).map_err(|e| anyhow!(e)).and_then(|()| crate::runtime::free_name(&begin.name)) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = ch.send(Kind::Failed, format!("{e:#}").as_bytes());
+            return Err(e);
+        }
+    };
     log(&format!("{peer}: receiving job {} as {name}", begin.name));
     let log_path = dir.join(format!("{name}.log"));
     // Pages sent ahead while the job still ran at the source, until its image begins.
@@ -163,7 +171,8 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
 /// job runs.
 fn start_restore(name: &str, dir: &Path, begin: &Begin, log_path: &Path, ahead: &Ahead, fill: Option<RawFd>) -> Result<(std::process::Child, OwnedFd)> {
     let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let out = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    // Never through a symlink planted in DIR.
+    let out = std::fs::OpenOptions::new().create(true).write(true).truncate(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(log_path).with_context(|| format!("opening {}", log_path.display()))?;
     let mut c = Command::new(std::env::current_exe()?);
     c.args(["restore", "-", "--name", name, "--dir"]).arg(dir).args(["--report-fd", &report_w.as_raw_fd().to_string()]);
     for (old, new) in &begin.map_addr {

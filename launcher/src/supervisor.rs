@@ -8,7 +8,7 @@
 use crate::checkpoint::{Dest, Request};
 use crate::ns::Started;
 use crate::runtime;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -17,6 +17,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use vos::image::JobInfo;
 use vos::proto::{self, Msg, Trigger};
 
 /// Exit status of `vrun` when the job was checkpointed and stopped (EX_TEMPFAIL: restore it to go on).
@@ -29,6 +30,95 @@ pub struct Options {
     pub keep: usize,
     pub signals: (i32, i32),
     pub quiet: bool,
+}
+
+/// Periodic images kept unless told otherwise, and the most that may be asked for.
+pub const DEFAULT_KEEP: usize = 3;
+pub const KEEP_MAX: usize = 10_000;
+/// The range of `--interval`.
+pub const INTERVAL_MIN: Duration = Duration::from_millis(100);
+pub const INTERVAL_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The default trigger signals: checkpoint, checkpoint and exit.
+fn default_signals() -> (i32, i32) {
+    (libc::SIGRTMAX() - 1, libc::SIGRTMAX() - 2)
+}
+
+/// Trigger signals must be real-time ones (ordinary signals belong to the app) and two different ones.
+fn check_signals((ck, ex): (i32, i32)) -> Result<(), String> {
+    let rt = libc::SIGRTMIN()..=libc::SIGRTMAX();
+    if !rt.contains(&ck) || !rt.contains(&ex) {
+        return Err(format!("signals {ck} and {ex}: both must be real-time signals ({}..{})", rt.start(), rt.end()));
+    }
+    if ck == ex {
+        return Err(format!("signal {ck} cannot both ask for a checkpoint and for a checkpoint and exit"));
+    }
+    Ok(())
+}
+
+/// Settings as given on the command line (None: not given).
+pub struct Given {
+    pub dir: Option<PathBuf>,
+    pub interval: Option<Duration>,
+    pub keep: Option<usize>,
+    pub signals: (Option<i32>, Option<i32>),
+    pub quiet: bool,
+}
+
+impl Given {
+    /// The supervisor's settings: what was given, else what the job had (`kept`, from its image, for a restore),
+    /// else the defaults. The trigger signals cannot change at a restore: the restored shims answer to those
+    /// they had. Checked, with nothing done yet; the name is the caller's to set once taken.
+    pub fn settle(&self, kept: Option<&JobInfo>) -> Result<Options> {
+        let kept_signals = kept.and_then(|k| k.signals);
+        let signals = match kept_signals {
+            Some(s) => {
+                check_signals(s).map_err(|e| anyhow!("the image's trigger {e}"))?;
+                for (given, had, opt) in [(self.signals.0, s.0, "--checkpoint-signal"), (self.signals.1, s.1, "--exit-signal")] {
+                    if given.is_some_and(|g| g != had) {
+                        bail!("{opt}: the job answers to signal {had} (its shim's setting travels in the image and cannot change at a restore)");
+                    }
+                }
+                s
+            }
+            None => {
+                let d = default_signals();
+                let s = (self.signals.0.unwrap_or(d.0), self.signals.1.unwrap_or(d.1));
+                check_signals(s).map_err(|e| anyhow!("--checkpoint-signal and --exit-signal: {e}"))?;
+                s
+            }
+        };
+        let interval = match (self.interval, kept.and_then(|k| k.interval_ms)) {
+            (Some(i), _) => Some(i),
+            (None, Some(ms)) => {
+                let i = Duration::from_millis(ms);
+                if !(INTERVAL_MIN..=INTERVAL_MAX).contains(&i) {
+                    bail!("the image's checkpoint interval ({ms} ms) is out of range; give --interval");
+                }
+                Some(i)
+            }
+            (None, None) => None,
+        };
+        let keep = match (self.keep, kept.and_then(|k| k.keep)) {
+            (Some(k), _) => k,
+            (None, Some(k)) if (1..=KEEP_MAX).contains(&(k as usize)) => k as usize,
+            (None, Some(k)) => bail!("the image's --keep ({k}) is out of range; give --keep"),
+            (None, None) => DEFAULT_KEEP,
+        };
+        let kept_dir = kept.and_then(|k| k.dir.as_deref()).map(PathBuf::from);
+        let dir = match (&self.dir, kept_dir) {
+            (Some(d), _) => std::path::absolute(d)?,
+            (None, Some(d)) if d.is_absolute() && d.is_dir() => d,
+            (None, kept) => {
+                let cwd = std::env::current_dir().context("the current directory")?;
+                if let Some(d) = kept.filter(|_| !self.quiet) {
+                    eprintln!("vrun: the job's image directory {} is not here; images go to {}", crate::escape::escape(&d.display().to_string()), cwd.display());
+                }
+                cwd
+            }
+        };
+        Ok(Options { name: String::new(), dir, interval, keep, signals, quiet: self.quiet })
+    }
 }
 
 /// The listening socket, made before the job starts so its name can be given to the job.
@@ -52,6 +142,8 @@ pub fn nanos() -> u64 {
 
 pub struct Supervisor {
     pub(crate) opts: Options,
+    /// The job's name in the registry, held as long as we live.
+    reserved: runtime::Reservation,
     pub(crate) listener: Listener,
     pub(crate) job: Started,
     pub(crate) argv: Vec<String>,
@@ -88,10 +180,11 @@ pub fn block_signals(signals: (i32, i32)) -> Result<()> {
 }
 
 impl Supervisor {
-    pub fn new(opts: Options, listener: Listener, job: Started, argv: Vec<String>, started_unix_ns: u64) -> Result<Supervisor> {
+    /// The job runs: from now on `vrun list` and `vrun checkpoint` find it under its reserved name.
+    pub fn new(opts: Options, reserved: runtime::Reservation, listener: Listener, job: Started, argv: Vec<String>, started_unix_ns: u64) -> Result<Supervisor> {
         let sigfd = SignalFd::with_flags(&handled(opts.signals), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
-        let s = Supervisor { opts, listener, job, argv, started_unix_ns, sigfd, checkpointed_and_stopped: None, precopied: None, filling: None };
-        runtime::register(&runtime::Entry {
+        let s = Supervisor { opts, reserved, listener, job, argv, started_unix_ns, sigfd, checkpointed_and_stopped: None, precopied: None, filling: None };
+        s.reserved.publish(&runtime::Entry {
             name: s.opts.name.clone(),
             supervisor: std::process::id() as i32,
             pid: s.job.app.as_raw(),
@@ -102,6 +195,19 @@ impl Supervisor {
             dir: s.opts.dir.display().to_string(),
         })?;
         Ok(s)
+    }
+
+    /// What an image records of the job and of how it is supervised (a restore goes on the same way).
+    pub(crate) fn job_info(&self) -> JobInfo {
+        JobInfo {
+            name: self.opts.name.clone(),
+            argv: self.argv.clone(),
+            started_unix_ns: self.started_unix_ns,
+            dir: Some(self.opts.dir.display().to_string()),
+            interval_ms: self.opts.interval.map(|i| i.as_millis() as u64),
+            keep: Some(self.opts.keep as u32),
+            signals: Some(self.opts.signals),
+        }
     }
 
     /// Serve until the job's main process ends; returns the exit status to leave with.
@@ -153,7 +259,7 @@ impl Supervisor {
 
     fn die(&self, msg: &str) -> ! {
         eprintln!("vrun: {}: {msg}", self.opts.name);
-        runtime::unregister(&self.opts.name);
+        self.reserved.release();
         std::process::exit(1)
     }
 
@@ -162,7 +268,7 @@ impl Supervisor {
         let mut b = [0u8; 4];
         let got = self.job.status.read_exact(&mut b).is_ok();
         let _ = nix::sys::wait::waitpid(self.job.init, None);
-        runtime::unregister(&self.opts.name);
+        self.reserved.release();
         if let Some(path) = &self.checkpointed_and_stopped {
             self.say(&format!("checkpointed to {path} and stopped"));
             std::process::exit(EXIT_CHECKPOINTED);

@@ -204,10 +204,25 @@ fn pid_in(runtime: &Path, name: &str) -> i32 {
     }
 }
 
-fn registered_pid(runtime: &Path, name: &str) -> i32 {
-    let j = fs::read_to_string(runtime.join(format!("{name}.json"))).unwrap_or_default();
-    let key = "\"pid\":";
-    j.find(key).and_then(|i| j[i + key.len()..].trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
+/// Job `name`'s registry entry under vrun's runtime directory `runtime`.
+pub fn entry_path(runtime: &Path, name: &str) -> PathBuf {
+    runtime.join("jobs").join(format!("{name}.json"))
+}
+
+/// The pid registered for `name` under `runtime` (0 when no job runs, or it is still starting).
+pub fn registered_pid(runtime: &Path, name: &str) -> i32 {
+    registered_field(runtime, name, "pid")
+}
+
+/// A number of job `name`'s registry entry ("pid", "init", "supervisor"); 0 when there is none yet: the entry is
+/// made (empty) when the name is taken, and gets its JSON once the job runs.
+pub fn registered_field(runtime: &Path, name: &str, field: &str) -> i32 {
+    let j = fs::read_to_string(entry_path(runtime, name)).unwrap_or_default();
+    if !j.trim_end().ends_with('}') {
+        return 0;
+    }
+    let key = format!("\"{field}\":");
+    j.find(&key).and_then(|i| j[i + key.len()..].trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).unwrap_or(0)
 }
 
 impl Drop for Running {

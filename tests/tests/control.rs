@@ -175,14 +175,14 @@ fn unprivileged_user() {
 set -e
 for fd in /proc/$$/fd/*; do fd=${fd##*/}; [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null || true; done
 exec 2>> "$1/err.txt"
-cd "$1"; V="$1/bin/vrun"; export XDG_RUNTIME_DIR="$1/rt"; mkdir -p "$XDG_RUNTIME_DIR"
+cd "$1"; V="$1/bin/vrun"; export XDG_RUNTIME_DIR="$1/rt"; mkdir -p -m 0700 "$XDG_RUNTIME_DIR"
 "$V" --name np --dir "$1" -- "$1/bin/heaplog" 4 "$1/log.txt" 80 > "$1/out.txt" 2> "$1/err.txt" &
 until grep -q "step 5" "$1/out.txt" 2>/dev/null; do sleep 0.05; done
 img=$("$V" checkpoint np --kill)
 wait || true
 "$V" restore --name np2 "$img" 2>> "$1/err.txt" &
-until [ -e "$XDG_RUNTIME_DIR/vos/np2.json" ]; do sleep 0.02; done
-pid=$(grep -o '"pid": [0-9]*' "$XDG_RUNTIME_DIR/vos/np2.json" | grep -o '[0-9]*$')
+until grep -qs '"pid"' "$XDG_RUNTIME_DIR/vos/jobs/np2.json"; do sleep 0.02; done
+pid=$(grep -o '"pid": [0-9]*' "$XDG_RUNTIME_DIR/vos/jobs/np2.json" | grep -o '[0-9]*$')
 grep -E '^Cap(Eff|Prm|Inh|Amb)' /proc/$pid/status > "$1/caps.txt"
 wait
 "#,

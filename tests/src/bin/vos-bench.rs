@@ -119,7 +119,7 @@ struct MemResult {
 }
 
 fn registered(name: &str) -> bool {
-    Path::new(&format!("/run/vos/{name}.json")).exists()
+    registered_pid(Path::new("/run/vos"), name) > 0
 }
 
 fn bench_mem(dir: &Path, mib: usize) -> MemResult {
