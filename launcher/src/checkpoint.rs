@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use vos::chunk::Kind;
 use vos::image::{Contents, ImageHeader, JobImage, ProcessImage, RegionKind, SharedMemory};
-use vos::proto::{self, Msg, Pages};
+use vos::proto::{self, Msg, Pages, Trigger};
 
 /// A checkpoint someone asked for.
 pub struct Request {
@@ -320,7 +320,7 @@ impl Supervisor {
     }
 
     /// Accept the shims of `want` (namespace pids) as they say hello; give up on ones that exited meanwhile.
-    fn await_shims(&self, shims: &mut Vec<Shim>, mut want: Vec<i32>) -> Result<()> {
+    fn await_shims(&mut self, shims: &mut Vec<Shim>, mut want: Vec<i32>) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !want.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -353,7 +353,12 @@ impl Supervisor {
                 bail!("the job ended");
             }
             match self.accept() {
-                Some((conn, Msg::Hello { pid, .. }, _)) => {
+                Some((conn, Msg::Hello { pid, trigger }, _)) => {
+                    // A trigger from outside that came while this checkpoint runs: its process joins this one,
+                    // and the request is not lost: another checkpoint follows (`Supervisor::run`).
+                    if let Trigger::Signal { sig } = trigger {
+                        self.pending_trigger = Some(if self.pending_trigger == Some(self.opts.signals.1) { self.opts.signals.1 } else { sig });
+                    }
                     set_timeout(conn.as_raw_fd(), Duration::from_secs(3600));
                     want.retain(|p| *p != pid);
                     if !shims.iter().any(|s| s.pid == pid) {

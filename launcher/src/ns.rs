@@ -119,22 +119,25 @@ pub fn start(child: Child, clocks: ClockOffsets, own_mounts: Option<OwnMounts>, 
                 let errno = i32::from_le_bytes(b);
                 return Err(anyhow!(std::io::Error::from_raw_os_error(errno)));
             }
-            let app = child_of(init_pid)?;
+            let app = child_of(init_pid, &status_r)?;
             Ok(Started { init: init_pid, app, status: File::from(status_r) })
         }
     }
 }
 
-/// The only child of init (the job's main process), as this host numbers it.
-fn child_of(init: Pid) -> Result<Pid> {
+/// The only child of init (the job's main process), as this host numbers it. A program that ended at once may
+/// be gone before it is seen: init has then written its status (`status`), and init itself stands in for it
+/// (the supervisor reads that status next; a signal forwarded meanwhile reaches init, which ignores it).
+fn child_of(init: Pid, status: &OwnedFd) -> Result<Pid> {
     let path = format!("/proc/{init}/task/{init}/children");
     for _ in 0..2000 {
         let s = std::fs::read_to_string(&path).unwrap_or_default();
         if let Some(p) = s.split_whitespace().next().and_then(|p| p.parse().ok()) {
             return Ok(Pid::from_raw(p));
         }
-        if nix::sys::signal::kill(init, None).is_err() {
-            break;
+        let mut ended = [nix::poll::PollFd::new(status.as_fd(), nix::poll::PollFlags::POLLIN)];
+        if nix::poll::poll(&mut ended, nix::poll::PollTimeout::ZERO).is_ok_and(|n| n > 0) {
+            return Ok(init);
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }

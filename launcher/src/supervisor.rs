@@ -154,6 +154,8 @@ pub struct Supervisor {
     pub(crate) precopied: Option<crate::precopy::Sent>,
     /// A migrated job's filler, still putting pre-copied pages in place (see `fill`).
     pub(crate) filling: Option<OwnedFd>,
+    /// A trigger signal from outside heard while another checkpoint ran: it gets a checkpoint of its own next.
+    pub(crate) pending_trigger: Option<i32>,
 }
 
 /// Signals the supervisor forwards to the job (and the one it waits for): the usual ones a user or a scheduler
@@ -183,7 +185,7 @@ impl Supervisor {
     /// The job runs: from now on `vrun list` and `vrun checkpoint` find it under its reserved name.
     pub fn new(opts: Options, reserved: runtime::Reservation, listener: Listener, job: Started, argv: Vec<String>, started_unix_ns: u64) -> Result<Supervisor> {
         let sigfd = SignalFd::with_flags(&handled(opts.signals), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
-        let s = Supervisor { opts, reserved, listener, job, argv, started_unix_ns, sigfd, checkpointed_and_stopped: None, precopied: None, filling: None };
+        let s = Supervisor { opts, reserved, listener, job, argv, started_unix_ns, sigfd, checkpointed_and_stopped: None, precopied: None, filling: None, pending_trigger: None };
         s.reserved.publish(&runtime::Entry {
             name: s.opts.name.clone(),
             supervisor: std::process::id() as i32,
@@ -246,6 +248,14 @@ impl Supervisor {
                         Err(e) => self.say(&format!("periodic checkpoint failed: {e:#}")),
                     }
                     next_interval = self.opts.interval.map(|d| Instant::now() + d);
+                }
+            }
+            if let Some(sig) = self.pending_trigger.take() {
+                let req = Request::to_dir(sig == self.opts.signals.1, "signal");
+                match self.checkpoint(req, None) {
+                    Ok(Some(p)) => self.say(&format!("checkpoint written to {p}")),
+                    Ok(None) => {}
+                    Err(e) => self.say(&format!("checkpoint failed: {e:#}")),
                 }
             }
         }

@@ -28,6 +28,9 @@ pub static COORDINATOR: AtomicI32 = AtomicI32::new(0);
 const SUPERVISOR_TIMEOUT_S: i64 = 300;
 const PARK_TIMEOUT_NS: u64 = 10_000_000_000;
 
+/// A trigger signal from outside that came while a checkpoint ran (0: none).
+static PENDING: AtomicI32 = AtomicI32::new(0);
+
 /// Bit of the coordinator's argument that says the supervisor sent the trigger (the rest is the signal).
 const FROM_SUPERVISOR: usize = 1 << 16;
 
@@ -37,6 +40,11 @@ pub fn trigger(sig: i32, supervisor: bool) {
     // This very handler may have interrupted a sleeping call of the app: let the hook retry it.
     interrupts::GEN.fetch_add(1, Ordering::AcqRel);
     if COORDINATOR.compare_exchange(0, -1, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        // A checkpoint runs already. One asked from outside meanwhile is not dropped: the coordinator takes it
+        // once it is done (the exit signal wins over the other).
+        if !supervisor && PENDING.load(Ordering::Acquire) != crate::global::SIG_CHECKPOINT_EXIT.load(Ordering::Relaxed) {
+            PENDING.store(sig, Ordering::Release);
+        }
         return;
     }
     let Some(stack) = crate::global::state(STACK) else {
@@ -74,15 +82,23 @@ fn stack_range() -> (u64, u64) {
 }
 
 extern "C" fn coordinate(arg: usize) -> ! {
-    arena::begin_session(true);
-    let trigger = match arg & FROM_SUPERVISOR {
+    let mut trigger = match arg & FROM_SUPERVISOR {
         0 => Trigger::Signal { sig: (arg & 0xffff) as i32 },
         _ => Trigger::Supervisor,
     };
-    if let Err(e) = run(trigger) {
-        log::line(format_args!("checkpoint abandoned: {e}"));
+    loop {
+        arena::begin_session(true);
+        if let Err(e) = run(trigger) {
+            log::line(format_args!("checkpoint abandoned: {e}"));
+        }
+        arena::end_session();
+        // A trigger from outside that came meanwhile gets its own checkpoint. (One in the last instant before
+        // this thread is gone waits for the next signal: the kernel clears COORDINATOR only as the thread ends.)
+        match PENDING.swap(0, Ordering::AcqRel) {
+            0 => break,
+            sig => trigger = Trigger::Signal { sig },
+        }
     }
-    arena::end_session();
     sys::exit_thread(0)
 }
 

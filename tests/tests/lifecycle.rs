@@ -307,3 +307,26 @@ fn a_killed_restore_of_a_process_tree_leaves_nothing_behind() {
     back.wait(Duration::from_secs(20));
     none_left(&prog, "at the end");
 }
+
+/// A trigger signal sent while another checkpoint runs is not lost: it gets an image of its own after it.
+#[test]
+fn a_trigger_during_a_checkpoint_is_not_lost() {
+    let w = Work::new("overlap");
+    let prog = gcc("heaplog");
+    let out = w.path("out.txt");
+    let name = w.name("overlap");
+    let job = launch(&w, &name, &[prog.to_str().unwrap(), "256", &w.s("log.txt"), "100000"], &out);
+    wait_step(&out, 2);
+    for round in 1..=3 {
+        let mut client = vrun().args(["checkpoint", &name, "-q"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(20 * round));
+        kill(job.pid(), libc::SIGRTMAX() - 1);
+        assert!(client.wait().unwrap().success());
+        let t = Instant::now();
+        while images(&w.dir).len() < 2 * round as usize {
+            assert!(t.elapsed() < Duration::from_secs(30), "round {round}: the trigger's checkpoint was lost: {:?}", images(&w.dir));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    drop(job.checkpoint_kill());
+}
