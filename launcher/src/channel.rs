@@ -244,6 +244,11 @@ impl Responder {
         Ok(Responder { hs: Some(hs), noise: None, rx: Vec::with_capacity(MAGIC.len() + 2 + HANDSHAKE_MSG) })
     }
 
+    /// The client proved it holds the key (its first message decrypted; it may still be a replay of one).
+    pub fn keyed(&self) -> bool {
+        self.noise.is_some()
+    }
+
     /// Bytes still missing for the next step.
     fn want(&self) -> usize {
         match &self.noise {

@@ -40,8 +40,10 @@ pub struct Args {
     pub max_connections: usize,
 }
 
-/// Connections in their handshake at once. One more evicts the oldest: a slow client holds a place for at most
-/// `HANDSHAKE_TIME`, and a real client, whose greeting comes at once, is through before it would be evicted.
+/// Connections in their handshake at once. One more evicts the oldest that has not proved it holds the key: a
+/// slow client holds a place for at most `HANDSHAKE_TIME`, and a real client, whose greeting comes with its
+/// connection, is through that step at once (an attacker who keeps more connections coming than this can still
+/// make a real one try again: the client is told it is busy, and does).
 const MAX_HANDSHAKES: usize = 64;
 /// At most this many log lines of one kind in `QUIET_WINDOW`; the rest are counted.
 const QUIET_LINES: u32 = 5;
@@ -200,7 +202,9 @@ fn gate(l: TcpListener, key: &Key, max: usize, opts: Arc<Opts>) -> Result<()> {
                         continue;
                     }
                     if pending.len() >= MAX_HANDSHAKES {
-                        if let Some(old) = pending.pop_front() {
+                        // The oldest that has not proved it holds the key; one that has is near its first frame.
+                        let i = pending.iter().position(|p| !p.hs.keyed()).unwrap_or(0);
+                        if let Some(old) = pending.remove(i) {
                             dropped.say(|| format!("dropped {}: {MAX_HANDSHAKES} handshakes in progress, it was the oldest", old.peer));
                             channel::busy(old.s);
                         }
@@ -258,6 +262,8 @@ fn hand_off(p: Pending, first: Vec<u8>, sessions: &Arc<AtomicUsize>, max: usize,
         return;
     }
     let ch = match hs.channel(s).and_then(|ch| {
+        // Post-copy's requests are small and wait for an answer: no Nagle delay.
+        ch.stream.set_nodelay(true)?;
         ch.stream.set_read_timeout(Some(Duration::from_secs(60)))?;
         ch.stream.set_write_timeout(Some(Duration::from_secs(60)))?;
         Ok(ch)
