@@ -10,6 +10,7 @@
 
 use crate::address::{self, Address};
 use crate::channel::{Busy, Channel, Key, Kind, MAX_FIRST, MAX_FRAME, PageHead};
+use crate::escape::escape_bytes;
 use crate::progress::mib;
 use crate::runtime;
 use anyhow::{Context, Result, anyhow, bail};
@@ -180,8 +181,8 @@ fn open(a: &Args, key: &Key, begin: &[u8]) -> Result<Channel> {
                 ch.send(Kind::Begin, begin)?;
                 match ch.recv().with_context(|| format!("{} did not take the job's description; it goes on here", a.to))? {
                     (Kind::Accepted, _) => return Ok(ch),
-                    (Kind::Failed, why) if why.starts_with(b"busy") => String::from_utf8_lossy(&why).into_owned(),
-                    (Kind::Failed, why) => bail!("{} refused the job: {}; it goes on here", a.to, String::from_utf8_lossy(&why)),
+                    (Kind::Failed, why) if why.starts_with(b"busy") => escape_bytes(&why),
+                    (Kind::Failed, why) => bail!("{} refused the job: {}; it goes on here", a.to, escape_bytes(&why)),
                     (k, _) => bail!("{} answered {k:?} to the job's description; it goes on here", a.to),
                 }
             }
@@ -279,10 +280,10 @@ pub fn run(a: Args) -> Result<()> {
                 None => anyhow!("{e:#}; the job goes on here (if {} had started it already, it runs there too: check `vrun list` there)", a.to),
             })?;
             match k {
-                Kind::Running if !a.lazy => return Ok(String::from_utf8_lossy(&frame).into_owned()),
+                Kind::Running if !a.lazy => return Ok(escape_bytes(&frame)),
                 Kind::Running => {
                     downtime = Some(paused.elapsed());
-                    running = Some(String::from_utf8_lossy(&frame).into_owned());
+                    running = Some(escape_bytes(&frame));
                 }
                 Kind::Want => {
                     let n = send_wanted(&mut ch, &frame, &memory)?;
@@ -294,7 +295,7 @@ pub fn run(a: Args) -> Result<()> {
                     rounds.push(pages);
                     return Ok(running.take().unwrap());
                 }
-                Kind::Failed => bail!("{} could not restore {}: {}; the job goes on here", a.to, job.name, String::from_utf8_lossy(&frame)),
+                Kind::Failed => bail!("{} could not restore {}: {}; the job goes on here", a.to, job.name, escape_bytes(&frame)),
                 k => bail!("{} answered {k:?}; the job goes on here", a.to),
             }
         }

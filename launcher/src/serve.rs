@@ -175,7 +175,11 @@ fn gate(l: TcpListener, key: &Key, max: usize, opts: Arc<Opts>) -> Result<()> {
             let ms = wake.saturating_duration_since(now).as_millis().clamp(1, QUIET_WINDOW.as_millis()) as u16;
             match poll(&mut fds, PollTimeout::from(ms)) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => bail!("poll: {e}"),
+                Err(e) => {
+                    // Out of memory, most likely: wait rather than spin or end the server.
+                    failing.say(|| format!("poll: {e}"));
+                    std::thread::sleep(PAUSE_MIN);
+                }
             }
             let hit = |p: &PollFd| p.revents().is_some_and(|r| !r.is_empty());
             let ready: Vec<usize> = fds[..pending.len()].iter().enumerate().filter(|(_, p)| hit(p)).map(|(i, _)| i).collect();
@@ -183,9 +187,9 @@ fn gate(l: TcpListener, key: &Key, max: usize, opts: Arc<Opts>) -> Result<()> {
         };
         // From the back, so the indices of those before stay right.
         for &i in ready.iter().rev() {
-            if let Some(done) = step(&mut pending[i], &mut refused, &mut dropped) {
-                let p = pending.remove(i).unwrap_or_else(|| unreachable!());
-                if let Some(first) = done {
+            let Some(p) = pending.get_mut(i) else { continue };
+            if let Some(done) = step(p, &mut refused, &mut dropped) {
+                if let (Some(p), Some(first)) = (pending.remove(i), done) {
                     hand_off(p, first, &sessions, max, &opts, &mut busy);
                 }
             }
