@@ -29,9 +29,9 @@ for h in a b; do
     n=$((n + 1))
 done
 ip -n "vosdemo${id}a" addr add "$vip/24" dev eth0
-head -c 32 /dev/urandom > "$work/key"
+"$vrun" keygen "$work/key"
 for h in a b; do
-    ip netns exec "vosdemo$id$h" "$vrun" serve --listen "0.0.0.0:7070" --key "$work/key" --dir "$work/$h" > "$work/serve-$h.log" 2>&1 &
+    ip netns exec "vosdemo$id$h" "$vrun" serve --listen "0.0.0.0:7070" --key "$work/key" --dir "$work/$h" --allow-addr "$net.0/24" > "$work/serve-$h.log" 2>&1 &
     disown
 done
 echo "== redis-server under vrun on host a"

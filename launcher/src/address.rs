@@ -32,6 +32,65 @@ impl std::fmt::Display for Address {
     }
 }
 
+/// `serve --allow-addr`: an IPv4 network, `NET/PREFIX` with no host bits set, within which jobs arriving may
+/// bring their own address.
+#[derive(Clone, Debug)]
+pub struct Range {
+    pub net: Ipv4Addr,
+    pub prefix: u8,
+}
+
+fn masked(ip: Ipv4Addr, prefix: u8) -> Ipv4Addr {
+    let m = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+    Ipv4Addr::from(u32::from(ip) & m)
+}
+
+impl std::str::FromStr for Range {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Range, String> {
+        let (ip, prefix) = s.split_once('/').ok_or_else(|| format!("{s}: expected an IPv4 network, NET/PREFIX (such as 10.0.0.0/24)"))?;
+        let ip = ip.parse::<Ipv4Addr>().map_err(|_| format!("{s}: expected an IPv4 network, NET/PREFIX"))?;
+        let prefix = prefix.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(|| format!("{s}: bad prefix length"))?;
+        let net = masked(ip, prefix);
+        if net != ip {
+            return Err(format!("{s}: host bits set (did you mean {net}/{prefix}?)"));
+        }
+        Ok(Range { net, prefix })
+    }
+}
+
+impl std::fmt::Display for Range {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
+    }
+}
+
+impl Range {
+    /// `a` with its whole subnet lies inside this range (a wider prefix would give the host routes beyond it).
+    pub fn holds(&self, a: &Address) -> bool {
+        a.prefix >= self.prefix && masked(a.ip, self.prefix) == self.net
+    }
+}
+
+/// Whether a job arriving here may take `a`: an ordinary unicast address inside one of `allowed`.
+pub fn allowed(a: &Address, allowed: &[Range]) -> Result<(), String> {
+    let ip = a.ip;
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() || ip.is_link_local() {
+        return Err(format!("{a} is not an address a job can take"));
+    }
+    if a.prefix < 31 && (ip == masked(ip, a.prefix) || u32::from(ip) | (u32::MAX >> a.prefix) == u32::from(ip)) {
+        return Err(format!("{a} is its subnet's network or broadcast address"));
+    }
+    if allowed.is_empty() {
+        return Err(format!("this host takes no job's address ({a}): start its vrun serve with --allow-addr NET/PREFIX"));
+    }
+    if !allowed.iter().any(|r| r.holds(a)) {
+        let list: Vec<String> = allowed.iter().map(|r| r.to_string()).collect();
+        return Err(format!("{a} is outside the addresses this host lets jobs take (--allow-addr {})", list.join(", ")));
+    }
+    Ok(())
+}
+
 fn ip(args: &[&str]) -> Result<String> {
     let o = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
     if !o.status.success() {

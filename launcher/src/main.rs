@@ -50,6 +50,7 @@ Examples:
   vrun checkpoint calc --kill               # image, then the job ends
   vrun restore /tmp/imgs                    # the newest complete image in the directory
   vrun checkpoint calc --kill --to - | ssh other vrun restore -
+  vrun keygen /etc/vos/key                                 # once; copy it (0600, root's) to every host
   vrun serve --listen 0.0.0.0:7070 --key /etc/vos/key     # on another host
   vrun migrate calc --to other:7070 --key /etc/vos/key    # live: the job moves, memory to memory
   vrun inspect /tmp/imgs/calc-20261122-101500-1.vimg";
@@ -209,9 +210,13 @@ here.\n\nExamples:\n  vrun migrate calc --to 10.0.0.2:7070 --key /etc/vos/key\n 
         /// The destination's `vrun serve` address
         #[arg(long, value_name = "HOST:PORT")]
         to: String,
-        /// A key file both hosts hold; the peers prove it to each other before anything is sent
-        #[arg(long, value_name = "FILE")]
+        /// The key file the destination's serve holds (`vrun keygen`; mode 0600): the transfer is encrypted, and
+        /// both ends prove they hold it before anything of the job is sent
+        #[arg(long, value_name = "FILE", required_unless_present = "insecure_no_key")]
         key: Option<PathBuf>,
+        /// Talk to a `vrun serve --insecure-no-key` (encrypted, not authenticated: a lab only)
+        #[arg(long, conflicts_with = "key")]
+        insecure_no_key: bool,
         /// Keep TCP connections to peers outside the job (TCP_REPAIR, root); without it they are restored reset
         #[arg(long)]
         tcp_established: bool,
@@ -221,8 +226,9 @@ here.\n\nExamples:\n  vrun migrate calc --to 10.0.0.2:7070 --key /etc/vos/key\n 
         /// Sockets bound or connected to OLD use NEW at the destination (as `vrun restore --map-addr`)
         #[arg(long = "map-addr", value_name = "OLD=NEW", value_parser = parse_map_addr)]
         map_addr: Vec<(String, String)>,
-        /// The job's own IPv4 address moves with it: the destination takes it, this host lets go of it, and
-        /// peers are told by gratuitous ARP (with --tcp-established, their connections go on)
+        /// The job's own IPv4 address moves with it: the destination takes it (if its serve allows that address,
+        /// --allow-addr), this host lets go of it, and peers are told by gratuitous ARP (with --tcp-established,
+        /// their connections go on)
         #[arg(long, value_name = "IP/PREFIX")]
         move_addr: Option<address::Address>,
         /// No pre-copy: stop the job for the whole transfer (the default sends memory while it runs, then
@@ -241,19 +247,41 @@ here.\n\nExamples:\n  vrun migrate calc --to 10.0.0.2:7070 --key /etc/vos/key\n 
         #[arg(long)]
         json: bool,
     },
-    /// Receive jobs from `vrun migrate` and restore them here
+    /// Receive jobs from `vrun migrate` and restore them here (as root: whoever holds the key runs jobs here)
     #[command(after_help = "Each job received is restored by a `vrun restore` of its own that supervises it, with the job's \
-output in DIR/NAME.log.\n\nExample:\n  head -c 32 /dev/urandom > /etc/vos/key   # the same file on every host\n  vrun serve --listen 0.0.0.0:7070 --key /etc/vos/key --dir /var/lib/vos")]
+output in DIR/NAME.log (mode 0600). Connections are encrypted (Noise, keyed by the key file); a client that does not \
+prove it holds the key within 10 s of connecting is dropped without a word.\n\nExample:\n  vrun keygen /etc/vos/key   \
+# once; then the same file (root's, mode 0600) on every host\n  vrun serve --listen 0.0.0.0:7070 --key /etc/vos/key --dir /var/lib/vos --allow-addr 10.0.0.0/24")]
     Serve {
         /// Address and port to listen on
         #[arg(long, value_name = "ADDR:PORT")]
         listen: String,
-        /// The key file every `vrun migrate` must prove it holds
+        /// The key file every `vrun migrate` must prove it holds (`vrun keygen`; 32 bytes, mode 0600, owned by
+        /// you or root)
         #[arg(long, value_name = "FILE")]
         key: Option<PathBuf>,
-        /// Where received jobs keep their images and logs
+        /// No key: anyone who reaches the port may send jobs that run here as root (a lab only; said loudly).
+        /// Traffic is still encrypted, with a well-known key, so not authenticated
+        #[arg(long, conflicts_with = "key")]
+        insecure_no_key: bool,
+        /// Where received jobs keep their images and logs (made mode 0700 if missing)
         #[arg(long, default_value = "/var/lib/vos")]
         dir: PathBuf,
+        /// A network within which jobs may bring their own address (`migrate --move-addr`), NET/PREFIX
+        /// (repeatable; without it no job may bring one)
+        #[arg(long = "allow-addr", value_name = "NET/PREFIX")]
+        allow_addr: Vec<address::Range>,
+        /// How many jobs may be received at once; more are told to try again later
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+        max_connections: u16,
+    },
+    /// Make a new key file for `vrun serve` and `vrun migrate`: 32 random bytes, mode 0600
+    #[command(after_help = "The file must not exist yet (it is never overwritten, never written through a symlink). Copy it \
+to every host that sends or receives jobs, keeping it owned by root with mode 0600 (e.g. `install -m 600 key /etc/vos/key`); \
+whoever can read it can run jobs as root on all of them.\n\nExample:\n  vrun keygen /etc/vos/key")]
+    Keygen {
+        /// Where to write the key
+        file: PathBuf,
     },
     /// Print shell completions (bash, zsh, fish, ...) to standard output
     #[command(after_help = "Examples:\n  vrun completions bash > /etc/bash_completion.d/vrun\n  vrun completions zsh > \"${fpath[1]}/_vrun\"")]
@@ -323,10 +351,15 @@ fn main() {
             client::run(client::Args { name, kill, to, quiet, json, bundle, tcp_established })
         }
         Some(Cmd::Restore { image, job, rebind, report_fd, bases, fill_fd }) => restore_cmd(image, job, rebind, report_fd, bases, fill_fd),
-        Some(Cmd::Migrate { name, to, key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, lazy, quiet, json }) => {
-            migrate::run(migrate::Args { name, to, key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, lazy, quiet, json })
+        Some(Cmd::Migrate { name, to, key, insecure_no_key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, lazy, quiet, json }) => {
+            migrate::run(migrate::Args { name, to, key, insecure_no_key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, lazy, quiet, json })
         }
-        Some(Cmd::Serve { listen, key, dir }) => serve::run(serve::Args { listen, key, dir }),
+        Some(Cmd::Serve { listen, key, insecure_no_key, dir, allow_addr, max_connections }) => {
+            serve::run(serve::Args { listen, key, insecure_no_key, dir, allow_addr, max_connections: max_connections.into() })
+        }
+        Some(Cmd::Keygen { file }) => channel::keygen(&file).map(|()| {
+            eprintln!("vrun: a new key in {} (mode 0600): copy it to every host that sends or receives jobs, owned by root, mode 0600", file.display())
+        }),
         Some(Cmd::Inspect { image, json, mappings }) => inspect::run(&image, json, mappings),
         Some(Cmd::Completions { shell }) => {
             clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "vrun", &mut std::io::stdout());

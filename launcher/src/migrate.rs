@@ -9,7 +9,8 @@
 //! its new state); `vrun migrate` says so.
 
 use crate::address::{self, Address};
-use crate::channel::{self, Channel, Kind, MAX_FRAME, PageHead};
+use crate::channel::{Busy, Channel, Key, Kind, MAX_FIRST, MAX_FRAME, PageHead};
+use crate::escape::escape_bytes;
 use crate::progress::mib;
 use crate::runtime;
 use anyhow::{Context, Result, anyhow, bail};
@@ -36,6 +37,8 @@ pub struct Args {
     pub name: Option<String>,
     pub to: String,
     pub key: Option<PathBuf>,
+    /// The well-known key of a `serve --insecure-no-key`.
+    pub insecure_no_key: bool,
     pub tcp_established: bool,
     pub bundle: bool,
     pub map_addr: Vec<(String, String)>,
@@ -164,16 +167,53 @@ fn send_wanted(ch: &mut Channel, want: &[u8], memory: &[(i32, std::fs::File)]) -
     Ok(sent)
 }
 
+/// Connect to the destination and have it accept the job's description, trying again for a minute while it says
+/// it is busy (too many connections or jobs at once). Nothing of the job has moved yet.
+fn open(a: &Args, key: &Key, begin: &[u8]) -> Result<Channel> {
+    if begin.len() > MAX_FIRST {
+        bail!("the job's description takes {} bytes, more than one message (fewer --map-addr)", begin.len());
+    }
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let why = match Channel::connect(&a.to, key) {
+            Ok(mut ch) => {
+                ch.send(Kind::Begin, begin)?;
+                match ch.recv().with_context(|| format!("{} did not take the job's description; it goes on here", a.to))? {
+                    (Kind::Accepted, _) => return Ok(ch),
+                    (Kind::Failed, why) if why.starts_with(b"busy") => escape_bytes(&why),
+                    (Kind::Failed, why) => bail!("{} refused the job: {}; it goes on here", a.to, escape_bytes(&why)),
+                    (k, _) => bail!("{} answered {k:?} to the job's description; it goes on here", a.to),
+                }
+            }
+            Err(e) if e.is::<Busy>() => "busy: too many connections there".to_string(),
+            Err(e) => return Err(e),
+        };
+        if Instant::now() + pause >= give_up {
+            bail!("{} stayed busy for a minute ({why}); the job goes on here", a.to);
+        }
+        if pause == Duration::from_millis(50) && !a.quiet && !a.json {
+            eprintln!("vrun: migrate: {} is {why}; trying again", a.to);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
 pub fn run(a: Args) -> Result<()> {
+    let key = match (&a.key, a.insecure_no_key) {
+        (Some(p), false) => Key::load(p)?,
+        (None, true) => Key::insecure(),
+        (Some(_), true) => bail!("--key and --insecure-no-key exclude each other"),
+        (None, false) => bail!("vrun migrate needs --key FILE, the key the destination's vrun serve holds (or --insecure-no-key for a serve started so)"),
+    };
     let job = runtime::find(a.name.as_deref())?;
-    let key = channel::key(a.key.as_deref())?;
     if let Some(m) = &a.move_addr {
         address::holder(m)?.ok_or_else(|| anyhow!("--move-addr {m}: this host does not hold that address"))?;
     }
     let start = Instant::now();
-    let mut ch = Channel::connect(&a.to, &key)?;
     let begin = Begin { name: job.name.clone(), map_addr: a.map_addr.clone(), address: a.move_addr.as_ref().map(|m| m.to_string()), lazy: a.lazy };
-    ch.send(Kind::Begin, &rmp_serde::to_vec_named(&begin)?)?;
+    let mut ch = open(&a, &key, &rmp_serde::to_vec_named(&begin)?)?;
 
     let connect = || runtime::connect(&job);
     let bar = crate::progress::Progress::new("migrate", a.quiet || a.json, Duration::ZERO);
@@ -240,10 +280,10 @@ pub fn run(a: Args) -> Result<()> {
                 None => anyhow!("{e:#}; the job goes on here (if {} had started it already, it runs there too: check `vrun list` there)", a.to),
             })?;
             match k {
-                Kind::Running if !a.lazy => return Ok(String::from_utf8_lossy(&frame).into_owned()),
+                Kind::Running if !a.lazy => return Ok(escape_bytes(&frame)),
                 Kind::Running => {
                     downtime = Some(paused.elapsed());
-                    running = Some(String::from_utf8_lossy(&frame).into_owned());
+                    running = Some(escape_bytes(&frame));
                 }
                 Kind::Want => {
                     let n = send_wanted(&mut ch, &frame, &memory)?;
@@ -255,7 +295,7 @@ pub fn run(a: Args) -> Result<()> {
                     rounds.push(pages);
                     return Ok(running.take().unwrap());
                 }
-                Kind::Failed => bail!("{} could not restore {}: {}; the job goes on here", a.to, job.name, String::from_utf8_lossy(&frame)),
+                Kind::Failed => bail!("{} could not restore {}: {}; the job goes on here", a.to, job.name, escape_bytes(&frame)),
                 k => bail!("{} answered {k:?}; the job goes on here", a.to),
             }
         }

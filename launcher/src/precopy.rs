@@ -137,7 +137,9 @@ impl Supervisor {
             // First what to send (found and protected again in one pass), so the migration can tell how long the
             // round will take; then the pages themselves.
             let mut plan = vec![];
-            for m in members.iter().filter(|m| !m.zombie) {
+            // The destination keeps a file per process pre-copied, and takes so many only; a bigger job's other
+            // processes go whole in the final round.
+            for m in members.iter().filter(|m| !m.zombie).take(crate::channel::MAX_PRECOPY_PROCESSES) {
                 let host = m.task.as_raw();
                 // A process that ended meanwhile is simply not pre-copied any further.
                 let (Ok(pagemap), Ok(vmas)) = (File::open(format!("/proc/{host}/pagemap")), tracked_vmas(host)) else { continue };

@@ -1,73 +1,336 @@
 //! `vrun serve`: the daemon on each host that receives jobs from `vrun migrate` and restores them. Each job
-//! comes over an authenticated connection and goes, memory to memory, into a `vrun restore -` started for it;
-//! that restore supervises the job from then on, detached from the daemon, with the job's output in
-//! DIR/NAME.log. The daemon answers "running" only once the whole image was checked and the job resumed.
+//! comes over an encrypted connection whose client proved it holds the cluster's key (`channel`), and goes,
+//! memory to memory, into a `vrun restore -` started for it; that restore supervises the job from then on,
+//! detached from the daemon, with the job's output in DIR/NAME.log (mode 0600). The daemon answers "running"
+//! only once the whole image was checked and the job resumed.
+//!
+//! Whoever holds the key runs jobs here as root, so the rest is about what those who do not can do: nothing is
+//! said to them (`channel`), their connections cost one pollable fd each for at most `HANDSHAKE_TIME`, no more
+//! than `MAX_HANDSHAKES` at once, and no thread; a failing accept pauses the listener instead of spinning. A job's
+//! description is checked before anything is made for it (its name, its address against `--allow-addr`).
 
-use crate::address::{self, Address};
-use crate::channel::{self, Channel, Kind, PageHead};
+use crate::address::{self, Address, Range};
+use crate::channel::{self, Channel, Key, Kind, PageHead, Refused, Responder};
 use crate::migrate::Begin;
 use anyhow::{Context, Result, anyhow, bail};
+use std::collections::VecDeque;
 use std::io::{BufRead, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use crate::fill::{self, Filler};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 pub struct Args {
     pub listen: String,
     pub key: Option<PathBuf>,
+    /// No key: a well-known one, so anyone who reaches the port may send jobs (a lab only).
+    pub insecure_no_key: bool,
     pub dir: PathBuf,
+    /// Networks within which a job may bring its own address (`migrate --move-addr`); none: no address.
+    pub allow_addr: Vec<Range>,
+    /// Jobs received at once; connections still in their handshake are kept apart (`MAX_HANDSHAKES`).
+    pub max_connections: usize,
 }
+
+/// Connections in their handshake at once. One more evicts the oldest that has not proved it holds the key: a
+/// slow client holds a place for at most `HANDSHAKE_TIME`, and a real client, whose greeting comes with its
+/// connection, is through that step at once (an attacker who keeps more connections coming than this can still
+/// make a real one try again: the client is told it is busy, and does).
+const MAX_HANDSHAKES: usize = 64;
+/// At most this many log lines of one kind in `QUIET_WINDOW`; the rest are counted.
+const QUIET_LINES: u32 = 5;
+const QUIET_WINDOW: Duration = Duration::from_secs(10);
+/// After accept fails (out of fds, memory): the listener waits this long, doubling up to `PAUSE_MAX`.
+const PAUSE_MIN: Duration = Duration::from_millis(100);
+const PAUSE_MAX: Duration = Duration::from_secs(1);
+/// `--map-addr` pairs a job's description may carry.
+const MAX_MAP_ADDR: usize = 64;
 
 fn log(what: &str) {
     eprintln!("vrun serve: {what}");
 }
 
-pub fn run(a: Args) -> Result<()> {
-    let key = channel::key(a.key.as_deref())?;
-    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
-    let l = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
-    log(&format!("listening on {}, jobs go to {}", l.local_addr()?, a.dir.display()));
-    if a.key.is_none() {
-        log("no --key: any peer that can reach this port may send jobs here");
+/// A kind of log line that a flood could repeat without end: a few per window, then a count.
+struct Quiet {
+    what: &'static str,
+    since: Instant,
+    said: u32,
+    held: u32,
+}
+
+impl Quiet {
+    fn new(what: &'static str) -> Quiet {
+        Quiet { what, since: Instant::now(), said: 0, held: 0 }
     }
-    for s in l.incoming() {
-        let Ok(s) = s else { continue };
-        let dir = a.dir.clone();
-        std::thread::spawn(move || {
-            let peer = s.peer_addr().map_or("?".into(), |p| p.to_string());
-            let ch = match Channel::accept(s, &key) {
-                Ok(ch) => ch,
-                Err(e) => return log(&format!("refused {peer}: {e:#}")),
-            };
-            if let Err(e) = receive(ch, &dir, &peer) {
-                log(&format!("{peer}: {e:#}"));
+
+    fn say(&mut self, line: impl FnOnce() -> String) {
+        self.flush();
+        if self.said < QUIET_LINES {
+            self.said += 1;
+            log(&line());
+        } else {
+            self.held += 1;
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.since.elapsed() >= QUIET_WINDOW {
+            if self.held > 0 {
+                log(&format!("{} more {} in the last {} s", self.held, self.what, self.since.elapsed().as_secs()));
             }
-        });
+            *self = Quiet::new(self.what);
+        }
     }
-    Ok(())
+}
+
+/// What every session needs.
+struct Opts {
+    dir: PathBuf,
+    allow: Vec<Range>,
+    insecure: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let key = match (&a.key, a.insecure_no_key) {
+        (Some(_), true) => bail!("--key and --insecure-no-key exclude each other"),
+        (Some(p), false) => Key::load(p)?,
+        (None, true) => Key::insecure(),
+        (None, false) => bail!(
+            "vrun serve needs --key FILE: whoever can send it a job runs that job as root here. Make a key with \
+             `vrun keygen /etc/vos/key`, copy it (mode 0600, owned by root) to every host that sends or receives jobs, \
+             and give it to serve and migrate alike (--insecure-no-key for a lab where anyone may)"
+        ),
+    };
+    if a.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    // Received jobs' logs and periodic images hold what the jobs print and their memory: ours alone.
+    if !a.dir.exists() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    }
+    let l = TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
+    l.set_nonblocking(true)?;
+    log(&format!("listening on {}, jobs go to {}", l.local_addr()?, a.dir.display()));
+    if a.insecure_no_key {
+        log("INSECURE: --insecure-no-key: anyone who can reach this port may send a job that runs here as root; traffic is encrypted but not authenticated");
+    }
+    if !a.allow_addr.is_empty() {
+        let list: Vec<String> = a.allow_addr.iter().map(|r| r.to_string()).collect();
+        log(&format!("jobs may bring their own address within {}", list.join(", ")));
+    }
+    let opts = Arc::new(Opts { dir: a.dir, allow: a.allow_addr, insecure: a.insecure_no_key });
+    gate(l, &key, a.max_connections, opts)
+}
+
+/// A connection in its handshake.
+struct Pending {
+    s: TcpStream,
+    peer: String,
+    deadline: Instant,
+    hs: Responder,
+}
+
+/// One thread takes every connection and does its handshake without blocking, each within one deadline from
+/// accept; only a client that proved it holds the key and said what it sends gets a thread of its own, and only
+/// `max` such at once. So neither slow nor many connections can make serve hold more than `MAX_HANDSHAKES` +
+/// `max` connections, or spin.
+fn gate(l: TcpListener, key: &Key, max: usize, opts: Arc<Opts>) -> Result<()> {
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let (mut paused_until, mut pause) = (None::<Instant>, PAUSE_MIN);
+    let mut refused = Quiet::new("refusals");
+    let mut dropped = Quiet::new("connections dropped (slow, silent or too many)");
+    let mut busy = Quiet::new("jobs turned away (busy)");
+    let mut failing = Quiet::new("accept failures");
+    loop {
+        let now = Instant::now();
+        pending.retain(|p| {
+            let late = p.deadline <= now;
+            if late {
+                dropped.say(|| format!("dropped {}: no handshake within {} s", p.peer, channel::HANDSHAKE_TIME.as_secs()));
+            }
+            !late
+        });
+        for q in [&mut refused, &mut dropped, &mut busy, &mut failing] {
+            q.flush();
+        }
+        let listening = paused_until.is_none_or(|t| now >= t);
+        if listening {
+            paused_until = None;
+        }
+        let wake = pending.iter().map(|p| p.deadline).chain(paused_until).min().unwrap_or(now + QUIET_WINDOW);
+        let (ready, accept) = {
+            let mut fds: Vec<PollFd> = pending.iter().map(|p| PollFd::new(p.s.as_fd(), PollFlags::POLLIN)).collect();
+            if listening {
+                fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+            }
+            let ms = wake.saturating_duration_since(now).as_millis().clamp(1, QUIET_WINDOW.as_millis()) as u16;
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    // Out of memory, most likely: wait rather than spin or end the server.
+                    failing.say(|| format!("poll: {e}"));
+                    std::thread::sleep(PAUSE_MIN);
+                }
+            }
+            let hit = |p: &PollFd| p.revents().is_some_and(|r| !r.is_empty());
+            let ready: Vec<usize> = fds[..pending.len()].iter().enumerate().filter(|(_, p)| hit(p)).map(|(i, _)| i).collect();
+            (ready, listening && fds.last().is_some_and(hit))
+        };
+        // From the back, so the indices of those before stay right.
+        for &i in ready.iter().rev() {
+            let Some(p) = pending.get_mut(i) else { continue };
+            if let Some(done) = step(p, &mut refused, &mut dropped) {
+                if let (Some(p), Some(first)) = (pending.remove(i), done) {
+                    hand_off(p, first, &sessions, max, &opts, &mut busy);
+                }
+            }
+        }
+        if !accept {
+            continue;
+        }
+        // A batch, so one busy listener cannot starve the handshakes in progress.
+        for _ in 0..MAX_HANDSHAKES {
+            match l.accept() {
+                Ok((s, peer)) => {
+                    pause = PAUSE_MIN;
+                    if s.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if pending.len() >= MAX_HANDSHAKES {
+                        // The oldest that has not proved it holds the key; one that has is near its first frame.
+                        let i = pending.iter().position(|p| !p.hs.keyed()).unwrap_or(0);
+                        if let Some(old) = pending.remove(i) {
+                            dropped.say(|| format!("dropped {}: {MAX_HANDSHAKES} handshakes in progress, it was the oldest", old.peer));
+                            channel::busy(old.s);
+                        }
+                    }
+                    let hs = match Responder::new(key) {
+                        Ok(h) => h,
+                        Err(e) => bail!("{e:#}"),
+                    };
+                    let mut p = Pending { s, peer: peer.to_string(), deadline: Instant::now() + channel::HANDSHAKE_TIME, hs };
+                    // A client's greeting comes with its connection: most are through at once.
+                    match step(&mut p, &mut refused, &mut dropped) {
+                        None => pending.push_back(p),
+                        Some(Some(first)) => hand_off(p, first, &sessions, max, &opts, &mut busy),
+                        Some(None) => {}
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM)) => {}
+                Err(e) => {
+                    // Out of fds or memory: the connection waits in the backlog; polling the listener again at
+                    // once would only spin. Waiting handshakes free their fds meanwhile.
+                    failing.say(|| format!("accepting a connection: {e}; pausing {} ms", pause.as_millis()));
+                    paused_until = Some(Instant::now() + pause);
+                    pause = (pause * 2).min(PAUSE_MAX);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Advance one handshake: None while it goes on; Some(None) when it ended (refused, logged); Some(Some(first))
+/// when the client is in, with its first frame.
+fn step(p: &mut Pending, refused: &mut Quiet, dropped: &mut Quiet) -> Option<Option<Vec<u8>>> {
+    match p.hs.advance(&mut p.s) {
+        Ok(None) => None,
+        Ok(Some(first)) => Some(Some(first)),
+        Err(Refused::Silent(why)) => {
+            dropped.say(|| format!("dropped {}: {why}", p.peer));
+            Some(None)
+        }
+        Err(Refused::Said(why)) => {
+            refused.say(|| format!("refused {}: {why}", p.peer));
+            Some(None)
+        }
+    }
+}
+
+/// A thread for a client that is in, if fewer than `max` jobs are being received; else it hears it is busy.
+fn hand_off(p: Pending, first: Vec<u8>, sessions: &Arc<AtomicUsize>, max: usize, opts: &Arc<Opts>, busy: &mut Quiet) {
+    let Pending { s, peer, hs, .. } = p;
+    if sessions.load(Ordering::SeqCst) >= max {
+        busy.say(|| format!("turned {peer} away: {max} jobs are being received (--max-connections)"));
+        hs.refuse(s, &format!("busy: {max} jobs are being received there already (--max-connections)"));
+        return;
+    }
+    let ch = match hs.channel(s).and_then(|ch| {
+        // Post-copy's requests are small and wait for an answer: no Nagle delay.
+        ch.stream.set_nodelay(true)?;
+        ch.stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        ch.stream.set_write_timeout(Some(Duration::from_secs(60)))?;
+        Ok(ch)
+    }) {
+        Ok(ch) => ch,
+        Err(e) => return log(&format!("{peer}: {e:#}")),
+    };
+    if opts.insecure {
+        log(&format!("INSECURE: {peer} sends a job, unauthenticated (--insecure-no-key)"));
+    }
+    /// The count goes down however the session ends.
+    struct Slot(Arc<AtomicUsize>);
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    sessions.fetch_add(1, Ordering::SeqCst);
+    let slot = Slot(sessions.clone());
+    let opts = opts.clone();
+    let who = peer.clone();
+    let spawned = std::thread::Builder::new().name("session".into()).spawn(move || {
+        let _slot = slot;
+        if let Err(e) = receive(ch, first, &opts, &who) {
+            log(&format!("{who}: {e:#}"));
+        }
+    });
+    if let Err(e) = spawned {
+        log(&format!("{peer}: no thread for it: {e}"));
+    }
+}
+
+/// The job's description from the source, checked before anything is made for it.
+fn check_begin(first: &[u8], opts: &Opts) -> Result<(Begin, Option<Address>, String)> {
+    let begin: Begin = rmp_serde::from_slice(first).context("a malformed job description")?;
+    // The name becomes a file name here (DIR/NAME.log, the registry): a peer's must be a valid one.
+    crate::runtime::check_name(&begin.name).map_err(|e| anyhow!(e))?;
+    if begin.map_addr.len() > MAX_MAP_ADDR {
+        bail!("{} --map-addr pairs (at most {MAX_MAP_ADDR})", begin.map_addr.len());
+    }
+    let addr_like = |s: &str| s.parse::<std::net::SocketAddr>().is_ok() || s.parse::<std::net::IpAddr>().is_ok();
+    if let Some((old, new)) = begin.map_addr.iter().find(|(o, n)| !addr_like(o) || !addr_like(n)) {
+        bail!("--map-addr {old:?}={new:?}: each side must be an IP address or IP:port");
+    }
+    let address = begin.address.as_deref().map(|a| a.parse::<Address>().map_err(|e| anyhow!(e))).transpose()?;
+    if let Some(a) = &address {
+        address::allowed(a, &opts.allow).map_err(|e| anyhow!(e))?;
+    }
+    let name = crate::runtime::free_name(&begin.name)?;
+    Ok((begin, address, name))
 }
 
 /// Receive one job and restore it; tell the sender whether it runs.
-fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
-    let (kind, b) = ch.recv()?;
-    if kind != Kind::Begin {
-        bail!("expected the job's description, got {kind:?}");
-    }
-    let begin: Begin = rmp_serde::from_slice(&b).context("a malformed job description")?;
-    // The name becomes a file name here (DIR/NAME.log, the registry): a peer's must be a valid one.
-    let name = match crate::runtime::check_name(&begin.name).map_err(|e| anyhow!(e)).and_then(|()| crate::runtime::free_name(&begin.name)) {
-        Ok(n) => n,
+fn receive(mut ch: Channel, first: Vec<u8>, opts: &Opts, peer: &str) -> Result<()> {
+    let dir = opts.dir.as_path();
+    let (begin, address, name) = match check_begin(&first, opts) {
+        Ok(b) => b,
         Err(e) => {
             let _ = ch.send(Kind::Failed, format!("{e:#}").as_bytes());
-            return Err(e);
+            return Err(e.context("refused its job"));
         }
     };
+    ch.send(Kind::Accepted, &[])?;
     log(&format!("{peer}: receiving job {} as {name}", begin.name));
     let log_path = dir.join(format!("{name}.log"));
     // Pages sent ahead while the job still ran at the source, until its image begins.
@@ -89,7 +352,6 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
         false => None,
     };
     let started = (|| {
-        let address = begin.address.as_deref().map(|a| a.parse::<Address>().map_err(|e| anyhow!(e))).transpose()?;
         let taken = address.map(address::take).transpose()?;
         Ok((start_restore(&name, dir, &begin, &log_path, &ahead, fill.as_ref().map(|f| f.1.as_raw_fd()))?, taken))
     })();
@@ -102,7 +364,11 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
         }
     };
     drop(ahead);
-    let mut stdin = child.stdin.take().unwrap();
+    let Some(mut stdin) = child.stdin.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the restore has no standard input");
+    };
     // Big pipe writes: the restore reads page data straight into place, a pipe's worth per read.
     let _ = nix::fcntl::fcntl(&stdin, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4 << 20));
     let mut bytes = first.len() as u64;
@@ -143,8 +409,9 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
     } else {
         let _ = child.wait();
     }
-    // The restore supervises the job from now on; a thread reaps it when it ends.
-    std::thread::spawn(move || child.wait());
+    // The restore supervises the job from now on; a thread reaps it when it ends (without one, it stays a zombie
+    // until serve ends).
+    let _ = std::thread::Builder::new().name("reaper".into()).spawn(move || child.wait());
     relay?;
     outcome?;
     if !running {
@@ -171,8 +438,16 @@ fn receive(mut ch: Channel, dir: &Path, peer: &str) -> Result<()> {
 /// job runs.
 fn start_restore(name: &str, dir: &Path, begin: &Begin, log_path: &Path, ahead: &Ahead, fill: Option<RawFd>) -> Result<(std::process::Child, OwnedFd)> {
     let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    // Never through a symlink planted in DIR.
-    let out = std::fs::OpenOptions::new().create(true).write(true).truncate(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    // Never through a symlink planted in DIR; the job's output is its own business: readable by root alone.
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    out.set_permissions(std::fs::Permissions::from_mode(0o600)).with_context(|| format!("{}", log_path.display()))?;
     let mut c = Command::new(std::env::current_exe()?);
     c.args(["restore", "-", "--name", name, "--dir"]).arg(dir).args(["--report-fd", &report_w.as_raw_fd().to_string()]);
     for (old, new) in &begin.map_addr {
@@ -226,17 +501,20 @@ fn post_copy(ch: &mut Channel, sock: OwnedFd, report: OwnedFd, name: &str, say: 
             }
             // The source, the restore's hand-over until it is done, its report until the job runs, the job.
             // (A closed fd reports a hang-up for ever, so one done with is left out.)
-            let ready = {
+            // Bytes the channel read ahead are not seen by poll: they count as the source's, at once.
+            let buffered = ch.buffered();
+            let mut ready = {
                 let watched = [Some(ch.stream.as_fd()), more.then(|| sock.as_fd()), (!running).then(|| report.as_fd())];
                 let mut fds: Vec<PollFd> = watched.iter().flatten().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
                 fds.extend(f.poll_fds());
-                match poll(&mut fds, PollTimeout::NONE) {
+                match poll(&mut fds, if buffered { PollTimeout::ZERO } else { PollTimeout::NONE }) {
                     Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                     Err(e) => bail!("poll: {e}"),
                 }
                 let mut got = fds.iter().map(|p| p.revents().is_some_and(|r| !r.is_empty()));
                 watched.map(|w| w.is_some() && got.next().unwrap_or(false))
             };
+            ready[0] |= buffered;
             if more && ready[1] {
                 more = fill::take_work(&sock, &mut f)?;
             }
@@ -303,7 +581,7 @@ fn why_failed(log_path: &Path) -> String {
 }
 
 /// Pages pre-copy sent ahead, per process (pid as the job sees it): sparse memfds, each page at its address,
-/// for the restore to take the ones the image says are unchanged.
+/// for the restore to take the ones the image says are unchanged. At most `MAX_PRECOPY_PROCESSES` of them.
 #[derive(Default)]
 struct Ahead {
     files: std::collections::HashMap<i32, std::fs::File>,
@@ -324,7 +602,11 @@ impl Ahead {
                     d = &d[n..];
                     if self.head.len() == 24 {
                         let PageHead { pid, addr, len } = PageHead::decode(&std::mem::take(&mut self.head))?;
+                        // Each process named costs a memfd here: no more than a source pre-copies.
                         if !self.files.contains_key(&pid) {
+                            if self.files.len() >= channel::MAX_PRECOPY_PROCESSES {
+                                bail!("the pre-copy stream names more than {} processes", channel::MAX_PRECOPY_PROCESSES);
+                            }
                             self.files.insert(pid, crate::restore::memfd("precopy", 0)?.into());
                         }
                         self.cur = (len > 0).then_some((pid, addr, len));
@@ -332,7 +614,8 @@ impl Ahead {
                 }
                 Some((pid, addr, left)) => {
                     let n = left.min(d.len() as u64);
-                    self.files[&pid].write_all_at(&d[..n as usize], addr).context("keeping pre-copied pages")?;
+                    let f = self.files.get(&pid).ok_or_else(|| anyhow!("pre-copied pages of pid {pid}, never named"))?;
+                    f.write_all_at(&d[..n as usize], addr).context("keeping pre-copied pages")?;
                     d = &d[n as usize..];
                     self.cur = (left > n).then_some((pid, addr + n, left - n));
                 }

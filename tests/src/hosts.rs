@@ -25,7 +25,16 @@ pub struct Host {
     pub ns: String,
     pub ip: String,
     pub dir: PathBuf,
+    /// Its link's end on the bridge, in the root namespace: everything it sends or receives passes there.
+    pub link: String,
     serve: Option<Child>,
+}
+
+/// A new key file made by `vrun keygen` (32 random bytes, mode 0600).
+pub fn keygen(path: &std::path::Path) -> PathBuf {
+    let o = command(bin_dir().join("vrun")).arg("keygen").arg(path).output().expect("vrun keygen");
+    assert!(o.status.success(), "vrun keygen {}: {}", path.display(), String::from_utf8_lossy(&o.stderr));
+    path.to_path_buf()
 }
 
 impl Host {
@@ -48,9 +57,14 @@ impl Host {
 
     /// Start this host's `vrun serve` with `key`, and wait until it answers.
     pub fn serve(&mut self, key: &std::path::Path) {
+        self.serve_with(key, &[]);
+    }
+
+    /// The same, with more arguments (`--allow-addr`, ...).
+    pub fn serve_with(&mut self, key: &std::path::Path, args: &[&str]) {
         let log = std::fs::File::create(self.dir.join("serve.log")).unwrap();
         let mut c = self.vrun();
-        c.args(["serve", "--listen", &self.serve_addr(), "--key"]).arg(key).arg("--dir").arg(&self.dir);
+        c.args(["serve", "--listen", &self.serve_addr(), "--key"]).arg(key).arg("--dir").arg(&self.dir).args(args);
         c.stdout(log.try_clone().unwrap()).stderr(log);
         self.serve = Some(c.spawn().unwrap());
         let t = Instant::now();
@@ -58,6 +72,11 @@ impl Host {
             assert!(t.elapsed() < Duration::from_secs(10), "vrun serve on {} did not start", self.ns);
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The pid of its `vrun serve` (`ip netns exec` becomes it).
+    pub fn serve_pid(&self) -> Option<u32> {
+        self.serve.as_ref().map(|c| c.id())
     }
 
     /// Kill this host's `vrun serve` (its jobs go on).
@@ -124,7 +143,7 @@ impl Net {
             ));
             let hdir = dir.join(format!("host{i}"));
             std::fs::create_dir_all(&hdir).unwrap();
-            hosts.push(Host { ns, ip, dir: hdir, serve: None });
+            hosts.push(Host { ns, ip, dir: hdir, link: a, serve: None });
         }
         Net { bridge, hosts, gateway }
     }
@@ -134,6 +153,11 @@ impl Net {
     /// An address on the hosts' subnet that no host holds: a job's own address.
     pub fn spare_ip(&self) -> String {
         format!("{}.100", self.gateway.rsplit_once('.').unwrap().0)
+    }
+
+    /// The hosts' subnet, NET/24 (for `serve --allow-addr`).
+    pub fn subnet(&self) -> String {
+        format!("{}.0/24", self.gateway.rsplit_once('.').unwrap().0)
     }
 }
 

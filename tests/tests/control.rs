@@ -219,7 +219,7 @@ fn manual_page_and_completions_cover_every_command() {
     for shell in ["bash", "zsh"] {
         let (st, out, err) = run_vrun(&["completions", shell]);
         assert!(st.success(), "{err}");
-        for cmd in ["checkpoint", "restore", "migrate", "serve", "inspect"] {
+        for cmd in ["checkpoint", "restore", "migrate", "serve", "keygen", "inspect"] {
             assert!(out.contains(cmd), "{shell} completions lack {cmd}");
             assert!(man.contains(cmd), "the manual page lacks {cmd}");
         }

@@ -12,11 +12,7 @@ use vos_tests::*;
 const PORT: u16 = 9000;
 
 fn key(w: &Work, name: &str) -> PathBuf {
-    let p = w.path(name);
-    let mut k = vec![0u8; 32];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut k)).unwrap();
-    std::fs::write(&p, k).unwrap();
-    p
+    vos_tests::hosts::keygen(&w.path(name))
 }
 
 fn udp_inc(ip: &str) -> i64 {
@@ -52,11 +48,12 @@ fn counter_on(host: &Host, w: &Work, ballast: u32) -> (Running, String) {
     (job, name)
 }
 
-/// Hosts with a serve each, all holding `key`.
+/// Hosts with a serve each, all holding `key`, letting jobs bring addresses of their subnet.
 fn net(n: usize, w: &Work, key: &Path) -> Net {
     let mut net = Net::new(n, &w.dir);
+    let subnet = net.subnet();
     for h in &mut net.hosts {
-        h.serve(key);
+        h.serve_with(key, &["--allow-addr", &subnet]);
     }
     net
 }

@@ -185,8 +185,7 @@ fn a_job_on_a_terminal_migrates_with_its_output() {
     let w = Work::new("ttymig");
     let script = w.path("talker.py");
     fs::write(&script, TALKER).unwrap();
-    let key = w.path("key");
-    fs::write(&key, [7u8; 32]).unwrap();
+    let key = vos_tests::hosts::keygen(&w.path("key"));
     let mut net = Net::new(2, &w.dir);
     for h in &mut net.hosts {
         h.serve(&key);
@@ -223,8 +222,7 @@ fn a_job_on_a_terminal_migrates_with_its_output() {
 #[test]
 fn a_job_that_dies_on_arrival_stays_at_the_source() {
     let w = Work::new("arrival");
-    let key = w.path("key");
-    fs::write(&key, [9u8; 32]).unwrap();
+    let key = vos_tests::hosts::keygen(&w.path("key"));
     let mut net = Net::new(2, &w.dir);
     for h in &mut net.hosts {
         h.serve(&key);

@@ -214,8 +214,7 @@ fn bench_migrate(dir: &Path, mib: usize, dirty: u32, args: &[&str]) -> Vec<Migra
     let w = Work { dir: dir.join(format!("migrate{mib}")) };
     let _ = fs::remove_dir_all(&w.dir);
     fs::create_dir_all(&w.dir).unwrap();
-    let key = w.path("key");
-    fs::write(&key, [7u8; 32]).unwrap();
+    let key = vos_tests::hosts::keygen(&w.path("key"));
     let mut net = Net::new(2, &w.dir);
     for h in &mut net.hosts {
         h.serve(&key);
