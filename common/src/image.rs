@@ -772,7 +772,7 @@ pub struct SeccompFilter {
 }
 
 /// The filesystem credentials a restore opens a file with.
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct FsCreds {
     pub uid: u32,
     pub gid: u32,

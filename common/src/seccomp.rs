@@ -267,8 +267,8 @@ pub const SHIM_SYSCALLS: &[(u32, &str)] = calls![
 
 /// System calls the shim makes only while restoring a process, before its filters are installed again.
 pub const BEFORE_FILTERS: &[(u32, &str)] = calls![
-    SYS_chdir, SYS_dup3, SYS_epoll_ctl, SYS_pidfd_open, SYS_seccomp, SYS_setfsgid, SYS_setfsuid, SYS_setgroups,
-    SYS_setresgid, SYS_setresuid, SYS_timer_create, SYS_umask,
+    SYS_capget, SYS_chdir, SYS_dup3, SYS_epoll_ctl, SYS_getgroups, SYS_getresuid, SYS_pidfd_open, SYS_seccomp,
+    SYS_setfsgid, SYS_setfsuid, SYS_setgroups, SYS_setresgid, SYS_setresuid, SYS_timer_create, SYS_umask,
 ];
 
 #[cfg(test)]
