@@ -198,6 +198,13 @@ fn a_sandbox_comes_back_whole() {
     let mkdir_before = ask(&w, "mkdir");
     assert_eq!(mkdir_before.trim(), "mkdir=EPERM mkdirat=EACCES");
     let img = job.checkpoint_kill();
+    let (st, report, err) = run_vrun(&["inspect", &img]);
+    assert!(st.success(), "{err}");
+    let bnd = before.lines().find_map(|l| l.strip_prefix("CapBnd:")).map(|v| u64::from_str_radix(v.trim(), 16).unwrap()).unwrap();
+    let bounding = format!("bounding {bnd:#x}");
+    for want in ["securebits noroot,noroot_locked,keep_caps_locked", "no_new_privs 1", "seccomp: 2 filters", "ambient 0x400", &bounding] {
+        assert!(report.contains(want), "vrun inspect does not say {want:?}:\n{report}");
+    }
     let job = restore(&w, &name, &img, &out);
     let at = last_step(&fs::read_to_string(&out).unwrap());
     wait_step(&out, at + 3);
