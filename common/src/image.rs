@@ -427,6 +427,11 @@ pub struct OpenFile {
     pub kind: FileKind,
     /// flock() and open file description locks held through it.
     pub locks: Vec<FileLock>,
+    /// The credentials a restore opens it with (absent from older images, and for kinds no path names): those of
+    /// a process of the job that holds it and could open it at the checkpoint, or root's when none could (it
+    /// came from a more privileged process: a daemon that dropped privileges after opening it).
+    #[serde(default)]
+    pub open_as: Option<FsCreds>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -708,6 +713,77 @@ pub struct ProcessAttrs {
     pub pdeath_sig: i32,
     /// Capability sets (effective, permitted, inheritable): restored exactly, whatever vOS needed meanwhile.
     pub caps: Caps,
+    /// Who the process is and what confines it (absent from older images): read by the supervisor from outside
+    /// (the kernel's view, not the process's word), but for the securebits, which only a thread can read.
+    #[serde(default)]
+    pub creds: Option<Creds>,
+}
+
+/// A process's principal and sandbox, the same for each of its threads (a checkpoint refuses a process whose
+/// threads differ). Applied to every thread at restore, after everything that needs privilege.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct Creds {
+    /// Real, effective, saved and filesystem uids.
+    pub uid: [u32; 4],
+    /// Real, effective, saved and filesystem gids.
+    pub gid: [u32; 4],
+    /// Supplementary groups, as the kernel lists them.
+    pub groups: Vec<u32>,
+    pub caps: CapSets,
+    /// SECBIT_* flags and their locks (prctl PR_GET_SECUREBITS).
+    pub securebits: u32,
+    pub no_new_privs: bool,
+    pub seccomp: Seccomp,
+    /// The ids and capabilities are those of the user namespace vrun makes for a job launched without root (the
+    /// job's ids map 1:1 to the launching user's; capabilities there are worth nothing outside it).
+    pub user_ns: bool,
+    /// The working directory is one the process's own credentials cannot reach (a daemon that dropped privileges
+    /// there): a restore enters it before the process drops to them, which only an image root owns may ask.
+    pub privileged_cwd: bool,
+}
+
+/// Capability sets as bit masks (bit n: capability n).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapSets {
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
+    pub ambient: u64,
+    pub bounding: u64,
+}
+
+/// Seccomp as a process had it: mode 0 (none) or 2 (filters; strict mode 1 is refused at checkpoint).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct Seccomp {
+    pub mode: u32,
+    /// Filters the process had from the supervising vrun itself (a container's, the environment's): not carried.
+    /// A restored process has those of the vrun that restores it, then `filters` on top.
+    pub inherited: u32,
+    /// The filters the job installed, oldest first: each a classic BPF program.
+    pub filters: Vec<SeccompFilter>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeccompFilter {
+    /// struct sock_filter[], 8 bytes each, as PTRACE_SECCOMP_GET_FILTER gives it.
+    pub prog: ByteBuf,
+    /// Installed with SECCOMP_FILTER_FLAG_LOG.
+    pub log: bool,
+}
+
+/// The filesystem credentials a restore opens a file with.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct FsCreds {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl Creds {
+    /// The credentials this process opens files with.
+    pub fn fs(&self) -> FsCreds {
+        FsCreds { uid: self.uid[3], gid: self.gid[3], groups: self.groups.clone() }
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]

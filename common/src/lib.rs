@@ -18,6 +18,8 @@ pub mod image;
 pub mod proto;
 #[cfg(feature = "std")]
 pub mod validate;
+#[cfg(feature = "std")]
+pub mod seccomp;
 
 /// Signal numbers vOS takes for itself by default (the app's use of them is virtualized by the shim).
 pub mod signals {

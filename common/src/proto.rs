@@ -36,6 +36,10 @@ pub enum Msg {
     Tracked { error: Option<String> },
 
     // ---- supervisor -> shim coordinator
+    /// Before `Begin`, to a process whose /proc files its own credentials cannot open (its dumpable flag is off:
+    /// a daemon that switched to another user): the supervisor's fd of its `name` ("pagemap", "mem" or "auxv",
+    /// read-only, opened without CAP_SYS_ADMIN so pagemap shows no physical addresses) comes along.
+    ProcFile { name: String },
     /// Go ahead: park every thread and describe the process.
     Begin { kill: bool },
     /// Write this process's page chunks now to the fd that comes along, numbering them from `first_seq` (every

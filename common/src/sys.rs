@@ -18,6 +18,8 @@ impl Errno {
     pub const ENOENT: Errno = Errno(libc::ENOENT);
     pub const ESRCH: Errno = Errno(libc::ESRCH);
     pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const EACCES: Errno = Errno(libc::EACCES);
+    pub const EPERM: Errno = Errno(libc::EPERM);
     pub const ETIMEDOUT: Errno = Errno(libc::ETIMEDOUT);
 
     /// The symbolic name, for messages that work without libc's strerror.

@@ -114,6 +114,70 @@ fn check_file_id(field: &str, f: &FileId) -> R {
     Ok(())
 }
 
+/// Most supplementary groups a process may have (NGROUPS_MAX).
+pub const MAX_GROUPS: usize = 65536;
+/// Capabilities as bits: CAP_LAST_CAP is 40 on kernel 6.18; room for some more.
+const CAP_BITS: u64 = (1 << 48) - 1;
+/// SECBIT_* flags and their locks known up to kernel 6.18 (noroot, no_setuid_fixup, keep_caps,
+/// no_cap_ambient_raise, exec_restrict_file, exec_deny_interactive, each with its lock).
+const SECUREBITS: u32 = 0xfff;
+/// The kernel's limit on the instructions of all of a thread's filters (MAX_INSNS_PER_PATH, with its penalty of 4
+/// per filter).
+const MAX_FILTER_INSNS: usize = 32768;
+
+/// Ids a restore may give a process or open a file with: (uid_t)-1 means "no change" to the kernel, not an id.
+fn check_ids(field: &str, uids: &[u32], gids: &[u32], groups: &[u32]) -> R {
+    if uids.iter().chain(gids).chain(groups).any(|&i| i == u32::MAX) {
+        return Err(bad(field, "-1 is not an id"));
+    }
+    if groups.len() > MAX_GROUPS {
+        return Err(bad(format!("{field}.groups"), format!("{} supplementary groups", groups.len())));
+    }
+    Ok(())
+}
+
+/// A process's credentials and sandbox: sets the kernel could hold, filters it would install and that leave the
+/// shim's own system calls alone (a restored process must be able to checkpoint again).
+pub fn check_creds(at: &str, c: &Creds) -> R {
+    check_ids(at, &c.uid, &c.gid, &c.groups)?;
+    let k = &c.caps;
+    let sets = [k.effective, k.permitted, k.inheritable, k.ambient, k.bounding];
+    if sets.iter().any(|&s| s & !CAP_BITS != 0) {
+        return Err(bad(format!("{at}.caps"), "capabilities the kernel does not have"));
+    }
+    if k.effective & !k.permitted != 0 || k.ambient & !(k.permitted & k.inheritable) != 0 {
+        return Err(bad(format!("{at}.caps"), "an effective capability not permitted, or an ambient one not permitted and inheritable"));
+    }
+    if c.securebits & !SECUREBITS != 0 {
+        return Err(bad(format!("{at}.securebits"), format!("{:#x} has unknown bits", c.securebits)));
+    }
+    let s = &c.seccomp;
+    let at = format!("{at}.seccomp");
+    match s.mode {
+        0 if s.filters.is_empty() && s.inherited == 0 => {}
+        2 if !s.filters.is_empty() || s.inherited > 0 => {}
+        m => return Err(bad(format!("{at}.mode"), format!("mode {m} with {} filters and {} inherited", s.filters.len(), s.inherited))),
+    }
+    let mut insns = 0;
+    for (i, f) in s.filters.iter().enumerate() {
+        let fat = format!("{at}.filters[{i}]");
+        let prog = crate::seccomp::parse(&f.prog).map_err(|e| bad(&fat, e))?;
+        insns += prog.len() + 4;
+        if crate::seccomp::notifies(&prog) {
+            return Err(bad(&fat, "hands calls to a user-space notifier"));
+        }
+        match crate::seccomp::blocks_shim(&prog) {
+            Ok(None) => {}
+            Ok(Some((call, what))) => return Err(bad(&fat, format!("would {} for {call}, which vOS needs", crate::seccomp::describe(what)))),
+            Err(e) => return Err(bad(&fat, e)),
+        }
+    }
+    if insns > MAX_FILTER_INSNS {
+        return Err(bad(format!("{at}.filters"), format!("{insns} instructions in all: more than the kernel takes")));
+    }
+    Ok(())
+}
+
 /// Process ids of the job as a tree a restore can rebuild: every parent is a live process of the job (or the
 /// job's init, pid 1), no cycles; a session is the process's own, its parent's, or the one outside the job (0); a
 /// group is its own, one whose leader is in the job, or the outside one along with its parent. `ids` lists the
@@ -337,6 +401,9 @@ impl JobImage {
                 return Err(bad(format!("{at}.attrs.rlimits[{k}].resource"), format!("{} is not a resource, or twice", l.resource)));
             }
         }
+        if let Some(c) = &a.creds {
+            check_creds(&format!("{at}.attrs.creds"), c)?;
+        }
         if p.mm.auxv.len() > 4096 || p.mm.auxv.len() % 16 != 0 {
             return Err(bad(format!("{at}.mm.auxv"), format!("{} bytes is no auxiliary vector", p.mm.auxv.len())));
         }
@@ -458,6 +525,9 @@ impl JobImage {
     fn check_file(&self, at: &str, f: &OpenFile) -> R {
         if f.flags & libc::O_ACCMODE == libc::O_ACCMODE {
             return Err(bad(format!("{at}.flags"), format!("{:#o} is no access mode", f.flags)));
+        }
+        if let Some(o) = &f.open_as {
+            check_ids(&format!("{at}.open_as"), &[o.uid], &[o.gid], &o.groups)?;
         }
         let k = format!("{at}.kind");
         match &f.kind {
@@ -783,6 +853,42 @@ mod tests {
         });
         refused("processes[0].shim.restart_entry", |_, j| j.processes[0].shim.restart_entry = 0x60_0000);
         refused("processes[0].shim.restart_stack_top", |_, j| j.processes[0].shim.restart_stack_top = 0x40_2000);
+    }
+
+    #[test]
+    fn credentials() {
+        let creds = |f: &dyn Fn(&mut Creds)| {
+            let mut c = Creds { uid: [1000; 4], gid: [1000; 4], ..Default::default() };
+            c.caps.bounding = (1 << 41) - 1;
+            f(&mut c);
+            c
+        };
+        let with = |c: Creds| move |_: &mut ImageHeader, j: &mut JobImage| j.processes[0].attrs.creds = Some(c);
+        let (h, mut j) = job();
+        j.processes[0].attrs.creds = Some(creds(&|_| {}));
+        j.validate(&h).unwrap();
+        refused("processes[0].attrs.creds", with(creds(&|c| c.uid[1] = u32::MAX)));
+        refused("processes[0].attrs.creds.groups", with(creds(&|c| c.groups = vec![5; MAX_GROUPS + 1])));
+        refused("processes[0].attrs.creds.caps", with(creds(&|c| c.caps.effective = 1)));
+        refused("processes[0].attrs.creds.caps", with(creds(&|c| (c.caps.permitted, c.caps.ambient) = (2, 2))));
+        refused("processes[0].attrs.creds.caps", with(creds(&|c| c.caps.bounding = u64::MAX)));
+        refused("processes[0].attrs.creds.securebits", with(creds(&|c| c.securebits = 0x1000)));
+        refused("processes[0].attrs.creds.seccomp.mode", with(creds(&|c| c.seccomp.mode = 1)));
+        refused("processes[0].attrs.creds.seccomp.mode", with(creds(&|c| c.seccomp.mode = 2)));
+        let filter = |words: &[(u16, u32)]| SeccompFilter {
+            prog: serde_bytes::ByteBuf::from(words.iter().flat_map(|&(code, k)| [code.to_ne_bytes().to_vec(), vec![0, 0], k.to_ne_bytes().to_vec()].concat()).collect::<Vec<u8>>()),
+            log: false,
+        };
+        let allow = filter(&[(0x06, crate::seccomp::RET_ALLOW)]);
+        j.processes[0].attrs.creds = Some(creds(&|c| (c.seccomp.mode, c.seccomp.filters) = (2, vec![allow.clone()])));
+        j.validate(&h).unwrap();
+        let kill_all = filter(&[(0x06, crate::seccomp::RET_KILL_PROCESS)]);
+        refused("processes[0].attrs.creds.seccomp.filters[1]", with(creds(&|c| (c.seccomp.mode, c.seccomp.filters) = (2, vec![allow.clone(), kill_all.clone()]))));
+        let notify = filter(&[(0x06, crate::seccomp::RET_USER_NOTIF)]);
+        refused("processes[0].attrs.creds.seccomp.filters[0]", with(creds(&|c| (c.seccomp.mode, c.seccomp.filters) = (2, vec![notify.clone()]))));
+        let broken = SeccompFilter { prog: serde_bytes::ByteBuf::from(vec![0u8; 5]), log: false };
+        refused("processes[0].attrs.creds.seccomp.filters[0]", with(creds(&|c| (c.seccomp.mode, c.seccomp.filters) = (2, vec![broken.clone()]))));
+        refused("files[0].open_as", |_, j| j.files[0].open_as = Some(FsCreds { uid: u32::MAX, gid: 0, groups: vec![] }));
     }
 
     #[test]

@@ -23,8 +23,10 @@ pub fn capture(job: &mut JobImage, members: &[Member], all: bool) -> Result<Vec<
             if !(all || is_detached(&id.path)) || bundle.iter().any(|b| b.dev == id.dev && b.ino == id.ino) {
                 continue;
             }
-            // The very file the process has: by its path when that still names it, else through /proc.
-            let src = match std::fs::File::open(crate::job::seen_by(host, &id.path)) {
+            // The very file the process has: by its path when that still names it (opened as the process: the
+            // path is its word), else through /proc (the kernel's: the file mapped there).
+            let as_it = p.attrs.creds.as_ref().map(|c| c.fs());
+            let src = match crate::creds::as_user(as_it.as_ref(), || Ok(std::fs::File::open(crate::job::seen_by(host, &id.path))?)) {
                 Ok(f) if f.metadata().is_ok_and(|m| m.dev() == id.dev && m.ino() == id.ino) => OwnedFd::from(f),
                 _ => OwnedFd::from(std::fs::File::open(&through).with_context(|| format!("pid {}: reading {} to carry it", p.pid, id.path))?),
             };

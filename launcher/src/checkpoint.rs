@@ -258,6 +258,7 @@ impl Supervisor {
                 if let Some(t) = job::strict_seccomp_thread(m.host) {
                     bail!("pid {} thread {t} is in seccomp strict mode: it cannot be checkpointed", m.ids.pid);
                 }
+                crate::creds::precheck(m, self.job.init)?;
             }
             for m in &todo {
                 refuse_stopped(m)?;
@@ -270,7 +271,14 @@ impl Supervisor {
             // A process may exit on its own before it parks (it was already on its way out): it then no longer
             // counts, and shows up again as a zombie or not at all.
             let mut gone = vec![];
+            let now = job::members(self.job.init)?;
             for s in shims.iter().filter(|s| s.image.is_none()) {
+                // A process whose own /proc files are root's gets the supervisor's (a daemon that switched users).
+                if let Some(m) = now.iter().find(|m| m.ids.pid == s.pid && !m.zombie) {
+                    for (name, fd) in crate::creds::proc_files(m)? {
+                        let _ = s.send(&Msg::ProcFile { name: name.into() }, Some(fd.as_raw_fd()));
+                    }
+                }
                 if s.send(&Msg::Begin { kill }, None).is_err() {
                     gone.push(s.pid);
                 }
@@ -382,9 +390,12 @@ impl Supervisor {
             ..Default::default()
         };
         check_tree(&job)?;
+        // Who each process is, from outside (the shim's word only for what nothing else shows).
+        crate::creds::capture(&mut job, members)?;
         identity::identify(&mut job, members)?;
         let own: HashMap<i32, Vec<i32>> = shims.iter().map(|s| (s.pid, s.own_fds.clone())).collect();
         let files::Captured { mut data, held } = files::capture(&mut job, members, &own, req.tcp_established)?;
+        crate::creds::open_as(&mut job, members)?;
         let (needed, (_, hard)) = (crate::restore::fds_needed(&job), nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?);
         if needed > hard {
             bail!("the job has {} open files: restoring it needs room for {needed} fds, above this host's hard open-file limit ({hard})", job.files.len());

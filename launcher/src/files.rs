@@ -162,7 +162,7 @@ fn group_open_files(job: &mut JobImage, all: &mut [Fd]) {
     for i in 0..all.len() {
         if first[i] == i {
             let f = &all[i].found;
-            job.files.push(OpenFile { flags: f.flags, pos: f.pos, kind: FileKind::Unknown, locks: vec![] });
+            job.files.push(OpenFile { flags: f.flags, pos: f.pos, kind: FileKind::Unknown, locks: vec![], open_as: None });
             all[i].file = (job.files.len() - 1) as u32;
         } else {
             all[i].file = all[first[i]].file;
@@ -466,17 +466,20 @@ fn file_id(host: i32, path: &str, dev: u64, ino: u64) -> Result<FileId> {
 /// The job's open files, recreated; `stdio` are the restoring supervisor's stdin, stdout, stderr (stdin may be
 /// /dev/null when the image came on stdin); `fill(data, fd)` writes the contents of a memfd or deleted file
 /// from the image. Returns one fd per `job.files` entry.
-pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, RawFd) -> Result<()>) -> Result<Vec<OwnedFd>> {
+/// Each file a path names is opened (a FIFO, a unix socket bound, an inotify watch added) with the credentials
+/// `auth` gives it (`creds::Authority::for_file`): a root restore opens nothing for a job the job could not.
+pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, RawFd) -> Result<()>, auth: &crate::creds::Authority) -> Result<Vec<OwnedFd>> {
     let mut pipes: Vec<Option<(OwnedFd, OwnedFd)>> = (0..job.pipes.len()).map(|_| None).collect();
     let ptys: Vec<(OwnedFd, OwnedFd)> = job.ptys.iter().map(crate::terminal::make_pty).collect::<Result<_>>()?;
-    let sockets = sockets::restore(job)?;
+    let sockets = sockets::restore(job, &crate::creds::socket_openers(job, auth))?;
     let inet = inet::restore(job)?;
     let mut out = Vec::with_capacity(job.files.len());
     // Pipe ends and terminal sides already given to an open file: another open file of the same one is another
     // open of it.
     let mut given: std::collections::HashSet<(bool, u32, bool)> = std::collections::HashSet::new();
     for (i, f) in job.files.iter().enumerate() {
-        let fd: OwnedFd = match &f.kind {
+        let who = auth.for_file(f);
+        let fd: OwnedFd = crate::creds::as_user(who.as_ref(), || Ok(match &f.kind {
             FileKind::Regular { file } => {
                 let fd = open_by_path(&file.path, f.flags, Want::Regular)?;
                 nix::unistd::lseek(&fd, f.pos as i64, nix::unistd::Whence::SeekSet)?;
@@ -553,7 +556,7 @@ pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, Raw
                 Some(fd) => fd,
                 None => bail!("open file {i} of the image has no kind"),
             },
-        };
+        }))?;
         set_status_flags(&fd, f.flags)?;
         take_locks(&fd, &f.locks)?;
         out.push(fd);

@@ -78,17 +78,18 @@ fn identity_of(m: &Mapped) -> Result<(Option<String>, u64)> {
 }
 
 /// Fill in the identity of the program and of every privately mapped file of the job (each file read once, as
-/// the job sees it). A deleted or memfd program has none: it travels in the image.
+/// the job sees it, with the credentials of the process that says it maps it). A deleted or memfd program has
+/// none: it travels in the image.
 pub fn identify(job: &mut JobImage, members: &[Member]) -> Result<()> {
     let mut known: HashMap<(u64, u64), (Option<String>, u64)> = HashMap::new();
-    let mut fill = |host: i32, id: &mut FileId| -> Result<()> {
+    let mut fill = |host: i32, who: Option<&vos::image::FsCreds>, id: &mut FileId| -> Result<()> {
         if is_detached(&id.path) {
             return Ok(());
         }
         let v = match known.get(&(id.dev, id.ino)) {
             Some(v) => v.clone(),
             None => {
-                let v = identity(&seen_by(host, &id.path)).map_err(|e| anyhow!("{}: {e}", id.path))?;
+                let v = crate::creds::as_user(who, || identity(&seen_by(host, &id.path))).map_err(|e| anyhow!("{}: {e:#}", id.path))?;
                 known.insert((id.dev, id.ino), v.clone());
                 v
             }
@@ -98,10 +99,11 @@ pub fn identify(job: &mut JobImage, members: &[Member]) -> Result<()> {
     };
     for p in &mut job.processes {
         let host = task_of(members, p.pid).ok_or_else(|| anyhow!("process {} vanished", p.pid))?.as_raw();
-        fill(host, &mut p.exe)?;
+        let who = p.attrs.creds.as_ref().map(|c| c.fs());
+        fill(host, who.as_ref(), &mut p.exe)?;
         for r in p.regions.iter_mut().filter(|r| !r.shared) {
             if let Some(id) = &mut r.file {
-                fill(host, id)?;
+                fill(host, who.as_ref(), id)?;
             }
         }
     }

@@ -191,6 +191,7 @@ fn print_report(rep: &Report, mappings: bool) {
         println!("process    pid {} (parent {}, group {}, session {}) {}: {}", p.pid, p.ppid, p.pgid, p.sid, p.comm, p.argv.join(" "));
         println!("program    {}", p.exe.path);
         println!("cwd        {}", p.attrs.cwd);
+        print_creds(&p.attrs);
         println!("threads    {}", p.threads.len());
         for t in &p.threads {
             println!(
@@ -227,11 +228,65 @@ fn print_report(rep: &Report, mappings: bool) {
                 .flat_map(|q| q.fds.iter().filter(|g| g.file == f.file && !(q.pid == p.pid && g.fd == f.fd)).map(move |g| format!("{}:{}", q.pid, g.fd)))
                 .collect();
             let shared = if sharers.is_empty() { String::new() } else { format!(", shared with {}", sharers.join(" ")) };
-            println!("  {:<4} {}, flags {:#o}{}{shared}", f.fd, describe(job, o), o.flags, if f.cloexec { ", cloexec" } else { "" });
+            let opener = match &o.open_as {
+                Some(c) if p.attrs.creds.as_ref().is_none_or(|own| own.fs() != *c) => format!(", reopened as uid {} gid {}", c.uid, c.gid),
+                _ => String::new(),
+            };
+            println!("  {:<4} {}, flags {:#o}{}{shared}{opener}", f.fd, describe(job, o), o.flags, if f.cloexec { ", cloexec" } else { "" });
         }
         let handled = p.signals.actions.iter().filter(|a| a.handler > 1).count();
         println!("signals    {handled} handlers, {} pending for the process", p.signals.pending.len());
         println!("image data {} in page chunks", size(sum.bytes));
+    }
+}
+
+/// SECBIT_* names, bit by bit.
+const SECUREBITS: [&str; 12] = [
+    "noroot",
+    "noroot_locked",
+    "no_setuid_fixup",
+    "no_setuid_fixup_locked",
+    "keep_caps",
+    "keep_caps_locked",
+    "no_cap_ambient_raise",
+    "no_cap_ambient_raise_locked",
+    "exec_restrict_file",
+    "exec_restrict_file_locked",
+    "exec_deny_interactive",
+    "exec_deny_interactive_locked",
+];
+
+/// Who a process is and what confines it.
+fn print_creds(a: &vos::image::ProcessAttrs) {
+    let Some(c) = &a.creds else {
+        println!("user       (not recorded: an older image) capabilities effective {:#x} permitted {:#x} inheritable {:#x}", a.caps.effective, a.caps.permitted, a.caps.inheritable);
+        return;
+    };
+    let ids = |v: &[u32; 4]| format!("{}/{}/{}/{}", v[0], v[1], v[2], v[3]);
+    let groups: Vec<String> = c.groups.iter().map(|g| g.to_string()).collect();
+    let ns = if c.user_ns { ", in vrun's user namespace" } else { "" };
+    println!("user       uid {} gid {} (real/effective/saved/fs), groups [{}]{ns}", ids(&c.uid), ids(&c.gid), groups.join(" "));
+    let k = &c.caps;
+    println!(
+        "caps       effective {:#x} permitted {:#x} inheritable {:#x} ambient {:#x} bounding {:#x}",
+        k.effective, k.permitted, k.inheritable, k.ambient, k.bounding
+    );
+    let bits: Vec<&str> = SECUREBITS.iter().enumerate().filter(|(i, _)| c.securebits & (1 << i) != 0).map(|(_, n)| *n).collect();
+    let bits = if bits.is_empty() { "none".to_string() } else { bits.join(",") };
+    let seccomp = match (c.seccomp.mode, c.seccomp.filters.len(), c.seccomp.inherited) {
+        (0, _, _) => "no seccomp".to_string(),
+        (_, n, 0) => format!("seccomp: {n} filters"),
+        (_, n, i) => format!("seccomp: {n} filters (and {i} of the supervising vrun's own)"),
+    };
+    let logged = c.seccomp.filters.iter().filter(|f| f.log).count();
+    let logged = if logged > 0 { format!(", {logged} logging") } else { String::new() };
+    let cwd = if c.privileged_cwd { ", working directory only root reaches" } else { "" };
+    println!(
+        "sandbox    securebits {bits}, no_new_privs {}, {seccomp}{logged}, dumpable {}{cwd}",
+        c.no_new_privs as u8, a.dumpable
+    );
+    for (i, f) in c.seccomp.filters.iter().enumerate() {
+        println!("  filter {i}: {} instructions", f.prog.len() / 8);
     }
 }
 

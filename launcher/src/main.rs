@@ -5,6 +5,7 @@ mod bundle;
 mod channel;
 mod checkpoint;
 mod client;
+mod creds;
 mod escape;
 mod events;
 mod files;
@@ -457,7 +458,7 @@ fn launch(a: RunArgs) -> Result<()> {
     supervisor::block_signals(opts.signals)?;
     let started_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
     let child = ns::Child::Exec { argv, env, shim_signals: [opts.signals.0, opts.signals.1] };
-    let started = match ns::start(child, ns::ClockOffsets::default(), None, &[reserved.fd()]) {
+    let started = match ns::start(child, ns::ClockOffsets::default(), None, &[reserved.fd()], ns::UserNs::default_here()) {
         Ok(s) => s,
         Err(e) => {
             reserved.release();

@@ -27,6 +27,8 @@ pub enum Child {
     Restore {
         tops: Vec<(i32, usize)>,
         restorer: CString,
+        /// The supervisor made the job's mount namespace (`enter_job_mounts`) and init is in it.
+        in_job_mounts: bool,
         plan_fd: i32,
         fds: Vec<(RawFd, i32)>,
         hostname: String,
@@ -60,15 +62,37 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")
 }
 
+/// The user namespace a job runs in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserNs {
+    /// Root's own, the initial one.
+    Host,
+    /// vrun without root: a namespace of the user's own, mapping only its uid and gid.
+    Own,
+    /// Root restoring a job that ran in vrun's user namespace (launched without root): one like it again, mapping
+    /// the job's uid and gid (and root, the supervisor itself, which stays root there), with the job's
+    /// supplementary groups, which nothing in it can change.
+    For { uid: u32, gid: u32, groups: Vec<u32> },
+}
+
+impl UserNs {
+    /// The job's user namespace when nothing else is asked: root's own for root, the user's own otherwise.
+    pub fn default_here() -> UserNs {
+        if nix::unistd::geteuid().is_root() { UserNs::Host } else { UserNs::Own }
+    }
+}
+
 /// Enter new namespaces for our children and start init there, which starts `child`.
 /// `own_mounts`: the supervisor's mount namespace, when it made the job's (`enter_job_mounts`); it goes back to
 /// it as soon as init is forked, before init mounts the job's /proc.
 /// `supervisor_only`: fds init closes at once (init is forked and never execs, so close-on-exec does not keep them
 /// from it): the registry entry's lock, held by init, would outlive the supervisor and keep its job's name.
-pub fn start(child: Child, clocks: ClockOffsets, own_mounts: Option<OwnMounts>, supervisor_only: &[RawFd]) -> Result<Started> {
-    let root = nix::unistd::geteuid().is_root();
-    if !root {
-        enter_user_namespace()?;
+/// `userns`: the user namespace the job runs in.
+pub fn start(child: Child, clocks: ClockOffsets, own_mounts: Option<OwnMounts>, supervisor_only: &[RawFd], userns: UserNs) -> Result<Started> {
+    match &userns {
+        UserNs::Host => {}
+        UserNs::Own => enter_user_namespace()?,
+        UserNs::For { uid, gid, groups } => enter_user_namespace_for(*uid, *gid, groups)?,
     }
     nix::sched::unshare(CloneFlags::CLONE_NEWPID | CloneFlags::from_bits_retain(libc::CLONE_NEWTIME))
         .map_err(|e| anyhow!("cannot create the job's pid and time namespaces: {e} (vOS needs root or user namespaces)"))?;
@@ -144,8 +168,53 @@ fn child_of(init: Pid, status: &OwnedFd) -> Result<Pid> {
     bail!("the job's first process did not start")
 }
 
+/// Root makes a user namespace for a job that ran in one (`UserNs::For`): with the job's supplementary groups,
+/// mapping the job's uid and gid and root's own. A process inside cannot write mappings that name ids other than
+/// its own: a child left outside writes them (as `newuidmap` would), once we are in.
+fn enter_user_namespace_for(uid: u32, gid: u32, groups: &[u32]) -> Result<()> {
+    let gids: Vec<nix::unistd::Gid> = groups.iter().map(|&g| nix::unistd::Gid::from_raw(g)).collect();
+    nix::unistd::setgroups(&gids).context("taking the job's supplementary groups")?;
+    crate::creds::note_host_groups();
+    let (go_r, go_w) = pipe()?;
+    let (done_r, done_w) = pipe()?;
+    let me = std::process::id();
+    // SAFETY: the launcher is single-threaded here; the child only writes three small files, then _exits.
+    match unsafe { fork() }.context("fork")? {
+        ForkResult::Child => {
+            drop(go_w);
+            drop(done_r);
+            let mut b = [0u8; 1];
+            let ok = (|| -> std::io::Result<()> {
+                File::from(go_r).read_exact(&mut b)?;
+                std::fs::write(format!("/proc/{me}/setgroups"), "deny")?;
+                std::fs::write(format!("/proc/{me}/uid_map"), format!("0 0 1\n{uid} {uid} 1\n"))?;
+                std::fs::write(format!("/proc/{me}/gid_map"), format!("0 0 1\n{gid} {gid} 1\n"))?;
+                Ok(())
+            })();
+            let _ = File::from(done_w).write_all(&[ok.is_ok() as u8]);
+            // SAFETY: leave the forked child without running the launcher's destructors.
+            unsafe { libc::_exit(if ok.is_ok() { 0 } else { 1 }) }
+        }
+        ForkResult::Parent { child } => {
+            drop(go_r);
+            drop(done_w);
+            let entered = nix::sched::unshare(CloneFlags::CLONE_NEWUSER);
+            let _ = File::from(go_w).write_all(&[1]);
+            let mut b = [0u8; 1];
+            let mapped = File::from(done_r).read_exact(&mut b).is_ok() && b[0] == 1;
+            let _ = waitpid(child, None);
+            entered.map_err(|e| anyhow!("cannot create a user namespace for the job: {e}"))?;
+            if !mapped {
+                bail!("cannot map uid {uid} and gid {gid} in the job's user namespace");
+            }
+            Ok(())
+        }
+    }
+}
+
 fn enter_user_namespace() -> Result<()> {
     let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    crate::creds::note_host_groups();
     nix::sched::unshare(CloneFlags::CLONE_NEWUSER)
         .map_err(|e| anyhow!("cannot create a user namespace: {e}; vOS needs root or unprivileged user namespaces"))?;
     std::fs::write("/proc/self/setgroups", "deny")?;
@@ -208,9 +277,9 @@ fn leave_mounts(own: OwnMounts) -> Result<()> {
 
 /// Pid 1 of the job.
 fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
-    // A restoring supervisor already made the job's mount namespace (`enter_job_mounts`) and init is in it.
-    let restoring_as_root = matches!(child, Child::Restore { .. }) && nix::unistd::geteuid().is_root();
-    if !restoring_as_root {
+    // A restoring supervisor may have made the job's mount namespace already (`enter_job_mounts`).
+    let in_job_mounts = matches!(child, Child::Restore { in_job_mounts: true, .. });
+    if !in_job_mounts {
         new_mount_namespace()?;
     }
     nix::sched::unshare(CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC).context("unshare UTS and IPC namespaces")?;
@@ -241,7 +310,7 @@ fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
                 ForkResult::Parent { child } => child,
             }
         }
-        Child::Restore { tops, restorer, plan_fd, fds, hostname, domainname, sysv, sysv_contents } => {
+        Child::Restore { tops, restorer, plan_fd, fds, hostname, domainname, sysv, sysv_contents, .. } => {
             if !hostname.is_empty() {
                 nix::unistd::sethostname(&hostname).context("setting the job's hostname")?;
             }
@@ -411,7 +480,8 @@ fn lend_restore_caps() {
     if nix::unistd::geteuid().is_root() && nix::unistd::getuid().is_root() {
         return;
     }
-    const CAPS: [u32; 3] = [40 /* CHECKPOINT_RESTORE */, 21 /* SYS_ADMIN */, 24 /* SYS_RESOURCE */];
+    // CAP_SETPCAP: the shim drops from the bounding set and sets securebits as the job had them.
+    const CAPS: [u32; 4] = [40 /* CHECKPOINT_RESTORE */, 21 /* SYS_ADMIN */, 24 /* SYS_RESOURCE */, 8 /* SETPCAP */];
     #[repr(C)]
     struct Header {
         version: u32,

@@ -12,7 +12,7 @@ use crate::imagefile::Reader;
 use crate::ns::{self, Child, ClockOffsets};
 use crate::progress::Progress;
 use crate::supervisor::{self, Options, Supervisor};
-use crate::{bundle, files, host, identity, job, pathopen, runtime, sysv, terminal, vdso};
+use crate::{bundle, creds, files, host, identity, job, pathopen, runtime, sysv, terminal, vdso};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
@@ -79,7 +79,10 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     crate::inet::rebind(&mut job, &a.map_addr)?;
     // Everything the image says is checked before anything is made from it.
     job.validate(&header).map_err(|e| anyhow!("{}: {e}", r.name))?;
-    let verified = check_files(&job).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
+    // Whose the job was, and whether this restore may bring it back: before anything is opened or made.
+    let auth = creds::Authority::of(r.raw_fd(), &job)?;
+    auth.check(&job).map_err(|e| anyhow!("cannot restore {}: {e}", r.name))?;
+    let verified = check_files(&job, &auth).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
     let opts = a.given.settle(Some(&header.job))?;
 
     // A name given is taken only once the image is whole, just before the job runs: until then it may still be
@@ -112,8 +115,9 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
             Ok(())
         })
     };
-    let own_mounts = ns::enter_job_mounts()?;
-    let objects = files::restore(&job, &stdio, &mut fill)?;
+    // A job restored into a user namespace makes its own mount namespace there, as one launched without root.
+    let own_mounts = if auth.userns.is_some() { None } else { ns::enter_job_mounts()? };
+    let objects = files::restore(&job, &stdio, &mut fill, &auth)?;
     let sysv_contents: Vec<OwnedFd> = job
         .sysv
         .shm
@@ -157,8 +161,10 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         let ctl_at = fds.put(child.as_raw_fd());
         keep.push(child);
         ctls.push(parent);
+        let mut process = for_restart(p);
+        auth.adapt(&mut process);
         let spec = RestartSpec {
-            process: for_restart(p),
+            process,
             fd_sources: p.fds.iter().map(|f| files::source_of(&job, f, &object_at, &stdio_at)).collect(),
             ctl_fd: ctl_at,
             sock: listener.name.clone(),
@@ -169,6 +175,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
             Some(_) => plan::POST_COPY,
             None => a.bases.iter().find(|b| b.0 == p.pid).map_or(-1, |b| fds.put(b.1)),
         };
+        fds.who = auth.for_process(p);
         let plan = process_plan(p, &spec, &mut fds, &mut keep, image_at, ctl_at, &shm_at, &shm_size, r.seq, swap.as_ref(), base_at)?;
         plans.push((plan, i));
     }
@@ -187,6 +194,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     let child = Child::Restore {
         tops,
         restorer: CString::new(restorer.as_os_str().as_encoded_bytes())?,
+        in_job_mounts: own_mounts.is_some(),
         plan_fd: memfd_plan,
         fds: fds.list.clone(),
         hostname: a.hostname.clone().unwrap_or_else(|| first.hostname.clone()),
@@ -201,7 +209,11 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         None if a.bases.is_empty() => None,
         None => Some(crate::fill::start(&a.bases)?),
     };
-    let started = ns::start(child, clocks, own_mounts, early.as_ref().map(|r| r.fd()).as_slice())?;
+    let userns = match &auth.userns {
+        Some((uid, gid, groups)) => ns::UserNs::For { uid: *uid, gid: *gid, groups: groups.clone() },
+        None => ns::UserNs::default_here(),
+    };
+    let started = ns::start(child, clocks, own_mounts, early.as_ref().map(|r| r.fd()).as_slice(), userns)?;
     phases.mark("restorer started");
     drop((keep, objects, shm, sysv_contents, bundled, plan_fd, stdin, stdio_bound));
     let fail = |e: anyhow::Error| -> anyhow::Error {
@@ -438,23 +450,29 @@ fn rebind_paths(job: &mut JobImage, map: &[(String, String)]) {
 /// Every file the job maps or has open must still be there, and mapped files unchanged: named here, before
 /// anything is restored. Returns, by path, the files found to be what the image needs (`Fds::file` opens them
 /// later, in the job's mount namespace, and checks again that it got those).
-fn check_files(job: &JobImage) -> Result<HashMap<String, identity::Stamp>> {
+/// Files a process maps are opened with its own credentials (`auth`), open files with theirs.
+fn check_files(job: &JobImage, auth: &creds::Authority) -> Result<HashMap<String, identity::Stamp>> {
     let mut verified = HashMap::new();
     let mut checked = std::collections::HashSet::new();
     for p in &job.processes {
+        let who = auth.for_process(p);
         for (f, private) in std::iter::once((&p.exe, true)).chain(p.regions.iter().filter_map(|r| Some((r.file.as_ref()?, !r.shared)))) {
             let carried = job.bundle.iter().any(|b| b.dev == f.dev && b.ino == f.ino);
-            if carried || !checked.insert((&f.path, private)) {
+            if carried || !checked.insert((&f.path, private, who.clone())) {
                 continue;
             }
-            let (fd, _) = pathopen::open(&f.path, libc::O_RDONLY, pathopen::Want::Regular)
+            let (fd, _) = creds::as_user(who.as_ref(), || pathopen::open(&f.path, libc::O_RDONLY, pathopen::Want::Regular))
                 .map_err(|e| anyhow!("{}, mapped by pid {}: {e}", f.path, p.pid))?;
             if private {
                 let st = identity::check(f, &File::from(fd), None).map_err(|e| anyhow!("pid {}: {e}", p.pid))?;
                 verified.insert(f.path.clone(), st);
             }
         }
-        std::fs::metadata(&p.attrs.cwd).map_err(|e| anyhow!("the working directory {} of pid {} is missing: {e}", p.attrs.cwd, p.pid))?;
+        // A working directory only root reaches (an image root vouches for says so) is entered before the process
+        // drops to its own credentials.
+        let cwd_as = if p.attrs.creds.as_ref().is_some_and(|c| c.privileged_cwd) { None } else { who.clone() };
+        creds::as_user(cwd_as.as_ref(), || Ok(std::fs::metadata(&p.attrs.cwd)?))
+            .map_err(|e| anyhow!("the working directory {} of pid {} is missing: {e}", p.attrs.cwd, p.pid))?;
     }
     for f in &job.files {
         let path = match &f.kind {
@@ -466,7 +484,7 @@ fn check_files(job: &JobImage) -> Result<HashMap<String, identity::Stamp>> {
             },
             _ => continue,
         };
-        std::fs::symlink_metadata(path).map_err(|e| anyhow!("{path}, open in the job, is missing: {e}"))?;
+        creds::as_user(auth.for_file(f).as_ref(), || Ok(std::fs::symlink_metadata(path)?)).map_err(|e| anyhow!("{path}, open in the job, is missing: {e}"))?;
     }
     Ok(verified)
 }
@@ -588,18 +606,21 @@ pub fn plan_size(job: &JobImage) -> u64 {
 struct Fds {
     next: i32,
     list: Vec<(RawFd, i32)>,
-    /// Files opened for mappings, by path, for writing, privately (shared by every process that maps them).
-    by_path: HashMap<(String, bool, bool), i32>,
+    /// Files opened for mappings, by path, for writing, privately, and whose credentials opened them (shared by
+    /// every process that maps them with the same).
+    by_path: HashMap<(String, bool, bool, Option<vos::image::FsCreds>), i32>,
     /// Carried files (`bundle`), by the checkpoint host's (dev, ino): mapped instead of the host's.
     bundled: HashMap<(u64, u64), i32>,
     /// Files `check_files` found to be what the image needs, by path.
     verified: HashMap<String, identity::Stamp>,
+    /// Whose credentials the files of the process being planned are opened with (its own).
+    who: Option<vos::image::FsCreds>,
 }
 
 impl Fds {
     fn new(job: &JobImage, verified: HashMap<String, identity::Stamp>) -> Fds {
         let top = job.processes.iter().flat_map(|p| p.fds.iter().map(|f| f.fd + 1)).max().unwrap_or(0);
-        Fds { next: top.max(10), list: vec![], by_path: HashMap::new(), bundled: HashMap::new(), verified }
+        Fds { next: top.max(10), list: vec![], by_path: HashMap::new(), bundled: HashMap::new(), verified, who: None }
     }
     fn reserve(&mut self) -> i32 {
         self.next += 1;
@@ -622,12 +643,12 @@ impl Fds {
             return Ok(n);
         }
         let path = id.path.as_str();
-        let key = (path.to_string(), write, private);
+        let key = (path.to_string(), write, private, self.who.clone());
         if let Some(&n) = self.by_path.get(&key) {
             return Ok(n);
         }
         let flags = if write { libc::O_RDWR } else { libc::O_RDONLY };
-        let (fd, _) = pathopen::open(path, flags, pathopen::Want::Regular).with_context(|| format!("opening {path}"))?;
+        let (fd, _) = creds::as_user(self.who.as_ref(), || pathopen::open(path, flags, pathopen::Want::Regular)).with_context(|| format!("opening {path}"))?;
         let f = File::from(fd);
         if private {
             identity::check(id, &f, self.verified.get(path).copied())?;

@@ -10,7 +10,7 @@ use anyhow::{Result, anyhow, bail};
 use serde_bytes::ByteBuf;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use vos::image::{JobImage, SockAddr, SocketImage};
+use vos::image::{FsCreds, JobImage, SockAddr, SocketImage};
 
 /// What sock_diag says of one unix socket.
 #[derive(Clone, Debug, Default)]
@@ -474,14 +474,17 @@ fn accept(fd: &OwnedFd) -> Result<OwnedFd> {
 }
 
 /// Make the job's sockets again, connected and with their queues refilled; one fd per `job.sockets` entry.
-pub fn restore(job: &JobImage) -> Result<Vec<OwnedFd>> {
+/// `binders`: the credentials each socket (by index) is bound with (`creds::socket_openers`), so its file is made
+/// where, and owned by whom, the job's own bind made it.
+pub fn restore(job: &JobImage, binders: &HashMap<u32, Option<FsCreds>>) -> Result<Vec<OwnedFd>> {
+    let bind_as = |i: usize, fd: &OwnedFd, a: &SockAddr| crate::creds::as_user(binders.get(&(i as u32)).cloned().flatten().as_ref(), || bind(fd, a));
     let n = job.sockets.len();
     let mut made: Vec<Option<OwnedFd>> = (0..n).map(|_| None).collect();
     // Listeners and unconnected sockets first: connections go through the listeners, which keeps addresses.
     for (i, s) in job.sockets.iter().enumerate() {
         if s.peer.is_none() {
             let fd = new_socket(s.kind)?;
-            bind(&fd, &s.local)?;
+            bind_as(i, &fd, &s.local)?;
             if s.listening {
                 listen(&fd)?;
             }
@@ -497,17 +500,17 @@ pub fn restore(job: &JobImage) -> Result<Vec<OwnedFd>> {
         if p.peer != Some(i as u32) {
             // A datagram socket connected to a peer that is not connected back.
             let fd = new_socket(s.kind)?;
-            bind(&fd, &s.local)?;
+            bind_as(i, &fd, &s.local)?;
             if made[j].is_none() {
                 let pfd = new_socket(p.kind)?;
-                bind(&pfd, &p.local)?;
+                bind_as(j, &pfd, &p.local)?;
                 made[j] = Some(pfd);
             }
             connect(&fd, &p.local)?;
             made[i] = Some(fd);
             continue;
         }
-        let (a, b) = pair(job, &made, s, p)?;
+        let (a, b) = pair(job, &made, s, p, &bind_as)?;
         made[i] = Some(a);
         made[j] = Some(b);
     }
@@ -550,7 +553,7 @@ pub fn restore(job: &JobImage) -> Result<Vec<OwnedFd>> {
 
 /// Two sockets connected to each other, `s` first. A named side is made by accepting on a listener (the job's
 /// own, made already, or one made for the moment), so both ends show the same addresses as before.
-fn pair(job: &JobImage, made: &[Option<OwnedFd>], s: &SocketImage, p: &SocketImage) -> Result<(OwnedFd, OwnedFd)> {
+fn pair(job: &JobImage, made: &[Option<OwnedFd>], s: &SocketImage, p: &SocketImage, bind_as: &dyn Fn(usize, &OwnedFd, &SockAddr) -> Result<()>) -> Result<(OwnedFd, OwnedFd)> {
     let (server, client, swap) = match (&s.local, &p.local) {
         (SockAddr::Unnamed, SockAddr::Unnamed) => {
             let mut sv = [0i32; 2];
@@ -570,13 +573,15 @@ fn pair(job: &JobImage, made: &[Option<OwnedFd>], s: &SocketImage, p: &SocketIma
         Some(l) => l,
         None => {
             temporary = new_socket(server.kind)?;
-            bind(&temporary, &server.local)?;
+            let si = job.sockets.iter().position(|x| std::ptr::eq(x, server)).unwrap_or(usize::MAX);
+            bind_as(si, &temporary, &server.local)?;
             listen(&temporary)?;
             &temporary
         }
     };
     let c = new_socket(client.kind)?;
-    bind(&c, &client.local)?;
+    let ci = job.sockets.iter().position(|x| std::ptr::eq(x, client)).unwrap_or(usize::MAX);
+    bind_as(ci, &c, &client.local)?;
     connect(&c, &server.local)?;
     let srv = accept(listener)?;
     Ok(if swap { (c, srv) } else { (srv, c) })

@@ -319,18 +319,52 @@ impl Supervisor {
         }
     }
 
-    /// Accept a connection from our own user and read its first message.
+    /// Accept a connection from our own user (or root), or from a process of the job, and read its first message.
+    /// A process of the job that runs as another user (a daemon's child that switched to its own) may only say
+    /// hello to a checkpoint: answering one its supervisor asked for, or passing on a trigger signal when every
+    /// process of the job is that user's (it may not end other users' processes).
     pub(crate) fn accept(&self) -> Option<(OwnedFd, Msg, Option<i32>)> {
         let fd = socket::accept4(self.listener.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC).ok()?;
         let conn = crate::ns::owned(fd);
-        if !peer_allowed(&conn) {
+        let peer = socket::getsockopt(&conn, socket::sockopt::PeerCredentials).ok()?;
+        let own = peer.uid() == 0 || peer.uid() == nix::unistd::getuid().as_raw();
+        if !own && !self.of_job(peer.pid()) {
             return None;
         }
         crate::checkpoint::set_timeout(conn.as_raw_fd(), Duration::from_secs(10));
-        match proto::recv(conn.as_raw_fd()) {
-            Ok(Some((m, fd))) => Some((conn, m, fd)),
-            _ => None,
+        let (m, fd) = match proto::recv(conn.as_raw_fd()) {
+            Ok(Some(got)) => got,
+            _ => return None,
+        };
+        let allowed = own
+            || match &m {
+                Msg::Hello { trigger: Trigger::Supervisor, .. } => true,
+                Msg::Hello { trigger: Trigger::Signal { .. }, .. } => self.all_run_as(peer.uid()),
+                _ => false,
+            };
+        if !allowed {
+            if let Some(f) = fd {
+                drop(crate::ns::owned(f));
+            }
+            return None;
         }
+        Some((conn, m, fd))
+    }
+
+    /// Whether host process `pid` is one of the job's (in its pid namespace).
+    fn of_job(&self, pid: i32) -> bool {
+        let ns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+        pid > 0 && ns(pid).is_some() && ns(pid) == ns(self.job.init.as_raw())
+    }
+
+    /// Whether every live process of the job runs as `uid` (real, effective, saved and filesystem uid).
+    fn all_run_as(&self, uid: u32) -> bool {
+        crate::job::members(self.job.init).is_ok_and(|ms| {
+            ms.iter().filter(|m| !m.zombie).all(|m| {
+                let s = std::fs::read_to_string(format!("/proc/{}/status", m.host)).unwrap_or_default();
+                s.lines().find_map(|l| l.strip_prefix("Uid:")).is_some_and(|v| v.split_whitespace().all(|u| u.parse() == Ok(uid)))
+            })
+        })
     }
 
     fn on_connection(&mut self) {
@@ -417,14 +451,6 @@ pub fn ask_checkpoint(pid: nix::unistd::Pid, sig: i32) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Only our own user (or root) may drive a job.
-fn peer_allowed(conn: &OwnedFd) -> bool {
-    match socket::getsockopt(conn, socket::sockopt::PeerCredentials) {
-        Ok(c) => c.uid() == 0 || c.uid() == nix::unistd::getuid().as_raw(),
-        Err(_) => false,
     }
 }
 

@@ -147,15 +147,32 @@ fn run(trigger: Trigger) -> Result<(), String> {
         sys::syscall6(libc::SYS_setsockopt, conn.0 as usize, libc::SOL_SOCKET as usize, libc::SO_RCVTIMEO as usize, &tv as *const libc::timeval as usize, core::mem::size_of::<libc::timeval>(), 0);
     }
     conn.send(&Msg::Hello { pid: sys::getpid(), trigger }, None)?;
-    match conn.recv()? {
-        (Msg::Begin { .. }, _) => {}
-        (Msg::Cancel { why }, _) => return Err(format!("the supervisor declined: {why}")),
-        (m, _) => return Err(format!("unexpected message from the supervisor: {m:?}")),
+    // The /proc files the supervisor opens for us, if any, are ours until the checkpoint ends.
+    struct Given;
+    impl Drop for Given {
+        fn drop(&mut self) {
+            procfs::forget_given();
+        }
+    }
+    let _given = Given;
+    loop {
+        match conn.recv()? {
+            (Msg::ProcFile { name }, Some(fd)) => {
+                let fd = move_high(fd);
+                if !procfs::give(&name, fd) {
+                    let _ = sys::close(fd);
+                }
+            }
+            (Msg::Begin { .. }, _) => break,
+            (Msg::Cancel { why }, _) => return Err(format!("the supervisor declined: {why}")),
+            (m, _) => return Err(format!("unexpected message from the supervisor: {m:?}")),
+        }
     }
 
     interrupts::GEN.fetch_add(1, Ordering::AcqRel);
     let mut own_fds = alloc::vec![conn.0];
     own_fds.extend(tracking::fd());
+    own_fds.extend(procfs::given_fds());
     let parked = match threads::park_all(PARK_TIMEOUT_NS) {
         Ok(p) => p,
         Err(e) => {
@@ -305,7 +322,12 @@ fn capture(parked: &threads::Parked) -> Result<ProcessImage, String> {
         fixups: Vec::new(),
         timers: crate::timers::capture()?,
         signals: signals::capture(),
-        attrs: process::capture()?,
+        attrs: {
+            let mut a = process::capture()?;
+            // The supervisor reads the rest of the credentials from outside; the securebits only a thread can read.
+            a.creds = Some(vos::image::Creds { securebits: threads::securebits(parked)?, ..Default::default() });
+            a
+        },
         mm: process::capture_mm()?,
         shim: ShimImage { restart_entry: restart::entry as *const () as u64, restart_stack_top: restart::stack_top() },
     })

@@ -15,6 +15,7 @@
 extern crate alloc;
 
 mod checkpoint;
+mod creds;
 mod errno;
 mod files;
 mod global;

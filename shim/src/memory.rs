@@ -251,7 +251,7 @@ fn past_end(mem: &mut Mem, v: &Vma) -> Result<u64, String> {
         return Ok(if object_end <= v.offset { start } else { end.min(start + (object_end - v.offset)) });
     }
     if mem.0 < 0 {
-        mem.0 = sys::open(b"/proc/thread-self/mem\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/thread-self/mem: {e}"))?;
+        mem.0 = procfs::open_own("mem").map_err(|e| format!("/proc/thread-self/mem: {e}"))?;
     }
     let readable = |page: u64| {
         let mut b = [0u8; 1];
@@ -274,7 +274,7 @@ fn past_end(mem: &mut Mem, v: &Vma) -> Result<u64, String> {
 /// reading one faults, so they are never read; the restorer installs them again. A kernel that cannot tell them
 /// (before Linux 6.14) has none to tell.
 fn find_guards(regions: &mut [Region]) -> Result<(), String> {
-    let pagemap = sys::open(b"/proc/thread-self/pagemap\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/thread-self/pagemap: {e}"))?;
+    let pagemap = procfs::open_own("pagemap").map_err(|e| format!("/proc/thread-self/pagemap: {e}"))?;
     let mut vec = [PageRegion::default(); 64];
     let mut r = Ok(());
     for reg in regions.iter_mut().filter(|r| !matches!(r.kind, RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock)) {
@@ -311,7 +311,7 @@ pub struct Scanner {
 
 impl Scanner {
     pub fn open() -> Result<Scanner, String> {
-        let pagemap = sys::open(b"/proc/thread-self/pagemap\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/thread-self/pagemap: {e}"))?;
+        let pagemap = procfs::open_own("pagemap").map_err(|e| format!("/proc/thread-self/pagemap: {e}"))?;
         Ok(Scanner { pagemap, use_scan: true })
     }
 
@@ -579,7 +579,7 @@ fn write_reuse(w: &mut Writer, runs: &[PageRun]) -> Result<(), String> {
 /// them from pre-copy, or fetches them after the job resumes when `lazy`). Returns what was stored per region.
 pub fn write_pages(w: &mut Writer, regions: &[Region], exclude: &[(u64, u64)], reuse: &[(u64, u64)], lazy: bool) -> Result<ProcessSummary, String> {
     let mut scanner = Scanner::open()?;
-    let mem = sys::open(b"/proc/thread-self/mem\0", libc::O_RDONLY, 0).map_err(|e| format!("/proc/thread-self/mem: {e}"))?;
+    let mem = procfs::open_own("mem").map_err(|e| format!("/proc/thread-self/mem: {e}"))?;
     let mut batch = Batch {
         runs: Vec::with_capacity(chunk::MAX_RUNS as usize),
         src: Vec::with_capacity(chunk::MAX_RUNS as usize),

@@ -46,6 +46,7 @@ pub fn capture() -> Result<ProcessAttrs, String> {
             s
         },
         caps,
+        creds: None,
     })
 }
 
@@ -57,7 +58,14 @@ pub fn capture_mm() -> Result<MmImage, String> {
     let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
     // Field n (1-based, counting pid and comm) is f[n - 3].
     let at = |n: usize| f.get(n - 3).copied().unwrap_or(0);
-    let auxv = procfs::read_file("/proc/thread-self/auxv").map_err(|e| format!("/proc/thread-self/auxv: {e}"))?;
+    let auxv = procfs::open_own("auxv")
+        .and_then(|fd| {
+            let mut v = Vec::new();
+            let r = procfs::read_to_end(fd, &mut v);
+            let _ = sys::close(fd);
+            r.map(|_| v)
+        })
+        .map_err(|e| format!("/proc/thread-self/auxv: {e}"))?;
     Ok(MmImage {
         start_code: at(26),
         end_code: at(27),
@@ -75,15 +83,35 @@ pub fn capture_mm() -> Result<MmImage, String> {
 }
 
 /// cwd, umask, dumpable, parent-death signal. Resource limits come last (`restore_limits`): lowering
-/// RLIMIT_NOFILE first could make the fd table impossible to rebuild.
+/// RLIMIT_NOFILE first could make the fd table impossible to rebuild. With credentials to take, the working
+/// directory is entered as the job (`creds::apply`) unless the image says the job's own credentials cannot reach
+/// it; dumpable and the parent-death signal come after them (a change of ids resets both).
 pub fn restore(a: &ProcessAttrs) -> Result<(), String> {
-    sys::chdir(&procfs::cpath(&a.cwd)).map_err(|e| format!("changing to the working directory {}: {e}", a.cwd))?;
+    if a.creds.as_ref().is_none_or(|c| c.privileged_cwd) {
+        sys::chdir(&procfs::cpath(&a.cwd)).map_err(|e| format!("changing to the working directory {}: {e}", a.cwd))?;
+    }
     sys::umask(a.umask);
+    if a.creds.is_none() {
+        after_credentials(a);
+    }
+    Ok(())
+}
+
+/// Take the process's credentials on the calling thread (the last one to, so the process-wide dumpable flag, which
+/// every change of ids resets, ends as the image says).
+pub fn take_credentials(a: &ProcessAttrs) -> Result<(), String> {
+    let Some(c) = &a.creds else { return Ok(()) };
+    let cwd = (!c.privileged_cwd).then(|| procfs::cpath(&a.cwd));
+    crate::creds::apply(c, cwd.as_deref()).map_err(|e| format!("taking the job's credentials: {e} (working directory {})", a.cwd))?;
+    after_credentials(a);
+    Ok(())
+}
+
+fn after_credentials(a: &ProcessAttrs) {
     let _ = sys::prctl(libc::PR_SET_DUMPABLE, a.dumpable as usize, 0, 0, 0);
     if a.pdeath_sig != 0 {
         let _ = sys::prctl(libc::PR_SET_PDEATHSIG, a.pdeath_sig as usize, 0, 0, 0);
     }
-    Ok(())
 }
 
 pub fn restore_limits(a: &ProcessAttrs) -> Result<(), String> {

@@ -111,3 +111,61 @@ pub fn parse_hex(s: &[u8]) -> Option<u64> {
 pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')).map(|v| v.trim()))
 }
+
+/// This process's own /proc files its credentials may not open (its dumpable flag is off), as the supervisor
+/// opened them for a checkpoint: pagemap, mem, auxv (`Msg::ProcFile`). -1: none. Only the coordinator touches them.
+static GIVEN: [core::sync::atomic::AtomicI32; 3] =
+    [core::sync::atomic::AtomicI32::new(-1), core::sync::atomic::AtomicI32::new(-1), core::sync::atomic::AtomicI32::new(-1)];
+const GIVEN_NAMES: [&str; 3] = ["pagemap", "mem", "auxv"];
+
+/// Keep the supervisor's fd of our own /proc file `name`; false if it is not one we take.
+pub fn give(name: &str, fd: i32) -> bool {
+    let Some(i) = GIVEN_NAMES.iter().position(|n| *n == name) else { return false };
+    let old = GIVEN[i].swap(fd, core::sync::atomic::Ordering::AcqRel);
+    if old >= 0 {
+        let _ = sys::close(old);
+    }
+    true
+}
+
+/// The fds `give` holds (the coordinator's, not the app's).
+pub fn given_fds() -> Vec<i32> {
+    GIVEN.iter().map(|g| g.load(core::sync::atomic::Ordering::Acquire)).filter(|&fd| fd >= 0).collect()
+}
+
+/// After a restore: what `give` held was the checkpointed process's (its numbers mean nothing here).
+pub fn drop_given_numbers() {
+    for g in &GIVEN {
+        g.store(-1, core::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Close what `give` holds (the checkpoint is over).
+pub fn forget_given() {
+    for g in &GIVEN {
+        let fd = g.swap(-1, core::sync::atomic::Ordering::AcqRel);
+        if fd >= 0 {
+            let _ = sys::close(fd);
+        }
+    }
+}
+
+/// Open this thread's /proc/thread-self/`name` (pagemap, mem, auxv) read-only: with our own credentials, or, when
+/// they may not (EACCES: the process is not dumpable), a copy of the supervisor's fd, read from the start.
+pub fn open_own(name: &str) -> Result<i32, Errno> {
+    let path = cpath(&alloc::format!("/proc/thread-self/{name}"));
+    match sys::open(&path, libc::O_RDONLY | libc::O_CLOEXEC, 0) {
+        Err(Errno::EACCES) => {
+            let i = GIVEN_NAMES.iter().position(|n| *n == name).ok_or(Errno::EACCES)?;
+            let fd = GIVEN[i].load(core::sync::atomic::Ordering::Acquire);
+            if fd < 0 {
+                return Err(Errno::EACCES);
+            }
+            // A copy (its offset shared: the coordinator alone reads it, auxv from the start).
+            let d = sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0)? as i32;
+            let _ = sys::lseek(d, 0, libc::SEEK_SET);
+            Ok(d)
+        }
+        r => r,
+    }
+}

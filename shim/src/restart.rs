@@ -38,8 +38,10 @@ fn fail(ctl: i32, why: String) -> ! {
 /// # Safety
 /// Only the restorer calls this, with `blob` pointing at `len` bytes of a MessagePack RestartSpec.
 pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
-    // The image was taken mid-checkpoint: forget that session's arena (its memory did not travel).
+    // The image was taken mid-checkpoint: forget that session's arena (its memory did not travel), and the fds
+    // the supervisor had given it.
     arena::forget_session();
+    crate::procfs::drop_given_numbers();
     arena::begin_session(false);
     // SAFETY: per contract.
     let bytes = unsafe { core::slice::from_raw_parts(blob, len) };
@@ -60,7 +62,15 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
     }
     let _ = sys::arch_prctl(sys::ARCH_SET_FS, fs);
     let main_state = match (rebuild(&spec), main) {
-        (Ok(()), Some(main)) => Some(threads::main_state(main, spec.process.attrs.caps).unwrap_or_else(|e| fail(ctl, e))),
+        (Ok(()), Some(main)) => {
+            // With credentials, the restart code took them already (`rebuild`); an older image's capabilities are
+            // given back as the main thread becomes itself again.
+            let privilege = match spec.process.attrs.creds {
+                Some(_) => threads::Privilege::Done,
+                None => threads::Privilege::Caps(spec.process.attrs.caps),
+            };
+            Some(threads::main_state(main, privilege).unwrap_or_else(|e| fail(ctl, e)))
+        }
         (Ok(()), None) => None,
         (Err(e), _) => fail(ctl, e),
     };
@@ -120,9 +130,15 @@ fn rebuild(spec: &RestartSpec) -> Result<(), String> {
     crate::inotify::restore(&p.watches);
     process::restore(&p.attrs)?;
     signals::restore(&p.signals)?;
-    threads::recreate(&p.threads, p.attrs.caps)?;
+    let privilege = match &p.attrs.creds {
+        Some(c) => threads::Privilege::Creds(c),
+        None => threads::Privilege::Caps(p.attrs.caps),
+    };
+    threads::recreate(&p.threads, privilege)?;
     timers::create(&p.timers)?;
     process::restore_limits(&p.attrs)?;
     process::restore_last_pid(&p.attrs);
-    Ok(())
+    // Last, after everything that needs privilege, and before any thread of the app may run: from here on this
+    // thread is who the process was, and makes only calls its filters allow.
+    process::take_credentials(&p.attrs)
 }

@@ -40,6 +40,8 @@ pub struct Slot {
     robust: usize,
     robust_len: usize,
     cpu_ns: u64,
+    /// The thread's securebits: only the thread itself can read them (the kernel shows them nowhere else).
+    securebits: u32,
     npending: usize,
     pending: [SigInfo; MAX_PENDING],
 }
@@ -103,6 +105,8 @@ pub fn park(i: usize, uc: *mut c_void) {
     (s.robust, s.robust_len) = sys::get_robust_list().unwrap_or((0, 0));
     s.npending = signals::drain_private(&mut s.pending);
     s.cpu_ns = crate::timers::thread_cpu_ns();
+    const PR_GET_SECUREBITS: i32 = 27;
+    s.securebits = sys::prctl(PR_GET_SECUREBITS, 0, 0, 0, 0).unwrap_or(0) as u32;
     s.release_at.store(RELEASE.load(Ordering::Acquire), Ordering::Release);
     // SAFETY: park_rsp belongs to this slot; park_wait does not unwind.
     unsafe { sys::save_and_call(&mut s.park_rsp, park_wait, i) };
@@ -416,6 +420,23 @@ pub fn capture(p: &Parked) -> Result<Vec<ThreadImage>, String> {
     Ok(out)
 }
 
+/// The securebits of the parked threads, which must all have the same (each restored thread gets them).
+pub fn securebits(p: &Parked) -> Result<u32, String> {
+    let mut first: Option<(i32, u32)> = None;
+    for &i in &p.slots {
+        let s = slot(i);
+        let tid = s.tid.load(Ordering::Acquire);
+        match first {
+            None => first = Some((tid, s.securebits)),
+            Some((t, b)) if b != s.securebits => {
+                return Err(format!("threads {t} and {tid} have different securebits ({b:#x}, {:#x}): not supported", s.securebits));
+            }
+            _ => {}
+        }
+    }
+    Ok(first.map_or(0, |f| f.1))
+}
+
 // ---- restore ---------------------------------------------------------------------------------------------------
 
 fn slot_of(tid: i32) -> Option<usize> {
@@ -435,12 +456,27 @@ pub struct KernelState {
     park_rsp: usize,
     slot: usize,
     cpu_ns: u64,
-    /// The job's own capabilities: a restore may have lent it more, which each thread gives back.
-    caps: vos::image::Caps,
+    creds: Privilege,
 }
 
+/// What a thread gives back of the privilege its restore had.
+#[derive(Clone, Copy)]
+pub enum Privilege {
+    /// An image without credentials (an older vOS): only its capability sets, exactly.
+    Caps(vos::image::Caps),
+    /// Become what these credentials say (`creds::apply`); they stay allocated until every recreated thread is on
+    /// its own stack.
+    Creds(*const vos::image::Creds),
+    /// Already done (the main thread, at the end of its restart).
+    Done,
+}
+
+/// A recreated thread that could not take its credentials (it ends, the restart fails with this).
+static CREDS_FAILED: crate::global::Global<Option<(i32, crate::creds::Failed)>> = crate::global::Global::new(None);
+static CREDS_FAILED_FLAG: AtomicU32 = AtomicU32::new(0);
+
 impl KernelState {
-    fn of(t: &ThreadImage, slot: usize, caps: vos::image::Caps) -> KernelState {
+    fn of(t: &ThreadImage, slot: usize, creds: Privilege) -> KernelState {
         let mut comm = [0u8; 16];
         let n = t.comm.len().min(15);
         comm[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
@@ -453,7 +489,33 @@ impl KernelState {
             park_rsp: t.park_rsp as usize,
             slot,
             cpu_ns: t.cpu_ns,
-            caps,
+            creds,
+        }
+    }
+
+    /// Take the thread's credentials; a recreated thread that cannot leaves its failure for `recreate` and ends.
+    fn take_credentials(&self) {
+        match self.creds {
+            Privilege::Caps(c) => {
+                if crate::process::set_caps(&c).is_err() {
+                    // Never run the app with more privilege than it had.
+                    sys::exit_group(126);
+                }
+            }
+            // SAFETY: the credentials stay allocated until `recreate` returns, after every thread took them.
+            Privilege::Creds(c) => match crate::creds::apply(unsafe { &*c }, None) {
+                Ok(()) => {}
+                Err(e) => {
+                    if CREDS_FAILED_FLAG.swap(1, Ordering::AcqRel) == 0 {
+                        // SAFETY: only the first failing thread writes it (the flag), and `recreate` reads it after.
+                        unsafe { *CREDS_FAILED.get() = Some((sys::gettid(), e)) };
+                    }
+                    ON_STACK.fetch_add(1, Ordering::AcqRel);
+                    let _ = sys::futex_wake(&ON_STACK, 1);
+                    sys::exit_thread(0)
+                }
+            },
+            Privilege::Done => {}
         }
     }
 
@@ -466,10 +528,7 @@ impl KernelState {
         }
         let _ = sys::prctl(libc::PR_SET_NAME, self.comm.as_ptr() as usize, 0, 0, 0);
         crate::timers::set_thread_offset(self.cpu_ns);
-        if crate::process::set_caps(&self.caps).is_err() {
-            // Never run the app with more privilege than it had.
-            sys::exit_group(126);
-        }
+        self.take_credentials();
     }
 }
 
@@ -490,15 +549,16 @@ extern "C" fn reborn_on_stack(i: usize) {
 
 /// Recreate every thread except the main one (the caller is the process's first thread, tid = pid); each
 /// waits, parked again, for `release_all`. Returns when all are on their own stacks.
-pub fn recreate(threads: &[ThreadImage], caps: vos::image::Caps) -> Result<(), String> {
+pub fn recreate(threads: &[ThreadImage], creds: Privilege) -> Result<(), String> {
     let pid = sys::getpid();
     ON_STACK.store(0, Ordering::Release);
+    CREDS_FAILED_FLAG.store(0, Ordering::Release);
     let mut n = 0;
     for t in threads.iter().filter(|t| t.tid != pid) {
         let i = slot_of(t.tid).ok_or_else(|| format!("thread {}: no parked frame in the image", t.tid))?;
         const SCRATCH: usize = 32 << 10;
         let stack = alloc::vec![0u8; SCRATCH].leak();
-        let k = alloc::boxed::Box::leak(alloc::boxed::Box::new(KernelState::of(t, i, caps)));
+        let k = alloc::boxed::Box::leak(alloc::boxed::Box::new(KernelState::of(t, i, creds)));
         let tid = t.tid as u64;
         let args = sys::CloneArgs {
             flags: sys::THREAD_FLAGS,
@@ -519,6 +579,12 @@ pub fn recreate(threads: &[ThreadImage], caps: vos::image::Caps) -> Result<(), S
     loop {
         let seen = ON_STACK.load(Ordering::Acquire);
         if seen == n {
+            if CREDS_FAILED_FLAG.load(Ordering::Acquire) != 0 {
+                // SAFETY: written once by the failing thread before it counted itself on ON_STACK.
+                if let Some((tid, e)) = unsafe { *CREDS_FAILED.get() } {
+                    return Err(format!("thread {tid}: {e}"));
+                }
+            }
             return Ok(());
         }
         if sys::now_ns(libc::CLOCK_MONOTONIC) - start > 10_000_000_000 {
@@ -529,9 +595,9 @@ pub fn recreate(threads: &[ThreadImage], caps: vos::image::Caps) -> Result<(), S
 }
 
 /// The main thread's state, to be carried past the end of the restart session.
-pub fn main_state(main: &ThreadImage, caps: vos::image::Caps) -> Result<KernelState, String> {
+pub fn main_state(main: &ThreadImage, creds: Privilege) -> Result<KernelState, String> {
     let i = slot_of(main.tid).ok_or_else(|| format!("main thread {}: no parked frame in the image", main.tid))?;
-    Ok(KernelState::of(main, i, caps))
+    Ok(KernelState::of(main, i, creds))
 }
 
 /// Become the main thread again: its kernel state, then its saved frame.
