@@ -4,6 +4,7 @@
 use anyhow::{Context, Result, anyhow, bail};
 use serde::de::DeserializeOwned;
 use std::fs::File;
+use crate::escape::escape;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -18,8 +19,9 @@ pub struct Reader {
     pub file: File,
     /// Number of the next chunk.
     pub seq: u64,
-    /// Where it comes from, for messages.
+    /// Where it comes from, for messages (escaped: a directory entry's name is anyone's).
     pub name: String,
+    owner: u32,
 }
 
 struct Src<'a>(&'a mut File);
@@ -44,7 +46,8 @@ fn img_err(e: ImageError) -> anyhow::Error {
 }
 
 impl Reader {
-    /// Open an image: a file, a directory (its newest complete image), or "-" (standard input).
+    /// Open an image: a file, a directory (the caller's newest complete image in it, see `newest_in`), or "-"
+    /// (standard input).
     pub fn open(src: &str) -> Result<Reader> {
         let (file, name) = if src == "-" {
             // SAFETY: dup of our own stdin, owned by the File from here on.
@@ -56,14 +59,26 @@ impl Reader {
             (unsafe { File::from_raw_fd(fd) }, "standard input".to_string())
         } else {
             let p = Path::new(src);
-            let path = if p.is_dir() { newest_in(p)? } else { p.to_path_buf() };
-            let f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            (f, path.display().to_string())
+            refuse_foreign_link(p)?;
+            if p.is_dir() {
+                let (f, path) = newest_in(p)?;
+                (f, escape(&path.display().to_string()))
+            } else {
+                let f = File::open(p).with_context(|| format!("cannot open {}", escape(src)))?;
+                (f, escape(src))
+            }
         };
-        let mut r = Reader { file, seq: 0, name };
+        let owner = nix::sys::stat::fstat(&file).map(|st| st.st_uid).with_context(|| format!("{name}: fstat"))?;
+        let mut r = Reader { file, seq: 0, name, owner };
         r.check_end_first()?;
         chunk::read_file_head(&mut Src(&mut r.file)).map_err(|e| anyhow!("{}: {e}", r.name))?;
         Ok(r)
+    }
+
+    /// The uid owning the image as opened: a file's owner (st_uid), or that of standard input's fd 0 (a pipe's
+    /// is its maker's). Whoever owns an image could have written any of it: a restore bounds the job by it.
+    pub fn owner(&self) -> u32 {
+        self.owner
     }
 
     /// A seekable image must end with its End chunk; find truncation before anything else is read.
@@ -240,22 +255,72 @@ impl Reader {
     }
 }
 
-/// The newest complete image in a directory (temporary and hidden files are never complete).
-pub fn newest_in(dir: &Path) -> Result<PathBuf> {
+/// A symbolic link at the end of a path a user named is followed only if it is the user's own (or root's): in a
+/// shared directory another user's link could point a restore at an image of the caller's choosing, of another
+/// job, or at a FIFO that blocks it.
+fn refuse_foreign_link(p: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(p) {
+        Ok(md) if md.file_type().is_symlink() && md.uid() != nix::unistd::geteuid().as_raw() && md.uid() != 0 => bail!(
+            "{} is a symbolic link of user {}: name what it points to, if you mean it",
+            escape(&p.display().to_string()),
+            md.uid()
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The caller's newest complete image in a directory, opened. Only images the caller owns count (root's for
+/// root), found without following links, and only in a directory that nobody else can take them out of or
+/// swap: owned by the caller or root, and not writable by others unless sticky (in a sticky directory such as
+/// /tmp/imgs others can add files, which are ignored, but not rename or remove the caller's). Temporary and
+/// hidden files are never complete.
+pub fn newest_in(dir: &Path) -> Result<(File, PathBuf)> {
+    use nix::fcntl::{AtFlags, OFlag, openat};
+    use nix::sys::stat::{Mode, fstat, fstatat};
+    let shown = escape(&dir.display().to_string());
+    let d = nix::fcntl::open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).with_context(|| format!("cannot read {shown}"))?;
+    let st = fstat(&d).with_context(|| format!("cannot read {shown}"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if st.st_uid != me && st.st_uid != 0 {
+        bail!("{shown} belongs to user {}, who can take your images out of it or rename them: name the image file", st.st_uid);
+    }
+    if st.st_mode & 0o022 != 0 && st.st_mode & libc::S_ISVTX == 0 {
+        bail!("{shown} is writable by others and not sticky: anyone could put an image there or take yours away; name the image file (or chmod +t {shown})");
+    }
     sweep_temporaries(dir);
-    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
-    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || !name.ends_with(&format!(".{EXT}")) {
+    let mut best: Option<((i64, i64), std::ffi::OsString)> = None;
+    let mut foreign = 0;
+    for e in std::fs::read_dir(format!("/proc/self/fd/{}", d.as_raw_fd())).with_context(|| format!("cannot read {shown}"))? {
+        let name = e?.file_name();
+        let s = name.to_string_lossy();
+        if s.starts_with('.') || !s.ends_with(&format!(".{EXT}")) {
             continue;
         }
-        let t = e.metadata()?.modified()?;
-        if best.as_ref().is_none_or(|(bt, bp)| t > *bt || (t == *bt && e.path() > *bp)) {
-            best = Some((t, e.path()));
+        let Ok(st) = fstatat(&d, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else { continue };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_uid != me {
+            foreign += 1;
+            continue;
+        }
+        let t = (st.st_mtime, st.st_mtime_nsec);
+        if best.as_ref().is_none_or(|(bt, bn)| t > *bt || (t == *bt && name > *bn)) {
+            best = Some((t, name));
         }
     }
-    best.map(|(_, p)| p).ok_or_else(|| anyhow!("no image (*.{EXT}) in {}", dir.display()))
+    let others = if foreign > 0 { format!(" ({foreign} not yours or not regular files, ignored)") } else { String::new() };
+    let Some((_, name)) = best else { bail!("no image (*.{EXT}) of yours in {shown}{others}") };
+    if foreign > 0 {
+        eprintln!("vrun: {shown}: {foreign} image(s) not yours or not regular files ignored");
+    }
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let path = dir.join(&name);
+    let f = openat(&d, name.as_os_str(), flags, Mode::empty()).with_context(|| format!("cannot open {}", escape(&path.display().to_string())))?;
+    let st = fstat(&f)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_uid != me {
+        bail!("{} changed while it was opened", escape(&path.display().to_string()));
+    }
+    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))?;
+    Ok((File::from(f), path))
 }
 
 /// Writes the launcher's parts of an image (file head, header, end) on the stream the shims write to.

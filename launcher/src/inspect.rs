@@ -9,6 +9,8 @@ use vos::image::{Contents, FileKind, ImageHeader, JobImage, OpenFile, ProcessSum
 struct Report {
     source: String,
     format: u32,
+    /// The uid owning the image file (or standard input): whoever could have written it.
+    owner: u32,
     header: ImageHeader,
     job: JobImage,
     /// Per process (in the order of `job.processes`): what was stored.
@@ -30,7 +32,7 @@ pub fn run(src: &str, json: bool, mappings: bool) -> Result<()> {
         summaries.push(r.skip_pages(p)?.0);
     }
     r.end()?;
-    let rep = Report { source: r.name.clone(), format: vos::chunk::FORMAT_VERSION, header, job, summaries };
+    let rep = Report { source: r.name.clone(), format: vos::chunk::FORMAT_VERSION, owner: r.owner(), header, job, summaries };
     if json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
@@ -130,7 +132,7 @@ fn kind_name(k: &FileKind) -> &'static str {
 fn print_report(rep: &Report, mappings: bool) {
     let h = &rep.header;
     let when = crate::supervisor::timestamp_of(h.created_unix_ns / 1_000_000_000);
-    println!("image      {} (format {})", rep.source, rep.format);
+    println!("image      {} (format {}, owned by uid {})", rep.source, rep.format, rep.owner);
     println!("taken      {when} UTC, reason: {}", h.reason);
     println!(
         "host       {} ({}, kernel {}, glibc {}, {} CPU, XCR0 {:#x}, XSAVE {} bytes)",
