@@ -335,7 +335,10 @@ fn main() {
         Some(Cmd::Man) => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout()).map_err(Into::into),
     };
     if let Err(e) = r {
-        eprintln!("vrun: {e:#}");
+        // Messages quote images, paths and names others chose: escaped, line by line.
+        let msg = format!("{e:#}");
+        let lines: Vec<String> = msg.lines().map(escape::escape).collect();
+        eprintln!("vrun: {}", lines.join("\n"));
         std::process::exit(1);
     }
 }
