@@ -12,6 +12,7 @@
 use crate::imagefile::{self, EXT};
 use crate::job::{self, Member};
 use crate::supervisor::{Supervisor, ask_checkpoint, nanos, timestamp};
+use crate::sign::{self, Key};
 use crate::{bundle, events, files, host, identity, inet, precopy, sysv, terminal};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -40,12 +41,14 @@ pub struct Request {
     pub pages: Pages,
     /// The requester, told how far the image is while it is written (`Msg::Progress`).
     pub progress: Option<OwnedFd>,
+    /// Sign the image with this key (`vrun checkpoint --image-key`); otherwise with the job's, if it has one.
+    pub sign: Option<Key>,
 }
 
 impl Request {
     /// A checkpoint to the job's directory, nothing more (an interval, a trigger signal).
     pub fn to_dir(kill: bool, reason: &'static str) -> Request {
-        Request { kill, dest: Dest::Dir, reason, bundle: false, tcp_established: false, handoff: None, pages: Pages::All, progress: None }
+        Request { kill, dest: Dest::Dir, reason, bundle: false, tcp_established: false, handoff: None, pages: Pages::All, progress: None, sign: None }
     }
 }
 
@@ -506,8 +509,15 @@ impl Supervisor {
                 s.send(&Msg::Finish { exit: false }, None)?;
             }
         }
+        // A file is signed once whole, read back from the page cache; a stream is not (it is never read back).
+        self.last_signed = None;
         let path = match (tmp, fin) {
             (Some(t), Some(f)) => {
+                if let Some(key) = req.sign.as_ref().or(self.opts.sign.as_ref()) {
+                    sign::append(&mut w, seq, key)?;
+                    mark("signed");
+                    self.last_signed = Some(key.id_hex());
+                }
                 commit(&w.file, t, f)?;
                 Some(f.display().to_string())
             }

@@ -5,14 +5,27 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::de::DeserializeOwned;
 use std::fs::File;
 use crate::escape::escape;
+use crate::sign::{self, Key, Signature};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use vos::chunk::{self, ChunkHead, ImageError, Kind};
 use vos::image::{Contents, DataImage, ImageHeader, JobImage, ProcessImage, ProcessSummary};
 use vos::sys::Errno;
 
 pub const EXT: &str = "vimg";
+
+/// What a reader demands of an image's signature (`sign`).
+#[derive(Clone, Copy, Default)]
+pub struct Trust<'a> {
+    /// Only an image signed by this key is read (None: signatures are not checked).
+    pub key: Option<&'a Key>,
+    /// `--trust-unsigned`: read it without checking its signature (said loudly).
+    pub unsigned_ok: bool,
+    /// The image comes over `vrun serve`'s authenticated connection, which vouches for it.
+    pub channel: bool,
+}
 
 /// An image being read.
 pub struct Reader {
@@ -22,6 +35,13 @@ pub struct Reader {
     /// Where it comes from, for messages (escaped: a directory entry's name is anyone's).
     pub name: String,
     owner: u32,
+    /// A read lease on the image file, taken before it was verified: as long as it holds, nobody has opened the
+    /// file for writing since (`end` looks).
+    leased: bool,
+    /// Its signature, if it has one (a file's is known at once, a stream's at its end).
+    pub signature: Option<Signature>,
+    /// The signature was checked against the reader's key.
+    pub verified: bool,
 }
 
 struct Src<'a>(&'a mut File);
@@ -45,10 +65,18 @@ fn img_err(e: ImageError) -> anyhow::Error {
     anyhow!("{e}")
 }
 
+fn is_regular(f: &File) -> bool {
+    nix::sys::stat::fstat(f).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+}
+
+/// Does nothing: a lease break's SIGIO must not end vrun (`Reader::end` finds the broken lease and refuses).
+extern "C" fn on_sigio(_: libc::c_int) {}
+
 impl Reader {
     /// Open an image: a file, a directory (the caller's newest complete image in it, see `newest_in`), or "-"
-    /// (standard input).
-    pub fn open(src: &str) -> Result<Reader> {
+    /// (standard input). With a key in `trust`, an image not signed by it is refused here, before anything of it
+    /// is used; a file is then held still (a read lease, or a private copy) so what was verified is what is read.
+    pub fn open(src: &str, trust: Trust) -> Result<Reader> {
         let (file, name) = if src == "-" {
             // SAFETY: dup of our own stdin, owned by the File from here on.
             let fd = unsafe { libc::dup(0) };
@@ -69,8 +97,30 @@ impl Reader {
             }
         };
         let owner = nix::sys::stat::fstat(&file).map(|st| st.st_uid).with_context(|| format!("{name}: fstat"))?;
-        let mut r = Reader { file, seq: 0, name, owner };
-        r.check_end_first()?;
+        let mut r = Reader { file, seq: 0, name, owner, leased: false, signature: None, verified: false };
+        let check = trust.key.filter(|_| !trust.unsigned_ok && !trust.channel);
+        if let Some(key) = check {
+            if !is_regular(&r.file) {
+                bail!(
+                    "{} is a stream: a signature (key {}) cannot be checked before the image is used; save it to a file \
+                     first, or give --trust-unsigned if the way it came (ssh, `vrun migrate`) vouches for it",
+                    r.name,
+                    escape(&key.from)
+                );
+            }
+            r.hold()?;
+        }
+        r.signature = r.check_end_first()?;
+        match (check, trust.key) {
+            (Some(key), _) => r.verify(key)?,
+            (None, Some(key)) if trust.unsigned_ok && !trust.channel => eprintln!(
+                "vrun: WARNING: --trust-unsigned: {} is read without checking that key {} signed it: whoever could \
+                 write it decides what runs",
+                r.name,
+                escape(&key.from)
+            ),
+            _ => {}
+        }
         chunk::read_file_head(&mut Src(&mut r.file)).map_err(|e| anyhow!("{}: {e}", r.name))?;
         Ok(r)
     }
@@ -81,33 +131,111 @@ impl Reader {
         self.owner
     }
 
-    /// A seekable image must end with its End chunk; find truncation before anything else is read.
-    fn check_end_first(&mut self) -> Result<()> {
-        let Ok(len) = self.file.seek(SeekFrom::End(0)) else { return Ok(()) };
-        let tail = (chunk::CHUNK_HEAD_LEN + 8) as u64;
-        if len < (chunk::FILE_HEAD_LEN as u64) + tail {
-            self.file.seek(SeekFrom::Start(0))?;
-            let mut head = [0u8; chunk::FILE_HEAD_LEN];
-            if len < chunk::FILE_HEAD_LEN as u64 || self.file.read_exact(&mut head).is_err() {
-                bail!("{}: {}", self.name, ImageError::NotAnImage);
-            }
-            chunk::check_file_head(&head).map_err(|e| anyhow!("{}: {e}", self.name))?;
-            bail!("{}: {}", self.name, ImageError::Truncated("chunk list"));
+    /// Keep the image file from changing while it is verified and read: a read lease (which nobody can take while
+    /// the file is open for writing, and which breaks when anyone opens it for writing or truncates it), or where
+    /// no lease can be had (another user's file for a user without CAP_LEASE, a filesystem without leases such as
+    /// NFS), a private copy in memory to read instead.
+    fn hold(&mut self) -> Result<()> {
+        // SAFETY: an async-signal-safe no-op handler; a handler, unlike SIG_IGN, is not inherited across exec.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigio as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(libc::SIGIO, &sa, std::ptr::null_mut());
         }
-        self.file.seek(SeekFrom::Start(len - tail))?;
-        let mut b = [0u8; chunk::CHUNK_HEAD_LEN + 8];
-        self.file.read_exact(&mut b)?;
+        // SAFETY: fcntl on our own fd.
+        if unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) } == 0 {
+            self.leased = true;
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            bail!("{} is open for writing by another process: it could change while it is verified and restored", self.name);
+        }
+        let size = nix::sys::stat::fstat(&self.file)?.st_size as u64;
+        let copy = nix::sys::memfd::memfd_create(c"vos-image", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).context("memfd_create")?;
+        let mut copy = File::from(copy);
+        let n = std::io::copy(&mut (&self.file).take(size), &mut copy).with_context(|| format!("copying {}", self.name))?;
+        if n != size {
+            bail!("{}: {}", self.name, ImageError::Truncated("image (it shrank while it was copied)"));
+        }
+        copy.seek(SeekFrom::Start(0))?;
+        self.file = copy;
+        Ok(())
+    }
+
+    /// The image must carry a MAC by `key` of every byte before its signature.
+    fn verify(&mut self, key: &Key) -> Result<()> {
+        let Some(sig) = self.signature else {
+            bail!(
+                "{} is not signed: with key {} only images it signed are used (--trust-unsigned to use it anyway)",
+                self.name,
+                escape(&key.from)
+            );
+        };
+        if sig.key_id != key.id {
+            bail!(
+                "{} is signed by another key (id {}), not by {} (id {}): refused",
+                self.name,
+                sign::hex(&sig.key_id),
+                escape(&key.from),
+                key.id_hex()
+            );
+        }
+        let mac = sign::mac(&self.file, sig.signed, key).with_context(|| format!("reading {} to check its signature", self.name))?;
+        if !sign::same(&mac, &sig.mac) {
+            bail!("{}: its signature does not match (the image was changed after it was signed, or the signature is not the key's)", self.name);
+        }
+        self.verified = true;
+        Ok(())
+    }
+
+    /// A seekable image must end with its End chunk (and may have a Signature after it, which is returned): find
+    /// truncation before anything else is read.
+    fn check_end_first(&mut self) -> Result<Option<Signature>> {
+        let Ok(len) = self.file.seek(SeekFrom::End(0)) else { return Ok(None) };
         self.file.seek(SeekFrom::Start(0))?;
         let mut head = [0u8; chunk::FILE_HEAD_LEN];
-        self.file.read_exact(&mut head)?;
-        chunk::check_file_head(&head).map_err(|e| anyhow!("{}: {e}", self.name))?;
-        self.file.seek(SeekFrom::Start(0))?;
-        let (h, count) = b.split_first_chunk::<{ chunk::CHUNK_HEAD_LEN }>().ok_or_else(|| anyhow!("{}: unreadable", self.name))?;
-        let seq = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
-        match ChunkHead::decode(h, seq) {
-            Ok(c) if c.kind == Kind::End && c.len == 8 && count[..] == chunk::end_payload(seq) => Ok(()),
-            _ => bail!("{}: {}", self.name, ImageError::Truncated("last chunk (no end marker)")),
+        if len < chunk::FILE_HEAD_LEN as u64 || self.file.read_exact(&mut head).is_err() {
+            bail!("{}: {}", self.name, ImageError::NotAnImage);
         }
+        chunk::check_file_head(&head).map_err(|e| anyhow!("{}: {e}", self.name))?;
+        let truncated = || anyhow!("{}: {}", self.name, ImageError::Truncated("last chunk (no end marker)"));
+        let end_at = |at: u64| -> Option<u64> {
+            let mut b = [0u8; chunk::END_CHUNK_LEN];
+            self.file.read_exact_at(&mut b, at).ok()?;
+            let (h, count) = b.split_first_chunk::<{ chunk::CHUNK_HEAD_LEN }>()?;
+            let seq = u64::from_le_bytes(h[8..16].try_into().ok()?);
+            match ChunkHead::decode(h, seq) {
+                Ok(c) if c.kind == Kind::End && c.len == 8 && count[..] == chunk::end_payload(seq) => Some(seq),
+                _ => None,
+            }
+        };
+        let body = chunk::FILE_HEAD_LEN as u64;
+        let end = chunk::END_CHUNK_LEN as u64;
+        if len >= body + end && end_at(len - end).is_some() {
+            self.file.seek(SeekFrom::Start(0))?;
+            return Ok(None);
+        }
+        // Signed: End, then the Signature chunk numbered after it, covering everything before it.
+        let sig_len = chunk::SIGNATURE_CHUNK_LEN as u64;
+        if len < body + end + sig_len {
+            return Err(truncated());
+        }
+        let at = len - sig_len;
+        let Some(end_seq) = end_at(at - end) else { return Err(truncated()) };
+        let mut b = [0u8; chunk::SIGNATURE_CHUNK_LEN];
+        self.file.read_exact_at(&mut b, at)?;
+        let (h, payload) = b.split_first_chunk::<{ chunk::CHUNK_HEAD_LEN }>().ok_or_else(truncated)?;
+        let sig = match ChunkHead::decode(h, end_seq + 1) {
+            Ok(c) if c.kind == Kind::Signature && c.len == chunk::SIGNATURE_LEN as u64 && chunk::payload_hash(payload) == c.payload_hash => {
+                Signature::decode(payload).filter(|s| s.signed == at)
+            }
+            _ => return Err(truncated()),
+        };
+        let sig = sig.ok_or_else(|| anyhow!("{}: {}", self.name, ImageError::Malformed { seq: end_seq + 1, what: "a signature this vrun cannot read" }))?;
+        self.file.seek(SeekFrom::Start(0))?;
+        Ok(Some(sig))
     }
 
     pub fn head(&mut self) -> Result<ChunkHead> {
@@ -230,22 +358,67 @@ impl Reader {
         if p.len() != 8 || p[..] != chunk::end_payload(h.seq) {
             bail!("{}: {}", self.name, ImageError::Malformed { seq: h.seq, what: "end marker counts the wrong number of chunks" });
         }
-        // A file: its end is here. A stream: it ends here (its writer closes it after the End chunk).
-        let trailing = match (self.file.stream_position(), self.file.metadata()) {
-            (Ok(at), Ok(md)) if md.file_type().is_file() => at != md.len(),
+        // A file: its end is here, or its signature follows. A stream: it ends here, or after its signature (its
+        // writer closes it after them).
+        let follows = || anyhow!("{}: image is corrupt: data follows its end marker", self.name);
+        let left = match (self.file.stream_position(), self.file.metadata()) {
+            (Ok(at), Ok(md)) if md.file_type().is_file() => Some(md.len().saturating_sub(at)),
+            _ => None,
+        };
+        match left {
+            Some(0) => {}
+            Some(n) if n != chunk::SIGNATURE_CHUNK_LEN as u64 => return Err(follows()),
             _ => {
-                let mut b = [0u8; 1];
-                loop {
-                    match self.file.read(&mut b) {
-                        Ok(n) => break n > 0,
+                let mut first = [0u8; 1];
+                let got = loop {
+                    match self.file.read(&mut first) {
+                        Ok(n) => break n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(e) => bail!("{}: reading past the end marker: {e}", self.name),
                     }
+                };
+                if got > 0 {
+                    let mut b = [0u8; chunk::SIGNATURE_CHUNK_LEN + 1];
+                    b[0] = first[0];
+                    let mut n = 1;
+                    while n < b.len() {
+                        match self.file.read(&mut b[n..]) {
+                            Ok(0) => break,
+                            Ok(k) => n += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => bail!("{}: reading past the end marker: {e}", self.name),
+                        }
+                    }
+                    if n != chunk::SIGNATURE_CHUNK_LEN {
+                        return Err(follows());
+                    }
+                    let (h, payload) = b[..n].split_first_chunk::<{ chunk::CHUNK_HEAD_LEN }>().ok_or_else(follows)?;
+                    let sig = match ChunkHead::decode(h, self.seq) {
+                        Ok(c) if c.kind == Kind::Signature && c.len == chunk::SIGNATURE_LEN as u64 && chunk::payload_hash(payload) == c.payload_hash => {
+                            Signature::decode(payload)
+                        }
+                        _ => None,
+                    };
+                    match (sig, self.signature) {
+                        (Some(s), None) => self.signature = Some(s),
+                        (Some(s), Some(known)) if s == known => {}
+                        _ => return Err(follows()),
+                    }
                 }
             }
-        };
-        if trailing {
-            bail!("{}: image is corrupt: data follows its end marker", self.name);
+        }
+        if self.leased {
+            // SAFETY: fcntl on our own fd.
+            let lease = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GETLEASE) };
+            if lease != libc::F_RDLCK {
+                bail!("{} was opened for writing while it was read: it may have changed since its signature was checked", self.name);
+            }
+            // SAFETY: fcntl on our own fd; the default action of SIGIO again, as before `hold`.
+            unsafe {
+                libc::fcntl(self.file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK);
+                libc::signal(libc::SIGIO, libc::SIG_DFL);
+            }
+            self.leased = false;
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! can move the cursor, clear the screen or hide text (JSON is escaped by serde).
 
 use crate::escape::{escape as e, escape_bytes};
-use crate::imagefile::Reader;
+use crate::imagefile::{Reader, Trust};
 use anyhow::{Result, anyhow};
 use serde::Serialize;
 use vos::image::{Contents, FileKind, ImageHeader, JobImage, OpenFile, ProcessSummary, RegionKind};
@@ -14,15 +14,25 @@ struct Report {
     format: u32,
     /// The uid owning the image file (or standard input): whoever could have written it.
     owner: u32,
+    /// The signature: None, or the id of the key that made it and whether that key checked it.
+    signature: Option<Signature>,
     header: ImageHeader,
     job: JobImage,
     /// Per process (in the order of `job.processes`): what was stored.
     summaries: Vec<ProcessSummary>,
 }
 
-/// `mappings`: list every mapping of every process (the report otherwise gives their totals).
-pub fn run(src: &str, json: bool, mappings: bool) -> Result<()> {
-    let mut r = Reader::open(src)?;
+#[derive(Serialize)]
+struct Signature {
+    key_id: String,
+    verified: bool,
+}
+
+/// `mappings`: list every mapping of every process (the report otherwise gives their totals). With a key (named,
+/// or the host's), only an image it signed is read, unless `trust_unsigned`.
+pub fn run(src: &str, json: bool, mappings: bool, image_key: Option<&std::path::Path>, trust_unsigned: bool) -> Result<()> {
+    let key = crate::sign::resolve(image_key)?;
+    let mut r = Reader::open(src, Trust { key: key.as_ref(), unsigned_ok: trust_unsigned, channel: false })?;
     let header = r.header()?;
     let job = r.job()?;
     // The report indexes and sizes by the metadata: it must hold together first.
@@ -35,7 +45,8 @@ pub fn run(src: &str, json: bool, mappings: bool) -> Result<()> {
         summaries.push(r.skip_pages(p)?.0);
     }
     r.end()?;
-    let rep = Report { source: r.name.clone(), format: vos::chunk::FORMAT_VERSION, owner: r.owner(), header, job, summaries };
+    let signature = r.signature.map(|s| Signature { key_id: crate::sign::hex(&s.key_id), verified: r.verified });
+    let rep = Report { source: r.name.clone(), format: vos::chunk::FORMAT_VERSION, owner: r.owner(), signature, header, job, summaries };
     if json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
@@ -136,6 +147,11 @@ fn print_report(rep: &Report, mappings: bool) {
     let h = &rep.header;
     let when = crate::supervisor::timestamp_of(h.created_unix_ns / 1_000_000_000);
     println!("image      {} (format {}, owned by uid {})", rep.source, rep.format, rep.owner);
+    match &rep.signature {
+        Some(s) if s.verified => println!("signature  keyed BLAKE3 by key {}, checked", s.key_id),
+        Some(s) => println!("signature  keyed BLAKE3 by key {}, not checked (no key given)", s.key_id),
+        None => println!("signature  none"),
+    }
     println!("taken      {when} UTC, reason: {}", e(&h.reason));
     println!(
         "host       {} ({}, kernel {}, glibc {}, {} CPU, XCR0 {:#x}, XSAVE {} bytes)",

@@ -8,7 +8,7 @@
 //! stream); each process's shim rebuilds fds, signals and threads and says it is ready; the launcher reads the end
 //! of the image, gives the terminal to the job's foreground group, and only if the image is whole lets the job run.
 
-use crate::imagefile::Reader;
+use crate::imagefile::{Reader, Trust};
 use crate::ns::{self, Child, ClockOffsets};
 use crate::progress::Progress;
 use crate::supervisor::{self, Options, Supervisor};
@@ -28,6 +28,10 @@ use vos::proto::{self, Msg};
 
 pub struct Args {
     pub src: String,
+    /// The key the image must be signed by (None: the host's, if there is one), which then signs the job's images.
+    pub image_key: Option<PathBuf>,
+    /// Restore it even if the key did not sign it.
+    pub trust_unsigned: bool,
     /// A name chosen on the command line (valid): refused if taken. Without it, the image's, made valid and
     /// unique.
     pub name: Option<String>,
@@ -69,7 +73,10 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     if let Some(r) = &report {
         nix::fcntl::fcntl(r, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC)).context("--report-fd")?;
     }
-    let mut r = Reader::open(&a.src)?;
+    let key = crate::sign::resolve(a.image_key.as_deref())?;
+    // A restore for `vrun serve` (--report-fd) takes what its authenticated connection delivered.
+    let trust = Trust { key: key.as_ref(), unsigned_ok: a.trust_unsigned, channel: a.report_fd.is_some() };
+    let mut r = Reader::open(&a.src, trust)?;
     let header = r.header()?;
     let here = host::current();
     host::check(&header.host, &here).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
@@ -80,7 +87,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     // Everything the image says is checked before anything is made from it.
     job.validate(&header).map_err(|e| anyhow!("{}: {e}", r.name))?;
     let verified = check_files(&job).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
-    let opts = a.given.settle(Some(&header.job))?;
+    let opts = Options { sign: key.clone(), ..a.given.settle(Some(&header.job))? };
 
     // A name given is taken only once the image is whole, just before the job runs: until then it may still be
     // the checkpointed job's, ending (`vrun checkpoint X --kill --to - | vrun restore --name X -`). Otherwise the
