@@ -208,7 +208,8 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         None if a.bases.is_empty() => None,
         None => Some(crate::fill::start(&a.bases)?),
     };
-    let started = ns::start(child, clocks, own_mounts, early.as_ref().map(|r| r.fd()).as_slice())?;
+    // A restorer that refuses the image at once may be gone before its process is seen: its report says why.
+    let started = ns::start(child, clocks, own_mounts, early.as_ref().map(|r| r.fd()).as_slice()).map_err(|e| restorer_said(&ctls).unwrap_or(e))?;
     phases.mark("restorer started");
     drop((keep, objects, shm, sysv_contents, bundled, plan_fd, stdin, stdio_bound));
     let fail = |e: anyhow::Error| -> anyhow::Error {
@@ -361,6 +362,16 @@ impl ImageRead {
 /// meanwhile. The restorers after it may fail first (this one then waits for them for ever): a failure they
 /// report, or their end, ends the wait too; so does the end of the job's main process, with the reason an earlier
 /// process's restart gave, if one did.
+/// The failure a restorer reported, if one did (without waiting).
+fn restorer_said(ctls: &[OwnedFd]) -> Option<anyhow::Error> {
+    ctls.iter().find_map(|c| {
+        let mut buf = vec![0u8; std::mem::size_of::<plan::RestorerReport>()];
+        let n = nix::sys::socket::recv(c.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT).ok()?;
+        let rep = plan::RestorerReport::from_bytes(&buf[..n])?;
+        (rep.status != plan::REPORT_OK).then(|| anyhow!("{}", rep.message()))
+    })
+}
+
 fn wait_report(all: &[OwnedFd], at: usize, status: &File, all_procs: &[ProcessImage], tick: &mut dyn FnMut()) -> Result<plan::RestorerReport> {
     let (ctls, procs) = (&all[at..], &all_procs[at..]);
     let pid = procs[0].pid;
