@@ -138,8 +138,10 @@ const SPLIT_MIN: u64 = 16 << 20;
 const BLOCK: usize = 64 << 10;
 
 /// The keyed BLAKE3 hash of the first `len` bytes of `f` (read with pread: the file's offset is left alone).
-/// A large file is hashed as the two halves of BLAKE3's own tree on two threads, and the halves are merged at
-/// the root (blake3's `hazmat`): the very hash `blake3::keyed_hash` gives, at twice the speed on two cores.
+/// A large file is hashed as the two halves of BLAKE3's own tree, on two threads where the process may start one,
+/// and the halves are merged at the root (blake3's `hazmat`): the very hash `blake3::keyed_hash` gives, at twice
+/// the speed on two cores. (A supervisor cannot start threads: its children's pid and time namespaces are not its
+/// own, and clone(CLONE_THREAD) then fails. It hashes on one.)
 pub fn mac(f: &File, len: u64, key: &Key) -> std::io::Result<[u8; 32]> {
     if len <= SPLIT_MIN {
         let mut h = blake3::Hasher::new_keyed(&key.mac);
@@ -148,16 +150,21 @@ pub fn mac(f: &File, len: u64, key: &Key) -> std::io::Result<[u8; 32]> {
     }
     // BLAKE3's tree splits an input of more than one chunk (1 KiB) here: the left subtree is whole and complete.
     let left = left_subtree_len(len);
-    let (l, r) = std::thread::scope(|s| {
-        let t = s.spawn(|| {
-            let mut h = blake3::Hasher::new_keyed(&key.mac);
-            hash_range(f, &mut h, 0, left).map(|_| h.finalize_non_root())
-        });
+    let hash_left = || {
+        let mut h = blake3::Hasher::new_keyed(&key.mac);
+        hash_range(f, &mut h, 0, left).map(|_| h.finalize_non_root())
+    };
+    let hash_right = || {
         let mut h = blake3::Hasher::new_keyed(&key.mac);
         h.set_input_offset(left);
-        let r = hash_range(f, &mut h, left, len).map(|_| h.finalize_non_root());
-        let l = t.join().unwrap_or_else(|_| Err(std::io::Error::other("hashing thread failed")));
-        (l, r)
+        hash_range(f, &mut h, left, len).map(|_| h.finalize_non_root())
+    };
+    let (l, r) = std::thread::scope(|s| match std::thread::Builder::new().spawn_scoped(s, hash_left) {
+        Ok(t) => {
+            let r = hash_right();
+            (t.join().unwrap_or_else(|_| Err(std::io::Error::other("hashing thread failed"))), r)
+        }
+        Err(_) => (hash_left(), hash_right()),
     });
     Ok(*merge_subtrees_root(&l?, &r?, Mode::KeyedHash(&key.mac)).as_bytes())
 }

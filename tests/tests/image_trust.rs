@@ -51,6 +51,10 @@ fn key(w: &Work, name: &str) -> PathBuf {
 
 /// A heaplog job (8 MiB, a step every few ms) printing "step N" to `out`, with vrun's extra `args`.
 fn job(w: &Work, tag: &str, out: &Path, args: &[&str]) -> Running {
+    job_of(w, tag, out, args, 8)
+}
+
+fn job_of(w: &Work, tag: &str, out: &Path, args: &[&str], mib: u32) -> Running {
     let prog = gcc("heaplog");
     let name = w.name(tag);
     let mut c = vrun();
@@ -58,7 +62,7 @@ fn job(w: &Work, tag: &str, out: &Path, args: &[&str]) -> Running {
     if !args.contains(&"--dir") {
         c.arg("--dir").arg(&w.dir);
     }
-    c.args(args).arg("--").args([prog.to_str().unwrap(), "8", &w.s(&format!("{tag}.log")), "100000"]);
+    c.args(args).arg("--").args([prog.to_str().unwrap(), &mib.to_string(), &w.s(&format!("{tag}.log")), "100000"]);
     let j = spawn(c, &name, out, &w.path("vrun.err"));
     wait_step(out, 3);
     j
@@ -248,7 +252,9 @@ fn only_images_signed_by_the_key_restore() {
     let (k1, k2) = (key(&w, "k1"), key(&w, "k2"));
     let (k1s, k2s) = (k1.to_str().unwrap(), k2.to_str().unwrap());
     let out = w.path("out.txt");
-    let j = job(&w, "signed", &out, &["--image-key", k1s, "--interval", "0.5"]);
+    // Large enough (40 MiB) to be hashed in two halves: by the supervisor on one thread (it cannot start threads),
+    // by restore and inspect on two.
+    let j = job_of(&w, "signed", &out, &["--image-key", k1s, "--interval", "0.5"], 40);
     let t = std::time::Instant::now();
     let periodic = loop {
         let found = fs::read_dir(&w.dir).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "vimg"));
