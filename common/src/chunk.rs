@@ -14,6 +14,12 @@
 //! nothing. A ProcessEnd payload is `pages:u64` (the pages its Pages and Reuse chunks list, so the restorer can
 //! tell a chunk is missing without MessagePack) followed by the MessagePack summary.
 //!
+//! A signed image has one more chunk after End, the last bytes of the file: a Signature (number End's + 1) whose
+//! payload is `alg:u32 0:u32 signed:u64 key_id:[u8;16] mac:[u8;32]`: a keyed BLAKE3 MAC (`alg` 1) of the image's
+//! first `signed` bytes (every byte before this chunk: file head, every chunk head and payload, End). The xxh3
+//! checksums find accidents; only the MAC tells who made the image (see the launcher's `sign`). An unsigned image
+//! is the same bytes without it, so signing appends and older images read as before.
+//!
 //! This module is `no_std`: the restorer reads page chunks with it.
 
 use crate::sys::Errno;
@@ -51,7 +57,15 @@ pub enum Kind {
     /// Pages of one process that a migration's destination already holds from pre-copy: a run table like a
     /// Pages chunk's, with no data.
     Reuse = 7,
+    /// After End, in a signed image only: `SIGNATURE_LEN` bytes (see the module's description).
+    Signature = 8,
 }
+
+/// A Signature chunk's payload length, and its whole length with its head.
+pub const SIGNATURE_LEN: usize = 64;
+pub const SIGNATURE_CHUNK_LEN: usize = CHUNK_HEAD_LEN + SIGNATURE_LEN;
+/// The End chunk's whole length (head and count).
+pub const END_CHUNK_LEN: usize = CHUNK_HEAD_LEN + 8;
 
 impl Kind {
     pub fn from_u32(v: u32) -> Option<Kind> {
@@ -63,6 +77,7 @@ impl Kind {
             5 => Kind::End,
             6 => Kind::Data,
             7 => Kind::Reuse,
+            8 => Kind::Signature,
             _ => return None,
         })
     }

@@ -67,6 +67,9 @@ pub enum Msg {
     /// `vrun checkpoint`: to a path, to the fd that comes with the message (`--to -`), or to the job's directory.
     /// `handoff` (migration): once the image is written the job waits, stopped, for `Handoff`.
     Checkpoint { kill: bool, to: Option<String>, fd_attached: bool, bundle: bool, tcp_established: bool, handoff: bool, pages: Pages },
+    /// `vrun checkpoint --image-key`: the key file's 32 bytes, to sign the image of the `Checkpoint` that follows on
+    /// the same connection.
+    SignWith { key: serde_bytes::ByteBuf },
     /// `vrun migrate`: send the job's memory to the fd that comes along while it runs, in rounds, each round the
     /// pages written since the last one, until few change.
     Precopy,
@@ -80,7 +83,14 @@ pub enum Msg {
     /// Post-copy: /proc/PID/mem of job process `pid` (as the job numbers it), opened by the supervisor, comes
     /// along; `more` says whether another follows.
     MemoryOf { pid: i32, more: bool },
-    CheckpointDone { path: Option<String>, bytes: u64, millis: u64 },
+    /// `signed`: the id of the key that signed the image (None: not signed).
+    CheckpointDone {
+        path: Option<String>,
+        bytes: u64,
+        millis: u64,
+        #[serde(default)]
+        signed: Option<String>,
+    },
     /// A checkpoint's image has `bytes` so far, of about `total`.
     Progress { bytes: u64, total: u64 },
     CheckpointFailed { why: String },

@@ -12,6 +12,7 @@
 use crate::imagefile::{self, EXT};
 use crate::job::{self, Member};
 use crate::supervisor::{Supervisor, ask_checkpoint, nanos, timestamp};
+use crate::sign::{self, Key};
 use crate::{bundle, events, files, host, identity, inet, precopy, sysv, terminal};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -40,12 +41,14 @@ pub struct Request {
     pub pages: Pages,
     /// The requester, told how far the image is while it is written (`Msg::Progress`).
     pub progress: Option<OwnedFd>,
+    /// Sign the image with this key (`vrun checkpoint --image-key`); otherwise with the job's, if it has one.
+    pub sign: Option<Key>,
 }
 
 impl Request {
     /// A checkpoint to the job's directory, nothing more (an interval, a trigger signal).
     pub fn to_dir(kill: bool, reason: &'static str) -> Request {
-        Request { kill, dest: Dest::Dir, reason, bundle: false, tcp_established: false, handoff: None, pages: Pages::All, progress: None }
+        Request { kill, dest: Dest::Dir, reason, bundle: false, tcp_established: false, handoff: None, pages: Pages::All, progress: None, sign: None }
     }
 }
 
@@ -63,9 +66,11 @@ pub enum Dest {
 impl Dest {
     /// Where `--to PATH` writes: a regular file or a new path gets the image atomically; a character device,
     /// FIFO or socket gets it in place, as a stream; a symbolic link's target is what gets written (the link
-    /// stays); anything else (a directory, a block device) is refused. Checked before the job is disturbed.
+    /// stays); anything else (a directory, a block device) is refused. Checked before the job is disturbed. A link
+    /// is followed only if it is ours or root's: another user's link in a shared directory could otherwise aim
+    /// the image (renamed over its target) at any file we may write.
     pub fn to_path(path: &Path) -> Result<Dest> {
-        use std::os::unix::fs::FileTypeExt;
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
         let mut p = path.to_path_buf();
         for _ in 0..40 {
             let m = match std::fs::symlink_metadata(&p) {
@@ -75,6 +80,9 @@ impl Dest {
             };
             let t = m.file_type();
             if t.is_symlink() {
+                if m.uid() != nix::unistd::geteuid().as_raw() && m.uid() != 0 {
+                    bail!("--to {}: a symbolic link of user {}: name the file itself", crate::escape::escape(&p.display().to_string()), m.uid());
+                }
                 let target = std::fs::read_link(&p).with_context(|| format!("--to {}", p.display()))?;
                 p = p.parent().unwrap_or(Path::new("/")).join(target);
                 continue;
@@ -517,8 +525,15 @@ impl Supervisor {
                 s.send(&Msg::Finish { exit: false }, None)?;
             }
         }
+        // A file is signed once whole, read back from the page cache; a stream is not (it is never read back).
+        self.last_signed = None;
         let path = match (tmp, fin) {
             (Some(t), Some(f)) => {
+                if let Some(key) = req.sign.as_ref().or(self.opts.sign.as_ref()) {
+                    sign::append(&mut w, seq, key)?;
+                    mark("signed");
+                    self.last_signed = Some(key.id_hex());
+                }
                 commit(&w.file, t, f)?;
                 Some(f.display().to_string())
             }
@@ -557,7 +572,13 @@ impl Supervisor {
             Dest::Stream { fd, .. } => return Ok((fd.try_clone()?, None, None)),
             Dest::Path(p) => p.clone(),
             Dest::Dir => {
-                std::fs::create_dir_all(&self.opts.dir).with_context(|| format!("creating {}", self.opts.dir.display()))?;
+                // A directory vrun makes for images is private (0700): images hold the job's memory.
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&self.opts.dir)
+                    .with_context(|| format!("creating {}", self.opts.dir.display()))?;
                 let stamp = timestamp();
                 let mut n = 0;
                 loop {
@@ -572,15 +593,26 @@ impl Supervisor {
         };
         let dir = fin.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         imagefile::sweep_temporaries(dir);
-        let tmp = dir.join(format!(".{}.{EXT}.tmp-{}", fin.file_stem().and_then(|n| n.to_str()).unwrap_or("image"), std::process::id()));
-        let f = imagefile::create_temporary(&tmp)?;
-        Ok((OwnedFd::from(f), Some(tmp), Some(fin)))
+        // An unpredictable name: another user cannot make it first (in a shared directory) to stop our checkpoints.
+        let stem = fin.file_stem().and_then(|n| n.to_str()).unwrap_or("image");
+        let mut tries = 0;
+        loop {
+            let tmp = dir.join(format!(".{stem}.{EXT}.tmp-{}-{:016x}", std::process::id(), random_u64()));
+            match imagefile::create_temporary(&tmp) {
+                Ok(f) => return Ok((OwnedFd::from(f), Some(tmp), Some(fin))),
+                Err(e) if tries < 8 && e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::AlreadyExists) => tries += 1,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
-    /// Keep the newest `keep` images of this job in its directory.
+    /// Keep the newest `keep` images of this job in its directory. Only our own regular files count: in a shared
+    /// directory another user's files named like ours must neither push ours out nor be removed (by root).
     pub(crate) fn prune(&self) {
+        use std::os::unix::fs::MetadataExt;
         imagefile::sweep_temporaries(&self.opts.dir);
         let prefix = format!("{}-", self.opts.name);
+        let me = nix::unistd::geteuid().as_raw();
         let Ok(rd) = std::fs::read_dir(&self.opts.dir) else { return };
         let mut imgs: Vec<(std::time::SystemTime, PathBuf)> = rd
             .flatten()
@@ -588,7 +620,10 @@ impl Supervisor {
                 let n = e.file_name().to_string_lossy().into_owned();
                 n.starts_with(&prefix) && n.ends_with(&format!(".{EXT}"))
             })
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            // DirEntry::metadata does not follow links.
+            .filter_map(|e| Some((e.metadata().ok()?, e.path())))
+            .filter(|(m, _)| m.file_type().is_file() && m.uid() == me)
+            .filter_map(|(m, p)| Some((m.modified().ok()?, p)))
             .collect();
         imgs.sort();
         let n = imgs.len().saturating_sub(self.opts.keep);
@@ -734,6 +769,14 @@ fn object_sizes(job: &mut JobImage, members: &[Member]) {
             job.shared_memory[i].size = md.len();
         }
     }
+}
+
+/// 64 random bits from the kernel (or the clock, if it has none to give).
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom fills the buffer it is given.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, b.len(), libc::GRND_NONBLOCK) };
+    if n == 8 { u64::from_le_bytes(b) } else { crate::supervisor::nanos() }
 }
 
 /// Make a written image durable, then give it its name: a reader never sees a partial image under it.

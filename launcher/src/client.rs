@@ -16,6 +16,8 @@ pub struct Args {
     pub json: bool,
     pub bundle: bool,
     pub tcp_established: bool,
+    /// Sign this image with the key in this file (else the job's own key, if it has one, signs it).
+    pub image_key: Option<std::path::PathBuf>,
 }
 
 /// The longest silence from a supervisor a checkpoint client accepts (syncing a very large image is the longest
@@ -23,6 +25,11 @@ pub struct Args {
 const SILENCE_S: u64 = 180;
 
 pub fn run(a: Args) -> Result<()> {
+    // Checked before the job is asked anything.
+    if a.image_key.is_some() && a.to.as_deref() == Some("-") {
+        bail!("--image-key: an image written to standard output cannot be signed (it is never read back): write it to a file");
+    }
+    let key = a.image_key.as_deref().map(crate::sign::read_key_file).transpose()?;
     let job = runtime::find(a.name.as_deref())?;
     let conn = runtime::connect(&job)?;
     let sock = conn.as_raw_fd();
@@ -33,6 +40,9 @@ pub fn run(a: Args) -> Result<()> {
     };
     let mut bar = Progress::new("checkpoint", a.quiet || a.json, Duration::from_secs(1));
     let ask = Msg::Checkpoint { kill: a.kill, to, fd_attached: to_stdout, bundle: a.bundle, tcp_established: a.tcp_established, handoff: false, pages: proto::Pages::All };
+    if let Some(k) = key {
+        proto::send(sock, &Msg::SignWith { key: serde_bytes::ByteBuf::from(k.to_vec()) }, None).map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
+    }
     proto::send(sock, &ask, to_stdout.then_some(1)).map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
     // The supervisor answers within seconds, and while the image is written says how far it is four times a
     // second: a silence this long means it is stuck, or gone with its socket held elsewhere.
@@ -48,17 +58,18 @@ pub fn run(a: Args) -> Result<()> {
     drop(conn);
     let ms = bar.elapsed().as_millis();
     match answer {
-        Ok(Some((Msg::CheckpointDone { path, .. }, _))) => {
+        Ok(Some((Msg::CheckpointDone { path, signed, .. }, _))) => {
             let bytes = path.as_ref().and_then(|p| std::fs::metadata(p).ok()).filter(|m| m.is_file()).map(|m| m.len());
             if a.json {
-                println!("{}", serde_json::json!({"job": job.name, "image": path, "bytes": bytes, "millis": ms, "killed": a.kill}));
+                println!("{}", serde_json::json!({"job": job.name, "image": path, "bytes": bytes, "millis": ms, "killed": a.kill, "signed": signed}));
                 return Ok(());
             }
             match path {
                 Some(p) => {
                     if !a.quiet {
                         let size = bytes.map_or(String::new(), |b| format!(", {:.1} MiB", mib(b)));
-                        eprintln!("vrun: checkpoint of {} took {ms} ms{size}", job.name);
+                        let by = signed.map_or(String::new(), |id| format!(", signed by key {id}"));
+                        eprintln!("vrun: checkpoint of {} took {ms} ms{size}{by}", job.name);
                     }
                     println!("{p}");
                 }

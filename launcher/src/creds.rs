@@ -435,11 +435,13 @@ impl Drop for Switched {
     }
 }
 
-/// Run `f` with the filesystem credentials `who` (None: our own). Only root switches: a restore without root
-/// opens everything as the restoring user, who is the job's.
+/// Run `f` with the filesystem credentials `who` (None: our own). Only root in the initial user namespace
+/// switches: a restore without root opens everything as the restoring user, who is the job's; a supervisor in the
+/// job's user namespace is the job's user to the host already (and could not set its groups back: the ones the
+/// namespace does not map show as the overflow gid).
 pub fn as_user<T>(who: Option<&FsCreds>, f: impl FnOnce() -> Result<T>) -> Result<T> {
     match who {
-        Some(w) if nix::unistd::geteuid().is_root() => {
+        Some(w) if real_root() => {
             let same = raw(libc::SYS_setfsuid, u32::MAX as usize, 0) as u32 == w.uid
                 && raw(libc::SYS_setfsgid, u32::MAX as usize, 0) as u32 == w.gid
                 && current_groups() == w.groups;

@@ -22,7 +22,6 @@ pub fn escape(s: &str) -> String {
 }
 
 /// `escape` for bytes that may not be UTF-8: each invalid byte as `\xNN`.
-#[allow(dead_code)] // for `vrun inspect`, whose prints are escaped next
 pub fn escape_bytes(b: &[u8]) -> String {
     let mut out = String::with_capacity(b.len());
     for chunk in b.utf8_chunks() {

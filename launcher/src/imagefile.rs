@@ -4,8 +4,11 @@
 use anyhow::{Context, Result, anyhow, bail};
 use serde::de::DeserializeOwned;
 use std::fs::File;
+use crate::escape::escape;
+use crate::sign::{self, Key, Signature};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use vos::chunk::{self, ChunkHead, ImageError, Kind};
 use vos::image::{Contents, DataImage, ImageHeader, JobImage, ProcessImage, ProcessSummary};
@@ -13,13 +16,32 @@ use vos::sys::Errno;
 
 pub const EXT: &str = "vimg";
 
+/// What a reader demands of an image's signature (`sign`).
+#[derive(Clone, Copy, Default)]
+pub struct Trust<'a> {
+    /// Only an image signed by this key is read (None: signatures are not checked).
+    pub key: Option<&'a Key>,
+    /// `--trust-unsigned`: read it without checking its signature (said loudly).
+    pub unsigned_ok: bool,
+    /// The image comes over `vrun serve`'s authenticated connection, which vouches for it.
+    pub channel: bool,
+}
+
 /// An image being read.
 pub struct Reader {
     pub file: File,
     /// Number of the next chunk.
     pub seq: u64,
-    /// Where it comes from, for messages.
+    /// Where it comes from, for messages (escaped: a directory entry's name is anyone's).
     pub name: String,
+    owner: u32,
+    /// A read lease on the image file, taken before it was verified: as long as it holds, nobody has opened the
+    /// file for writing since (`end` looks).
+    leased: bool,
+    /// Its signature, if it has one (a file's is known at once, a stream's at its end).
+    pub signature: Option<Signature>,
+    /// The signature was checked against the reader's key.
+    pub verified: bool,
 }
 
 struct Src<'a>(&'a mut File);
@@ -43,9 +65,18 @@ fn img_err(e: ImageError) -> anyhow::Error {
     anyhow!("{e}")
 }
 
+fn is_regular(f: &File) -> bool {
+    nix::sys::stat::fstat(f).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+}
+
+/// Does nothing: a lease break's SIGIO must not end vrun (`Reader::end` finds the broken lease and refuses).
+extern "C" fn on_sigio(_: libc::c_int) {}
+
 impl Reader {
-    /// Open an image: a file, a directory (its newest complete image), or "-" (standard input).
-    pub fn open(src: &str) -> Result<Reader> {
+    /// Open an image: a file, a directory (the caller's newest complete image in it, see `newest_in`), or "-"
+    /// (standard input). With a key in `trust`, an image not signed by it is refused here, before anything of it
+    /// is used; a file is then held still (a read lease, or a private copy) so what was verified is what is read.
+    pub fn open(src: &str, trust: Trust) -> Result<Reader> {
         let (file, name) = if src == "-" {
             // SAFETY: dup of our own stdin, owned by the File from here on.
             let fd = unsafe { libc::dup(0) };
@@ -56,43 +87,155 @@ impl Reader {
             (unsafe { File::from_raw_fd(fd) }, "standard input".to_string())
         } else {
             let p = Path::new(src);
-            let path = if p.is_dir() { newest_in(p)? } else { p.to_path_buf() };
-            let f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            (f, path.display().to_string())
+            refuse_foreign_link(p)?;
+            if p.is_dir() {
+                let (f, path) = newest_in(p)?;
+                (f, escape(&path.display().to_string()))
+            } else {
+                let f = File::open(p).with_context(|| format!("cannot open {}", escape(src)))?;
+                (f, escape(src))
+            }
         };
-        let mut r = Reader { file, seq: 0, name };
-        r.check_end_first()?;
+        let owner = nix::sys::stat::fstat(&file).map(|st| st.st_uid).with_context(|| format!("{name}: fstat"))?;
+        let mut r = Reader { file, seq: 0, name, owner, leased: false, signature: None, verified: false };
+        let check = trust.key.filter(|_| !trust.unsigned_ok && !trust.channel);
+        if let Some(key) = check {
+            if !is_regular(&r.file) {
+                bail!(
+                    "{} is a stream: a signature (key {}) cannot be checked before the image is used; save it to a file \
+                     first, or give --trust-unsigned if the way it came (ssh, `vrun migrate`) vouches for it",
+                    r.name,
+                    escape(&key.from)
+                );
+            }
+            r.hold()?;
+        }
+        r.signature = r.check_end_first()?;
+        match (check, trust.key) {
+            (Some(key), _) => r.verify(key)?,
+            (None, Some(key)) if trust.unsigned_ok && !trust.channel => eprintln!(
+                "vrun: WARNING: --trust-unsigned: {} is read without checking that key {} signed it: whoever could \
+                 write it decides what runs",
+                r.name,
+                escape(&key.from)
+            ),
+            _ => {}
+        }
         chunk::read_file_head(&mut Src(&mut r.file)).map_err(|e| anyhow!("{}: {e}", r.name))?;
         Ok(r)
     }
 
-    /// A seekable image must end with its End chunk; find truncation before anything else is read.
-    fn check_end_first(&mut self) -> Result<()> {
-        let Ok(len) = self.file.seek(SeekFrom::End(0)) else { return Ok(()) };
-        let tail = (chunk::CHUNK_HEAD_LEN + 8) as u64;
-        if len < (chunk::FILE_HEAD_LEN as u64) + tail {
-            self.file.seek(SeekFrom::Start(0))?;
-            let mut head = [0u8; chunk::FILE_HEAD_LEN];
-            if len < chunk::FILE_HEAD_LEN as u64 || self.file.read_exact(&mut head).is_err() {
-                bail!("{}: {}", self.name, ImageError::NotAnImage);
-            }
-            chunk::check_file_head(&head).map_err(|e| anyhow!("{}: {e}", self.name))?;
-            bail!("{}: {}", self.name, ImageError::Truncated("chunk list"));
+    /// The uid owning the image as opened: a file's owner (st_uid), or that of standard input's fd 0 (a pipe's
+    /// is its maker's). Whoever owns an image could have written any of it: a restore bounds the job by it.
+    pub fn owner(&self) -> u32 {
+        self.owner
+    }
+
+    /// Keep the image file from changing while it is verified and read: a read lease (which nobody can take while
+    /// the file is open for writing, and which breaks when anyone opens it for writing or truncates it), or where
+    /// no lease can be had (another user's file for a user without CAP_LEASE, a filesystem without leases such as
+    /// NFS), a private copy in memory to read instead.
+    fn hold(&mut self) -> Result<()> {
+        // SAFETY: an async-signal-safe no-op handler; a handler, unlike SIG_IGN, is not inherited across exec.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigio as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(libc::SIGIO, &sa, std::ptr::null_mut());
         }
-        self.file.seek(SeekFrom::Start(len - tail))?;
-        let mut b = [0u8; chunk::CHUNK_HEAD_LEN + 8];
-        self.file.read_exact(&mut b)?;
+        // SAFETY: fcntl on our own fd.
+        if unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) } == 0 {
+            self.leased = true;
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            bail!("{} is open for writing by another process: it could change while it is verified and restored", self.name);
+        }
+        let size = nix::sys::stat::fstat(&self.file)?.st_size as u64;
+        let copy = nix::sys::memfd::memfd_create(c"vos-image", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).context("memfd_create")?;
+        let mut copy = File::from(copy);
+        let n = std::io::copy(&mut (&self.file).take(size), &mut copy).with_context(|| format!("copying {}", self.name))?;
+        if n != size {
+            bail!("{}: {}", self.name, ImageError::Truncated("image (it shrank while it was copied)"));
+        }
+        copy.seek(SeekFrom::Start(0))?;
+        self.file = copy;
+        Ok(())
+    }
+
+    /// The image must carry a MAC by `key` of every byte before its signature.
+    fn verify(&mut self, key: &Key) -> Result<()> {
+        let Some(sig) = self.signature else {
+            bail!(
+                "{} is not signed: with key {} only images it signed are used (--trust-unsigned to use it anyway)",
+                self.name,
+                escape(&key.from)
+            );
+        };
+        if sig.key_id != key.id {
+            bail!(
+                "{} is signed by another key (id {}), not by {} (id {}): refused",
+                self.name,
+                sign::hex(&sig.key_id),
+                escape(&key.from),
+                key.id_hex()
+            );
+        }
+        let mac = sign::mac(&self.file, sig.signed, key).with_context(|| format!("reading {} to check its signature", self.name))?;
+        if !sign::same(&mac, &sig.mac) {
+            bail!("{}: its signature does not match (the image was changed after it was signed, or the signature is not the key's)", self.name);
+        }
+        self.verified = true;
+        Ok(())
+    }
+
+    /// A seekable image must end with its End chunk (and may have a Signature after it, which is returned): find
+    /// truncation before anything else is read.
+    fn check_end_first(&mut self) -> Result<Option<Signature>> {
+        let Ok(len) = self.file.seek(SeekFrom::End(0)) else { return Ok(None) };
         self.file.seek(SeekFrom::Start(0))?;
         let mut head = [0u8; chunk::FILE_HEAD_LEN];
-        self.file.read_exact(&mut head)?;
-        chunk::check_file_head(&head).map_err(|e| anyhow!("{}: {e}", self.name))?;
-        self.file.seek(SeekFrom::Start(0))?;
-        let (h, count) = b.split_first_chunk::<{ chunk::CHUNK_HEAD_LEN }>().ok_or_else(|| anyhow!("{}: unreadable", self.name))?;
-        let seq = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
-        match ChunkHead::decode(h, seq) {
-            Ok(c) if c.kind == Kind::End && c.len == 8 && count[..] == chunk::end_payload(seq) => Ok(()),
-            _ => bail!("{}: {}", self.name, ImageError::Truncated("last chunk (no end marker)")),
+        if len < chunk::FILE_HEAD_LEN as u64 || self.file.read_exact(&mut head).is_err() {
+            bail!("{}: {}", self.name, ImageError::NotAnImage);
         }
+        chunk::check_file_head(&head).map_err(|e| anyhow!("{}: {e}", self.name))?;
+        let truncated = || anyhow!("{}: {}", self.name, ImageError::Truncated("last chunk (no end marker)"));
+        let end_at = |at: u64| -> Option<u64> {
+            let mut b = [0u8; chunk::END_CHUNK_LEN];
+            self.file.read_exact_at(&mut b, at).ok()?;
+            let (h, count) = b.split_first_chunk::<{ chunk::CHUNK_HEAD_LEN }>()?;
+            let seq = u64::from_le_bytes(h[8..16].try_into().ok()?);
+            match ChunkHead::decode(h, seq) {
+                Ok(c) if c.kind == Kind::End && c.len == 8 && count[..] == chunk::end_payload(seq) => Some(seq),
+                _ => None,
+            }
+        };
+        let body = chunk::FILE_HEAD_LEN as u64;
+        let end = chunk::END_CHUNK_LEN as u64;
+        if len >= body + end && end_at(len - end).is_some() {
+            self.file.seek(SeekFrom::Start(0))?;
+            return Ok(None);
+        }
+        // Signed: End, then the Signature chunk numbered after it, covering everything before it.
+        let sig_len = chunk::SIGNATURE_CHUNK_LEN as u64;
+        if len < body + end + sig_len {
+            return Err(truncated());
+        }
+        let at = len - sig_len;
+        let Some(end_seq) = end_at(at - end) else { return Err(truncated()) };
+        let mut b = [0u8; chunk::SIGNATURE_CHUNK_LEN];
+        self.file.read_exact_at(&mut b, at)?;
+        let (h, payload) = b.split_first_chunk::<{ chunk::CHUNK_HEAD_LEN }>().ok_or_else(truncated)?;
+        let sig = match ChunkHead::decode(h, end_seq + 1) {
+            Ok(c) if c.kind == Kind::Signature && c.len == chunk::SIGNATURE_LEN as u64 && chunk::payload_hash(payload) == c.payload_hash => {
+                Signature::decode(payload).filter(|s| s.signed == at)
+            }
+            _ => return Err(truncated()),
+        };
+        let sig = sig.ok_or_else(|| anyhow!("{}: {}", self.name, ImageError::Malformed { seq: end_seq + 1, what: "a signature this vrun cannot read" }))?;
+        self.file.seek(SeekFrom::Start(0))?;
+        Ok(Some(sig))
     }
 
     pub fn head(&mut self) -> Result<ChunkHead> {
@@ -215,22 +358,67 @@ impl Reader {
         if p.len() != 8 || p[..] != chunk::end_payload(h.seq) {
             bail!("{}: {}", self.name, ImageError::Malformed { seq: h.seq, what: "end marker counts the wrong number of chunks" });
         }
-        // A file: its end is here. A stream: it ends here (its writer closes it after the End chunk).
-        let trailing = match (self.file.stream_position(), self.file.metadata()) {
-            (Ok(at), Ok(md)) if md.file_type().is_file() => at != md.len(),
+        // A file: its end is here, or its signature follows. A stream: it ends here, or after its signature (its
+        // writer closes it after them).
+        let follows = || anyhow!("{}: image is corrupt: data follows its end marker", self.name);
+        let left = match (self.file.stream_position(), self.file.metadata()) {
+            (Ok(at), Ok(md)) if md.file_type().is_file() => Some(md.len().saturating_sub(at)),
+            _ => None,
+        };
+        match left {
+            Some(0) => {}
+            Some(n) if n != chunk::SIGNATURE_CHUNK_LEN as u64 => return Err(follows()),
             _ => {
-                let mut b = [0u8; 1];
-                loop {
-                    match self.file.read(&mut b) {
-                        Ok(n) => break n > 0,
+                let mut first = [0u8; 1];
+                let got = loop {
+                    match self.file.read(&mut first) {
+                        Ok(n) => break n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(e) => bail!("{}: reading past the end marker: {e}", self.name),
                     }
+                };
+                if got > 0 {
+                    let mut b = [0u8; chunk::SIGNATURE_CHUNK_LEN + 1];
+                    b[0] = first[0];
+                    let mut n = 1;
+                    while n < b.len() {
+                        match self.file.read(&mut b[n..]) {
+                            Ok(0) => break,
+                            Ok(k) => n += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => bail!("{}: reading past the end marker: {e}", self.name),
+                        }
+                    }
+                    if n != chunk::SIGNATURE_CHUNK_LEN {
+                        return Err(follows());
+                    }
+                    let (h, payload) = b[..n].split_first_chunk::<{ chunk::CHUNK_HEAD_LEN }>().ok_or_else(follows)?;
+                    let sig = match ChunkHead::decode(h, self.seq) {
+                        Ok(c) if c.kind == Kind::Signature && c.len == chunk::SIGNATURE_LEN as u64 && chunk::payload_hash(payload) == c.payload_hash => {
+                            Signature::decode(payload)
+                        }
+                        _ => None,
+                    };
+                    match (sig, self.signature) {
+                        (Some(s), None) => self.signature = Some(s),
+                        (Some(s), Some(known)) if s == known => {}
+                        _ => return Err(follows()),
+                    }
                 }
             }
-        };
-        if trailing {
-            bail!("{}: image is corrupt: data follows its end marker", self.name);
+        }
+        if self.leased {
+            // SAFETY: fcntl on our own fd.
+            let lease = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GETLEASE) };
+            if lease != libc::F_RDLCK {
+                bail!("{} was opened for writing while it was read: it may have changed since its signature was checked", self.name);
+            }
+            // SAFETY: fcntl on our own fd; the default action of SIGIO again, as before `hold`.
+            unsafe {
+                libc::fcntl(self.file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK);
+                libc::signal(libc::SIGIO, libc::SIG_DFL);
+            }
+            self.leased = false;
         }
         Ok(())
     }
@@ -240,22 +428,72 @@ impl Reader {
     }
 }
 
-/// The newest complete image in a directory (temporary and hidden files are never complete).
-pub fn newest_in(dir: &Path) -> Result<PathBuf> {
+/// A symbolic link at the end of a path a user named is followed only if it is the user's own (or root's): in a
+/// shared directory another user's link could point a restore at an image of the caller's choosing, of another
+/// job, or at a FIFO that blocks it.
+fn refuse_foreign_link(p: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(p) {
+        Ok(md) if md.file_type().is_symlink() && md.uid() != nix::unistd::geteuid().as_raw() && md.uid() != 0 => bail!(
+            "{} is a symbolic link of user {}: name what it points to, if you mean it",
+            escape(&p.display().to_string()),
+            md.uid()
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The caller's newest complete image in a directory, opened. Only images the caller owns count (root's for
+/// root), found without following links, and only in a directory that nobody else can take them out of or
+/// swap: owned by the caller or root, and not writable by others unless sticky (in a sticky directory such as
+/// /tmp/imgs others can add files, which are ignored, but not rename or remove the caller's). Temporary and
+/// hidden files are never complete.
+pub fn newest_in(dir: &Path) -> Result<(File, PathBuf)> {
+    use nix::fcntl::{AtFlags, OFlag, openat};
+    use nix::sys::stat::{Mode, fstat, fstatat};
+    let shown = escape(&dir.display().to_string());
+    let d = nix::fcntl::open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()).with_context(|| format!("cannot read {shown}"))?;
+    let st = fstat(&d).with_context(|| format!("cannot read {shown}"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if st.st_uid != me && st.st_uid != 0 {
+        bail!("{shown} belongs to user {}, who can take your images out of it or rename them: name the image file", st.st_uid);
+    }
+    if st.st_mode & 0o022 != 0 && st.st_mode & libc::S_ISVTX == 0 {
+        bail!("{shown} is writable by others and not sticky: anyone could put an image there or take yours away; name the image file (or chmod +t {shown})");
+    }
     sweep_temporaries(dir);
-    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
-    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let e = e?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || !name.ends_with(&format!(".{EXT}")) {
+    let mut best: Option<((i64, i64), std::ffi::OsString)> = None;
+    let mut foreign = 0;
+    for e in std::fs::read_dir(format!("/proc/self/fd/{}", d.as_raw_fd())).with_context(|| format!("cannot read {shown}"))? {
+        let name = e?.file_name();
+        let s = name.to_string_lossy();
+        if s.starts_with('.') || !s.ends_with(&format!(".{EXT}")) {
             continue;
         }
-        let t = e.metadata()?.modified()?;
-        if best.as_ref().is_none_or(|(bt, bp)| t > *bt || (t == *bt && e.path() > *bp)) {
-            best = Some((t, e.path()));
+        let Ok(st) = fstatat(&d, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else { continue };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_uid != me {
+            foreign += 1;
+            continue;
+        }
+        let t = (st.st_mtime, st.st_mtime_nsec);
+        if best.as_ref().is_none_or(|(bt, bn)| t > *bt || (t == *bt && name > *bn)) {
+            best = Some((t, name));
         }
     }
-    best.map(|(_, p)| p).ok_or_else(|| anyhow!("no image (*.{EXT}) in {}", dir.display()))
+    let others = if foreign > 0 { format!(" ({foreign} not yours or not regular files, ignored)") } else { String::new() };
+    let Some((_, name)) = best else { bail!("no image (*.{EXT}) of yours in {shown}{others}") };
+    if foreign > 0 {
+        eprintln!("vrun: {shown}: {foreign} image(s) not yours or not regular files ignored");
+    }
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let path = dir.join(&name);
+    let f = openat(&d, name.as_os_str(), flags, Mode::empty()).with_context(|| format!("cannot open {}", escape(&path.display().to_string())))?;
+    let st = fstat(&f)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_uid != me {
+        bail!("{} changed while it was opened", escape(&path.display().to_string()));
+    }
+    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))?;
+    Ok((File::from(f), path))
 }
 
 /// Writes the launcher's parts of an image (file head, header, end) on the stream the shims write to.

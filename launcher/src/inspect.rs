@@ -1,6 +1,9 @@
-//! `vrun inspect`: what an image holds, as a report or as JSON. Reads (and so verifies) the whole image.
+//! `vrun inspect`: what an image holds, as a report or as JSON. Reads (and so verifies) the whole image. Every
+//! string of the image is the job's (or whoever wrote the file): the report escapes each one it prints, so none
+//! can move the cursor, clear the screen or hide text (JSON is escaped by serde).
 
-use crate::imagefile::Reader;
+use crate::escape::{escape as e, escape_bytes};
+use crate::imagefile::{Reader, Trust};
 use anyhow::{Result, anyhow};
 use serde::Serialize;
 use vos::image::{Contents, FileKind, ImageHeader, JobImage, OpenFile, ProcessSummary, RegionKind};
@@ -9,15 +12,27 @@ use vos::image::{Contents, FileKind, ImageHeader, JobImage, OpenFile, ProcessSum
 struct Report {
     source: String,
     format: u32,
+    /// The uid owning the image file (or standard input): whoever could have written it.
+    owner: u32,
+    /// The signature: None, or the id of the key that made it and whether that key checked it.
+    signature: Option<Signature>,
     header: ImageHeader,
     job: JobImage,
     /// Per process (in the order of `job.processes`): what was stored.
     summaries: Vec<ProcessSummary>,
 }
 
-/// `mappings`: list every mapping of every process (the report otherwise gives their totals).
-pub fn run(src: &str, json: bool, mappings: bool) -> Result<()> {
-    let mut r = Reader::open(src)?;
+#[derive(Serialize)]
+struct Signature {
+    key_id: String,
+    verified: bool,
+}
+
+/// `mappings`: list every mapping of every process (the report otherwise gives their totals). With a key (named,
+/// or the host's), only an image it signed is read, unless `trust_unsigned`.
+pub fn run(src: &str, json: bool, mappings: bool, image_key: Option<&std::path::Path>, trust_unsigned: bool) -> Result<()> {
+    let key = crate::sign::resolve(image_key)?;
+    let mut r = Reader::open(src, Trust { key: key.as_ref(), unsigned_ok: trust_unsigned, channel: false })?;
     let header = r.header()?;
     let job = r.job()?;
     // The report indexes and sizes by the metadata: it must hold together first.
@@ -30,7 +45,8 @@ pub fn run(src: &str, json: bool, mappings: bool) -> Result<()> {
         summaries.push(r.skip_pages(p)?.0);
     }
     r.end()?;
-    let rep = Report { source: r.name.clone(), format: vos::chunk::FORMAT_VERSION, header, job, summaries };
+    let signature = r.signature.map(|s| Signature { key_id: crate::sign::hex(&s.key_id), verified: r.verified });
+    let rep = Report { source: r.name.clone(), format: vos::chunk::FORMAT_VERSION, owner: r.owner(), signature, header, job, summaries };
     if json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
@@ -130,14 +146,25 @@ fn kind_name(k: &FileKind) -> &'static str {
 fn print_report(rep: &Report, mappings: bool) {
     let h = &rep.header;
     let when = crate::supervisor::timestamp_of(h.created_unix_ns / 1_000_000_000);
-    println!("image      {} (format {})", rep.source, rep.format);
-    println!("taken      {when} UTC, reason: {}", h.reason);
+    println!("image      {} (format {}, owned by uid {})", rep.source, rep.format, rep.owner);
+    match &rep.signature {
+        Some(s) if s.verified => println!("signature  keyed BLAKE3 by key {}, checked", s.key_id),
+        Some(s) => println!("signature  keyed BLAKE3 by key {}, not checked (no key given)", s.key_id),
+        None => println!("signature  none"),
+    }
+    println!("taken      {when} UTC, reason: {}", e(&h.reason));
     println!(
         "host       {} ({}, kernel {}, glibc {}, {} CPU, XCR0 {:#x}, XSAVE {} bytes)",
-        h.host.hostname, h.host.arch, h.host.kernel, h.host.glibc, h.host.cpu.vendor, h.host.cpu.xcr0, h.host.cpu.xsave_size
+        e(&h.host.hostname),
+        e(&h.host.arch),
+        e(&h.host.kernel),
+        e(&h.host.glibc),
+        e(&h.host.cpu.vendor),
+        h.host.cpu.xcr0,
+        h.host.cpu.xsave_size
     );
-    println!("vdso       build-id {}, {} bytes", h.host.vdso.build_id, h.host.vdso.vdso_len);
-    println!("job        {}: {}", h.job.name, h.job.argv.join(" "));
+    println!("vdso       build-id {}, {} bytes", e(&h.host.vdso.build_id), h.host.vdso.vdso_len);
+    println!("job        {}: {}", e(&h.job.name), argv(&h.job.argv));
     let job = &rep.job;
     println!("tree       {} processes, {} zombies", job.processes.len(), job.zombies.len());
     print_tree(job, 1, 1);
@@ -183,21 +210,21 @@ fn print_report(rep: &Report, mappings: bool) {
         let bytes: u64 = job.bundle.iter().map(|b| job.data[b.data as usize].size).sum();
         println!("carried    {} files, {:.1} MiB (mapped from the image at restore)", job.bundle.len(), bytes as f64 / (1 << 20) as f64);
         for b in &job.bundle {
-            println!("  {}", b.path);
+            println!("  {}", e(&b.path));
         }
     }
     for (p, sum) in job.processes.iter().zip(&rep.summaries) {
         println!();
-        println!("process    pid {} (parent {}, group {}, session {}) {}: {}", p.pid, p.ppid, p.pgid, p.sid, p.comm, p.argv.join(" "));
-        println!("program    {}", p.exe.path);
-        println!("cwd        {}", p.attrs.cwd);
+        println!("process    pid {} (parent {}, group {}, session {}) {}: {}", p.pid, p.ppid, p.pgid, p.sid, e(&p.comm), argv(&p.argv));
+        println!("program    {}", e(&p.exe.path));
+        println!("cwd        {}", e(&p.attrs.cwd));
         print_creds(&p.attrs);
         println!("threads    {}", p.threads.len());
         for t in &p.threads {
             println!(
                 "  tid {:<7} {:<16} rip {:#014x} rsp {:#014x} sigmask {:#x}{}{}",
                 t.tid,
-                t.comm,
+                e(&t.comm),
                 t.rip,
                 t.rsp,
                 t.sigmask,
@@ -212,7 +239,7 @@ fn print_report(rep: &Report, mappings: bool) {
             .enumerate()
             .map(|(i, r)| {
                 let how = mapping(r, sum.regions.get(i).copied().unwrap_or_default(), &mut m);
-                format!("  {:#014x}-{:#014x} {:>9} {} {:<28} {how}", r.start, r.end, size(r.end - r.start), prot(r.prot), trim(&r.name, 28))
+                format!("  {:#014x}-{:#014x} {:>9} {} {:<28} {how}", r.start, r.end, size(r.end - r.start), prot(r.prot), trim(&e(&r.name), 28))
             })
             .collect();
         println!("memory     {} mappings: {}", p.regions.len(), m.line());
@@ -292,24 +319,24 @@ fn print_creds(a: &vos::image::ProcessAttrs) {
 
 fn print_tree(job: &JobImage, parent: i32, depth: usize) {
     for p in job.processes.iter().filter(|p| p.ppid == parent) {
-        println!("{}{} {} ({} threads)", "  ".repeat(depth), p.pid, p.comm, p.threads.len());
+        println!("{}{} {} ({} threads)", "  ".repeat(depth), p.pid, e(&p.comm), p.threads.len());
         print_tree(job, p.pid, depth + 1);
     }
     for z in job.zombies.iter().filter(|z| z.ids.ppid == parent) {
-        println!("{}{} {} (zombie, status {:#x})", "  ".repeat(depth), z.ids.pid, z.comm, z.status);
+        println!("{}{} {} (zombie, status {:#x})", "  ".repeat(depth), z.ids.pid, e(&z.comm), z.status);
     }
 }
 
 fn describe(job: &JobImage, o: &OpenFile) -> String {
     match &o.kind {
-        FileKind::Regular { file } => format!("file {} at offset {}", file.path, o.pos),
-        FileKind::Dir { path } => format!("directory {path}"),
-        FileKind::Device { path } => format!("device {path}"),
-        FileKind::Terminal { path, stream } => format!("terminal {path} (re-bound to restore's {})", stream_name(*stream)),
-        FileKind::Outside { what, stream } => format!("{what} (re-bound to restore's {})", stream_name(*stream)),
+        FileKind::Regular { file } => format!("file {} at offset {}", e(&file.path), o.pos),
+        FileKind::Dir { path } => format!("directory {}", e(path)),
+        FileKind::Device { path } => format!("device {}", e(path)),
+        FileKind::Terminal { path, stream } => format!("terminal {} (re-bound to restore's {})", e(path), stream_name(*stream)),
+        FileKind::Outside { what, stream } => format!("{} (re-bound to restore's {})", e(what), stream_name(*stream)),
         FileKind::Pipe { pipe, write } => {
             let p = &job.pipes[*pipe as usize];
-            format!("{} end of pipe {pipe}{} ({} bytes in flight)", if *write { "write" } else { "read" }, p.fifo.as_ref().map(|f| format!(" (FIFO {f})")).unwrap_or_default(), p.data.len())
+            format!("{} end of pipe {pipe}{} ({} bytes in flight)", if *write { "write" } else { "read" }, p.fifo.as_ref().map(|f| format!(" (FIFO {})", e(f))).unwrap_or_default(), p.data.len())
         }
         FileKind::Socket { socket } => {
             let s = &job.sockets[*socket as usize];
@@ -322,8 +349,8 @@ fn describe(job: &JobImage, o: &OpenFile) -> String {
                 "unix {kind} socket {socket}{}{}{}",
                 match &s.local {
                     vos::image::SockAddr::Unnamed => String::new(),
-                    vos::image::SockAddr::Path(p) => format!(" at {p}"),
-                    vos::image::SockAddr::Abstract(n) => format!(" at @{}", String::from_utf8_lossy(n)),
+                    vos::image::SockAddr::Path(p) => format!(" at {}", e(p)),
+                    vos::image::SockAddr::Abstract(n) => format!(" at @{}", escape_bytes(n)),
                 },
                 if s.listening { ", listening".to_string() } else { s.peer.map(|p| format!(", connected to socket {p}")).unwrap_or_default() },
                 if s.queue.is_empty() { String::new() } else { format!(", {} queued", s.queue.iter().map(|q| q.len()).sum::<usize>()) }
@@ -332,8 +359,8 @@ fn describe(job: &JobImage, o: &OpenFile) -> String {
         FileKind::Inet { socket } => {
             let s = &job.inet[*socket as usize];
             let proto = if s.kind == libc::SOCK_STREAM { "TCP" } else { "UDP" };
-            let at = s.local.as_deref().unwrap_or("(unbound)");
-            let peer = s.peer.as_deref().unwrap_or("?");
+            let at = e(s.local.as_deref().unwrap_or("(unbound)"));
+            let peer = e(s.peer.as_deref().unwrap_or("?"));
             match &s.state {
                 vos::image::InetState::Open if s.peer.is_some() => format!("{proto} socket {at}, connected to {peer}"),
                 vos::image::InetState::Open => format!("{proto} socket {at}"),
@@ -354,11 +381,12 @@ fn describe(job: &JobImage, o: &OpenFile) -> String {
             format!("timerfd on clock {clock}, next in {value_ns} ns, every {interval_ns} ns, {ticks} expirations unread")
         }
         FileKind::Epoll { items, owner } => format!("epoll watching fds {:?} (registered again by process {})", items.iter().map(|i| i.fd).collect::<Vec<_>>(), job.processes.get(*owner as usize).map_or(0, |p| p.pid)),
-        FileKind::Inotify { watches } => format!("inotify watching {}", watches.iter().map(|w| format!("{}={}", w.wd, w.path)).collect::<Vec<_>>().join(" ")),
+        FileKind::Inotify { watches } => format!("inotify watching {}", watches.iter().map(|w| format!("{}={}", w.wd, e(&w.path))).collect::<Vec<_>>().join(" ")),
         FileKind::PidFd { pid } => format!("pidfd of pid {pid}"),
         FileKind::Memory { name, data, seals, deleted_from, .. } => format!(
-            "{} {name}, {} bytes carried in the image{}",
+            "{} {}, {} bytes carried in the image{}",
             if deleted_from.is_some() { "deleted file" } else { "memfd" },
+            e(name),
             job.data[*data as usize].stored,
             if *seals != 0 { format!(", seals {seals:#x}") } else { String::new() }
         ),
@@ -368,6 +396,11 @@ fn describe(job: &JobImage, o: &OpenFile) -> String {
 
 fn stream_name(s: u8) -> &'static str {
     ["stdin", "stdout", "stderr"].get(s as usize).copied().unwrap_or("stdio")
+}
+
+/// An argv as one line, each word escaped.
+fn argv(a: &[String]) -> String {
+    a.iter().map(|w| e(w)).collect::<Vec<_>>().join(" ")
 }
 
 fn trim(s: &str, n: usize) -> String {

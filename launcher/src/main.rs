@@ -24,6 +24,7 @@ mod progress;
 mod restore;
 mod runtime;
 mod serve;
+mod sign;
 mod sockets;
 mod supervisor;
 mod sysv;
@@ -93,6 +94,10 @@ struct JobArgs {
     /// Say nothing on stderr except errors
     #[arg(long, short)]
     quiet: bool,
+    /// Sign the job's images with this key file (32 bytes, mode 600: `head -c 32 /dev/urandom`); a restore also
+    /// takes only an image it signed [default: /etc/vos/image.key, if it exists and is readable]
+    #[arg(long, value_name = "FILE")]
+    image_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -174,15 +179,27 @@ the names are what `vrun checkpoint` and `vrun migrate` take.\n\nExample:\n  vru
         /// Print only the image's path (and errors)
         #[arg(long, short)]
         quiet: bool,
-        /// Print a JSON summary on stdout (job, image, bytes, millis) instead of the path
+        /// Print a JSON summary on stdout (job, image, bytes, millis, signed) instead of the path
         #[arg(long, conflicts_with = "quiet")]
         json: bool,
+        /// Sign this image with the key in FILE (by default the job's own key, if it was given one, signs it;
+        /// an image written to a stream is never signed)
+        #[arg(long, value_name = "FILE")]
+        image_key: Option<PathBuf>,
     },
     /// Restore a job from an image and supervise it in the foreground
-    #[command(after_help = "IMAGE is an image file, a directory (its newest complete image), or - (standard input).\n\nExamples:\n  vrun restore /tmp/imgs/calc-20261122-101500-1.vimg\n  vrun restore /tmp/imgs\n  ssh src vrun checkpoint calc --kill --to - | vrun restore -")]
+    #[command(after_help = "IMAGE is an image file, a directory (your newest complete image in it: only images you own, \
+in a directory others cannot write to unless it is sticky), or - (standard input).\n\nWith a key (--image-key, or \
+/etc/vos/image.key when it exists), only an image it signed is restored; a stream cannot be checked first and is \
+refused.\n\nExamples:\n  vrun restore /tmp/imgs/calc-20261122-101500-1.vimg\n  vrun restore /tmp/imgs\n  \
+vrun restore --image-key /etc/vos/image.key /shared/imgs/calc.vimg\n  ssh src vrun checkpoint calc --kill --to - | vrun restore -")]
     Restore {
         /// Image file, directory, or - for standard input
         image: String,
+        /// Restore an image the key did not sign (unsigned, a stream, another key's): whoever could write it
+        /// decides what runs
+        #[arg(long)]
+        trust_unsigned: bool,
         #[command(flatten)]
         job: JobArgs,
         #[command(flatten)]
@@ -304,6 +321,13 @@ and fds of the whole job by kind, then each process. Reading it checks every chu
         /// List every mapping of every process, with how it travels
         #[arg(long)]
         mappings: bool,
+        /// Check that the key in FILE signed the image, and refuse it otherwise [default: /etc/vos/image.key, if
+        /// it exists and is readable]
+        #[arg(long, value_name = "FILE")]
+        image_key: Option<PathBuf>,
+        /// Read an image the key did not sign
+        #[arg(long)]
+        trust_unsigned: bool,
     },
 }
 
@@ -348,10 +372,12 @@ fn main() {
         None => launch(cli.run),
         Some(Cmd::Run(a)) => launch(a),
         Some(Cmd::List) => list(),
-        Some(Cmd::Checkpoint { name, kill, to, bundle, tcp_established, quiet, json }) => {
-            client::run(client::Args { name, kill, to, quiet, json, bundle, tcp_established })
+        Some(Cmd::Checkpoint { name, kill, to, bundle, tcp_established, quiet, json, image_key }) => {
+            client::run(client::Args { name, kill, to, quiet, json, bundle, tcp_established, image_key })
         }
-        Some(Cmd::Restore { image, job, rebind, report_fd, bases, fill_fd }) => restore_cmd(image, job, rebind, report_fd, bases, fill_fd),
+        Some(Cmd::Restore { image, trust_unsigned, job, rebind, report_fd, bases, fill_fd }) => {
+            restore_cmd(image, trust_unsigned, job, rebind, report_fd, bases, fill_fd)
+        }
         Some(Cmd::Migrate { name, to, key, insecure_no_key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, lazy, quiet, json }) => {
             migrate::run(migrate::Args { name, to, key, insecure_no_key, tcp_established, bundle, map_addr, move_addr, stop_and_copy, lazy, quiet, json })
         }
@@ -361,7 +387,7 @@ fn main() {
         Some(Cmd::Keygen { file }) => channel::keygen(&file).map(|()| {
             eprintln!("vrun: a new key in {} (mode 0600): copy it to every host that sends or receives jobs, owned by root, mode 0600", file.display())
         }),
-        Some(Cmd::Inspect { image, json, mappings }) => inspect::run(&image, json, mappings),
+        Some(Cmd::Inspect { image, json, mappings, image_key, trust_unsigned }) => inspect::run(&image, json, mappings, image_key.as_deref(), trust_unsigned),
         Some(Cmd::Completions { shell }) => {
             clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "vrun", &mut std::io::stdout());
             Ok(())
@@ -369,7 +395,10 @@ fn main() {
         Some(Cmd::Man) => clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout()).map_err(Into::into),
     };
     if let Err(e) = r {
-        eprintln!("vrun: {e:#}");
+        // Messages quote images, paths and names others chose: escaped, line by line.
+        let msg = format!("{e:#}");
+        let lines: Vec<String> = msg.lines().map(escape::escape).collect();
+        eprintln!("vrun: {}", lines.join("\n"));
         std::process::exit(1);
     }
 }
@@ -424,7 +453,7 @@ fn check_dynamic(path: &Path) -> Result<()> {
 
 fn launch(a: RunArgs) -> Result<()> {
     let prog = a.program.first().ok_or_else(|| anyhow!("no program given"))?.clone();
-    let opts = a.job.given().settle(None)?;
+    let opts = supervisor::Options { sign: sign::resolve(a.job.image_key.as_deref())?, ..a.job.given().settle(None)? };
     if let Some(p) = which(&prog) {
         check_dynamic(&p)?;
     }
@@ -469,10 +498,12 @@ fn launch(a: RunArgs) -> Result<()> {
     supervisor::Supervisor::new(opts, reserved, listener, started, a.program.clone(), started_ns)?.run()
 }
 
-fn restore_cmd(image: String, j: JobArgs, rebind: RebindArgs, report_fd: Option<i32>, bases: Vec<(i32, i32)>, fill_fd: Option<i32>) -> Result<()> {
+fn restore_cmd(image: String, trust_unsigned: bool, j: JobArgs, rebind: RebindArgs, report_fd: Option<i32>, bases: Vec<(i32, i32)>, fill_fd: Option<i32>) -> Result<()> {
     let restorer = beside_me("vos-restore")?;
     let args = restore::Args {
         src: image,
+        image_key: j.image_key.clone(),
+        trust_unsigned,
         name: j.name.clone(),
         given: j.given(),
         hostname: rebind.hostname,

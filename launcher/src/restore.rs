@@ -8,7 +8,7 @@
 //! stream); each process's shim rebuilds fds, signals and threads and says it is ready; the launcher reads the end
 //! of the image, gives the terminal to the job's foreground group, and only if the image is whole lets the job run.
 
-use crate::imagefile::Reader;
+use crate::imagefile::{Reader, Trust};
 use crate::ns::{self, Child, ClockOffsets};
 use crate::progress::Progress;
 use crate::supervisor::{self, Options, Supervisor};
@@ -28,6 +28,10 @@ use vos::proto::{self, Msg};
 
 pub struct Args {
     pub src: String,
+    /// The key the image must be signed by (None: the host's, if there is one), which then signs the job's images.
+    pub image_key: Option<PathBuf>,
+    /// Restore it even if the key did not sign it.
+    pub trust_unsigned: bool,
     /// A name chosen on the command line (valid): refused if taken. Without it, the image's, made valid and
     /// unique.
     pub name: Option<String>,
@@ -69,7 +73,10 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     if let Some(r) = &report {
         nix::fcntl::fcntl(r, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC)).context("--report-fd")?;
     }
-    let mut r = Reader::open(&a.src)?;
+    let key = crate::sign::resolve(a.image_key.as_deref())?;
+    // A restore for `vrun serve` (--report-fd) takes what its authenticated connection delivered.
+    let trust = Trust { key: key.as_ref(), unsigned_ok: a.trust_unsigned, channel: a.report_fd.is_some() };
+    let mut r = Reader::open(&a.src, trust)?;
     let header = r.header()?;
     let here = host::current();
     host::check(&header.host, &here).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
@@ -83,7 +90,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
     let auth = creds::Authority::of(r.raw_fd(), &job)?;
     auth.check(&job).map_err(|e| anyhow!("cannot restore {}: {e}", r.name))?;
     let verified = check_files(&job, &auth).map_err(|e| anyhow!("cannot restore {} here: {e}", r.name))?;
-    let opts = a.given.settle(Some(&header.job))?;
+    let opts = Options { sign: key.clone(), ..a.given.settle(Some(&header.job))? };
 
     // A name given is taken only once the image is whole, just before the job runs: until then it may still be
     // the checkpointed job's, ending (`vrun checkpoint X --kill --to - | vrun restore --name X -`). Otherwise the
@@ -213,7 +220,8 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         Some((uid, gid, groups)) => ns::UserNs::For { uid: *uid, gid: *gid, groups: groups.clone() },
         None => ns::UserNs::default_here(),
     };
-    let started = ns::start(child, clocks, own_mounts, early.as_ref().map(|r| r.fd()).as_slice(), userns)?;
+    // A restorer that refuses the image at once may be gone before its process is seen: its report says why.
+    let started = ns::start(child, clocks, own_mounts, early.as_ref().map(|r| r.fd()).as_slice(), userns).map_err(|e| restorer_said(&ctls).unwrap_or(e))?;
     phases.mark("restorer started");
     drop((keep, objects, shm, sysv_contents, bundled, plan_fd, stdin, stdio_bound));
     let fail = |e: anyhow::Error| -> anyhow::Error {
@@ -366,6 +374,16 @@ impl ImageRead {
 /// meanwhile. The restorers after it may fail first (this one then waits for them for ever): a failure they
 /// report, or their end, ends the wait too; so does the end of the job's main process, with the reason an earlier
 /// process's restart gave, if one did.
+/// The failure a restorer reported, if one did (without waiting).
+fn restorer_said(ctls: &[OwnedFd]) -> Option<anyhow::Error> {
+    ctls.iter().find_map(|c| {
+        let mut buf = vec![0u8; std::mem::size_of::<plan::RestorerReport>()];
+        let n = nix::sys::socket::recv(c.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT).ok()?;
+        let rep = plan::RestorerReport::from_bytes(&buf[..n])?;
+        (rep.status != plan::REPORT_OK).then(|| anyhow!("{}", rep.message()))
+    })
+}
+
 fn wait_report(all: &[OwnedFd], at: usize, status: &File, all_procs: &[ProcessImage], tick: &mut dyn FnMut()) -> Result<plan::RestorerReport> {
     let (ctls, procs) = (&all[at..], &all_procs[at..]);
     let pid = procs[0].pid;

@@ -30,6 +30,8 @@ pub struct Options {
     pub keep: usize,
     pub signals: (i32, i32),
     pub quiet: bool,
+    /// Images written to files are signed with it (`--image-key`, or the host's key).
+    pub sign: Option<crate::sign::Key>,
 }
 
 /// Periodic images kept unless told otherwise, and the most that may be asked for.
@@ -117,7 +119,7 @@ impl Given {
                 cwd
             }
         };
-        Ok(Options { name: String::new(), dir, interval, keep, signals, quiet: self.quiet })
+        Ok(Options { name: String::new(), dir, interval, keep, signals, quiet: self.quiet, sign: None })
     }
 }
 
@@ -156,6 +158,8 @@ pub struct Supervisor {
     pub(crate) filling: Option<OwnedFd>,
     /// A trigger signal from outside heard while another checkpoint ran: it gets a checkpoint of its own next.
     pub(crate) pending_trigger: Option<i32>,
+    /// The id of the key that signed the last image written (None: not signed).
+    pub(crate) last_signed: Option<String>,
 }
 
 /// Signals the supervisor forwards to the job (and the one it waits for): the usual ones a user or a scheduler
@@ -185,7 +189,7 @@ impl Supervisor {
     /// The job runs: from now on `vrun list` and `vrun checkpoint` find it under its reserved name.
     pub fn new(opts: Options, reserved: runtime::Reservation, listener: Listener, job: Started, argv: Vec<String>, started_unix_ns: u64) -> Result<Supervisor> {
         let sigfd = SignalFd::with_flags(&handled(opts.signals), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
-        let s = Supervisor { opts, reserved, listener, job, argv, started_unix_ns, sigfd, checkpointed_and_stopped: None, precopied: None, filling: None, pending_trigger: None };
+        let s = Supervisor { opts, reserved, listener, job, argv, started_unix_ns, sigfd, checkpointed_and_stopped: None, precopied: None, filling: None, pending_trigger: None, last_signed: None };
         s.reserved.publish(&runtime::Entry {
             name: s.opts.name.clone(),
             supervisor: std::process::id() as i32,
@@ -369,6 +373,18 @@ impl Supervisor {
 
     fn on_connection(&mut self) {
         let Some((conn, msg, fd)) = self.accept() else { return };
+        // `vrun checkpoint --image-key` sends the key file's bytes first, then its request.
+        let (msg, fd, sign) = match msg {
+            Msg::SignWith { key } => {
+                drop(fd.map(crate::ns::owned));
+                let Ok(raw) = <[u8; 32]>::try_from(key.as_slice()) else { return };
+                match proto::recv(conn.as_raw_fd()) {
+                    Ok(Some((m @ Msg::Checkpoint { .. }, fd))) => (m, fd, Some(crate::sign::Key::derive(&raw, "the key of `vrun checkpoint`".into()))),
+                    _ => return,
+                }
+            }
+            m => (m, fd, None),
+        };
         match msg {
             Msg::Precopy => {
                 let Some(out) = fd.map(crate::ns::owned) else { return };
@@ -390,16 +406,21 @@ impl Supervisor {
                     },
                     _ => Dest::Dir,
                 };
+                if sign.is_some() && matches!(dest, Dest::Stream { .. }) {
+                    let why = "an image written to a stream cannot be signed (it is never read back): write it to a file".to_string();
+                    let _ = proto::send(conn.as_raw_fd(), &Msg::CheckpointFailed { why }, None);
+                    return;
+                }
                 // A migration's client shows its own progress; a checkpoint's is told how far the image is.
                 let (handoff, progress) = match handoff {
                     true => (Some(conn.try_clone().expect("dup")), None),
                     false => (None, conn.try_clone().ok()),
                 };
                 let reason = if handoff.is_some() { "migration" } else { "request" };
-                let req = Request { kill, dest, reason, bundle, tcp_established, handoff, pages, progress };
+                let req = Request { kill, dest, reason, bundle, tcp_established, handoff, pages, progress, sign };
                 let start = Instant::now();
                 let answer = match self.checkpoint(req, None) {
-                    Ok(path) => Msg::CheckpointDone { path, bytes: 0, millis: start.elapsed().as_millis() as u64 },
+                    Ok(path) => Msg::CheckpointDone { path, bytes: 0, millis: start.elapsed().as_millis() as u64, signed: self.last_signed.clone() },
                     Err(e) => Msg::CheckpointFailed { why: format!("{e:#}") },
                 };
                 let _ = proto::send(conn.as_raw_fd(), &answer, None);

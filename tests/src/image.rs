@@ -18,6 +18,9 @@ pub struct Chunk {
 pub struct Image {
     pub head: [u8; chunk::FILE_HEAD_LEN],
     pub chunks: Vec<Chunk>,
+    /// The payload of the Signature chunk after End, of a signed image (kept as it was: a changed image keeps a
+    /// signature that no longer matches it, framed again after the new End).
+    pub signature: Option<Vec<u8>>,
 }
 
 impl Image {
@@ -35,8 +38,14 @@ impl Image {
             let payload = b[at..at + len].to_vec();
             at += len;
             if kind == Kind::End as u32 {
-                assert_eq!(at, b.len(), "data after the End chunk of a good image");
-                return Image { head, chunks };
+                let mut signature = None;
+                if at < b.len() {
+                    let h: [u8; chunk::CHUNK_HEAD_LEN] = b[at..at + chunk::CHUNK_HEAD_LEN].try_into().unwrap();
+                    assert_eq!(u32::from_le_bytes(h[4..8].try_into().unwrap()), Kind::Signature as u32, "data after the End chunk of a good image");
+                    signature = Some(b[at + chunk::CHUNK_HEAD_LEN..].to_vec());
+                    assert_eq!(b.len() - at, chunk::SIGNATURE_CHUNK_LEN, "data after the signature of a good image");
+                }
+                return Image { head, chunks, signature };
             }
             chunks.push(Chunk { kind, payload });
         }
@@ -49,6 +58,9 @@ impl Image {
         let end = Chunk { kind: Kind::End as u32, payload: chunk::end_payload(n).to_vec() };
         for (seq, c) in self.chunks.iter().chain(std::iter::once(&end)).enumerate() {
             out.extend_from_slice(&frame(c.kind, seq as u64, &c.payload));
+        }
+        if let Some(s) = &self.signature {
+            out.extend_from_slice(&frame(Kind::Signature as u32, n + 1, s));
         }
         out
     }

@@ -134,9 +134,11 @@ fn a_job_of_nobody_restored_by_root_runs_as_nobody() {
 fn a_job_of_nobody_migrated_runs_as_nobody() {
     let w = Work::new("nobody-serve");
     let home = nobody_home(&w, &["creds"]);
-    let key = w.path("key");
-    fs::write(&key, [7u8; 32]).unwrap();
-    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    // One key, two copies: root's for serve, nobody's for migrate (each 0600, as key files must be).
+    let key = vos_tests::hosts::keygen(&w.path("key"));
+    let users_key = w.path("key.nobody");
+    fs::copy(&key, &users_key).unwrap();
+    std::os::unix::fs::chown(&users_key, Some(65534), Some(65534)).unwrap();
     let mut net = Net::new(2, &w.dir);
     net.hosts[1].serve(&key);
     let name = w.name("nbm");
@@ -160,7 +162,7 @@ fn a_job_of_nobody_migrated_runs_as_nobody() {
         .arg("HOME=/tmp")
         .arg(home.bin.join("vrun"))
         .args(["migrate", &name, "--to", &net.hosts[1].serve_addr(), "--stop-and-copy", "--json", "--key"])
-        .arg(&key);
+        .arg(&users_key);
     let o = m.output().unwrap();
     assert!(o.status.success(), "migrate as nobody: {}\n{}", String::from_utf8_lossy(&o.stderr), net.hosts[1].serve_log());
     let there: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();

@@ -9,7 +9,9 @@
 //! - the image and checkpoint time of a trivial program;
 //! - the per-call cost of open+close, clock_gettime, malloc+free and write under the shim vs natively;
 //! - `vrun migrate` of N MiB between two test hosts (network namespaces), idle and while the job rewrites
-//!   10 MB/s, against sending the same bytes over TCP into fresh memory (`--migrate-only` runs just this).
+//!   10 MB/s, against sending the same bytes over TCP into fresh memory (`--migrate-only` runs just this);
+//! - `--signed-only`: checkpoint and restore of N MiB with signed images (`--image-key`) against unsigned ones,
+//!   measured alternately in the same run.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -122,8 +124,19 @@ fn registered(name: &str) -> bool {
     registered_pid(Path::new("/run/vos"), name) > 0
 }
 
-fn bench_mem(dir: &Path, mib: usize) -> MemResult {
-    let (write, read) = baselines(dir, mib);
+/// `vrun [SUBCOMMAND] [--image-key KEY]`.
+fn vrun_keyed(sub: Option<&str>, key: Option<&Path>) -> std::process::Command {
+    let mut c = vrun();
+    c.args(sub);
+    if let Some(k) = key {
+        c.arg("--image-key").arg(k);
+    }
+    c
+}
+
+/// With `key`, the job's images are signed with it and restored only once checked against it.
+fn bench_mem(dir: &Path, mib: usize, key: Option<&Path>) -> MemResult {
+    let (write, read) = if key.is_none() { baselines(dir, mib) } else { (0.0, 0.0) };
     let prog = gcc("bench_mem");
     let w = Work { dir: dir.join(format!("mem{mib}")) };
     let _ = fs::remove_dir_all(&w.dir);
@@ -131,7 +144,9 @@ fn bench_mem(dir: &Path, mib: usize) -> MemResult {
     let (mut ckpt, mut pause, mut kill_ckpt, mut run, mut all, mut image) = (vec![], vec![], vec![], vec![], vec![], 0);
     let out = w.path("out.txt");
     let name = w.name("bench");
-    let mut job = launch(&w, &name, &[prog.to_str().unwrap(), &mib.to_string()], &out);
+    let mut c = vrun_keyed(None, key);
+    c.args(["--name", &name, "--dir"]).arg(&w.dir).arg("--").args([prog.to_str().unwrap(), &mib.to_string()]);
+    let mut job = spawn(c, &name, &out, &w.path("vrun.err"));
     wait_line(&out, "ready", 0);
     for _ in 0..3 {
         let n = lines(&out);
@@ -153,8 +168,11 @@ fn bench_mem(dir: &Path, mib: usize) -> MemResult {
         kill_ckpt.push(t.elapsed().as_secs_f64());
         job.wait(Duration::from_secs(60));
         let t = Instant::now();
-        job = restore(&w, &name, &img, &w.path("restore.out"));
+        let mut c = vrun_keyed(Some("restore"), key);
+        c.args(["--name", &name, "--dir"]).arg(&w.dir).arg(&img);
+        job = spawn(c, &name, &w.path("restore.out"), &w.path("vrun.err"));
         while !registered(&name) {
+            assert!(t.elapsed() < Duration::from_secs(120), "the restore did not start: see {}", w.path("vrun.err").display());
             std::thread::sleep(Duration::from_micros(500));
         }
         let r = t.elapsed().as_secs_f64();
@@ -393,13 +411,17 @@ fn main() {
         print_migrations(*sizes.last().unwrap());
         return;
     }
+    if args.iter().any(|a| a == "--signed-only") {
+        print_signed(&dir, &sizes);
+        return;
+    }
     warm_up(6);
     println!("vos-bench on {} (images and baselines in {})", std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim(), dir.display());
     println!();
     println!("memory: N MiB random + N MiB untouched; medians of 3; ratio = vOS / baseline of the same bytes");
     println!("{:>6} {:>10} {:>10} {:>10} {:>9} {:>11} {:>12} {:>12} {:>10} {:>10}", "MiB", "write+sync", "ckpt", "ckpt+kill", "ratio", "app pause", "read back", "restore", "ratio", "image MiB");
     for &mib in &sizes {
-        let r = bench_mem(&dir, mib);
+        let r = bench_mem(&dir, mib, None);
         println!(
             "{:>6} {:>9.3}s {:>9.3}s {:>9.3}s {:>8.2}x {:>9.1}ms {:>11.3}s {:>11.3}s {:>9.2}x {:>10.1}",
             r.mib, r.write, r.ckpt, r.kill_ckpt, r.kill_ckpt / r.write, r.pause_ms, r.read, r.restore_run, r.restore_run / r.read,
@@ -427,4 +449,39 @@ fn main() {
     for (n, a, b) in overhead(&dir, 3) {
         println!("{n:<16} {a:>10.1} {b:>10.1} {:>7.2}x", b / a);
     }
+}
+
+/// Signed images against unsigned ones: each size measured unsigned, signed, unsigned, signed (medians of 3 each
+/// time), so both see the same machine.
+fn print_signed(dir: &Path, sizes: &[usize]) {
+    warm_up(6);
+    let key = dir.join("bench.key");
+    let mut b = [0u8; 32];
+    fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).unwrap();
+    fs::write(&key, b).unwrap();
+    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    println!("signed images (--image-key) against unsigned: N MiB random + N MiB untouched; medians of 3, two rounds");
+    println!("{:>6} {:>8} {:>10} {:>10} {:>12} {:>12}", "MiB", "", "ckpt", "ckpt+kill", "restore", "restore all");
+    for &mib in sizes {
+        let mut rows: Vec<(&str, MemResult)> = vec![];
+        for _ in 0..2 {
+            rows.push(("plain", bench_mem(dir, mib, None)));
+            rows.push(("signed", bench_mem(dir, mib, Some(&key))));
+        }
+        for (what, r) in &rows {
+            println!("{:>6} {:>8} {:>9.3}s {:>9.3}s {:>11.3}s {:>11.3}s", r.mib, what, r.ckpt, r.kill_ckpt, r.restore_run, r.restore_all);
+        }
+        let med = |f: &dyn Fn(&MemResult) -> f64, w: &str| median(rows.iter().filter(|r| r.0 == w).map(|r| f(&r.1)).collect());
+        let ratio = |f: &dyn Fn(&MemResult) -> f64| med(f, "signed") / med(f, "plain");
+        println!(
+            "{:>6} {:>8} {:>9.2}x {:>9.2}x {:>11.2}x {:>11.2}x",
+            mib,
+            "ratio",
+            ratio(&|r| r.ckpt),
+            ratio(&|r| r.kill_ckpt),
+            ratio(&|r| r.restore_run),
+            ratio(&|r| r.restore_all)
+        );
+    }
+    let _ = fs::remove_file(&key);
 }
