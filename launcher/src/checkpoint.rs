@@ -9,11 +9,14 @@
 //! 4. A file image is synced and renamed into place. Jobs that go on are released as soon as the image is
 //!    complete; a job that ends (--kill) only once the image is safe.
 
-use crate::imagefile::{self, EXT};
-use crate::job::{self, Member};
-use crate::supervisor::{Supervisor, ask_checkpoint, nanos, timestamp};
-use crate::sign::{self, Key};
-use crate::{bundle, events, files, host, identity, inet, precopy, sysv, terminal};
+use crate::image::file::{self, EXT};
+use crate::job::members::{self, Member};
+use crate::job::supervisor::{Supervisor, ask_checkpoint};
+use crate::output::time::{nanos, timestamp};
+use crate::image::sign::Key;
+use crate::job::members::Gone;
+use crate::os::set_timeout;
+use crate::resources::{bundle, events, files, host, identity, inet, sysv, terminal};
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::collections::HashMap;
@@ -81,7 +84,7 @@ impl Dest {
             let t = m.file_type();
             if t.is_symlink() {
                 if m.uid() != nix::unistd::geteuid().as_raw() && m.uid() != 0 {
-                    bail!("--to {}: a symbolic link of user {}: name the file itself", crate::escape::escape(&p.display().to_string()), m.uid());
+                    bail!("--to {}: a symbolic link of user {}: name the file itself", crate::output::escape::escape(&p.display().to_string()), m.uid());
                 }
                 let target = std::fs::read_link(&p).with_context(|| format!("--to {}", p.display()))?;
                 p = p.parent().unwrap_or(Path::new("/")).join(target);
@@ -141,19 +144,6 @@ pub(crate) struct Shim {
     own_fds: Vec<i32>,
 }
 
-/// A process of the job ended (or was killed) in the middle of a checkpoint: the job is no longer the one being
-/// captured, and the checkpoint is taken again.
-#[derive(Debug)]
-pub(crate) struct Gone(pub i32);
-
-impl std::fmt::Display for Gone {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(f, "pid {} went away during the checkpoint", self.0)
-    }
-}
-
-impl std::error::Error for Gone {}
-
 impl Shim {
     fn failed(&self, e: vos::sys::Errno) -> anyhow::Error {
         match e.0 {
@@ -177,14 +167,6 @@ impl Shim {
 pub(crate) fn cancel(shims: &[Shim], why: &str) {
     for s in shims {
         let _ = s.send(&Msg::Cancel { why: why.into() }, None);
-    }
-}
-
-pub fn set_timeout(fd: i32, d: Duration) {
-    let tv = libc::timeval { tv_sec: d.as_secs() as i64, tv_usec: 0 };
-    // SAFETY: tv is a valid timeval.
-    unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32);
     }
 }
 
@@ -232,7 +214,7 @@ impl Supervisor {
 
     /// /proc/PID/mem of each parked process, for a post-copy migration to serve pages from until the handoff.
     fn memory_of(&self, shims: &[Shim]) -> Result<Vec<(i32, File)>> {
-        let members = job::members(self.job.init)?;
+        let members = members::members(self.job.init)?;
         shims
             .iter()
             .map(|s| {
@@ -263,10 +245,10 @@ impl Supervisor {
             // Before any process is asked to stop (its threads are signalled and run the shim's handler), none may
             // have a thread that this would end.
             for m in members.iter().filter(|m| !m.zombie && !shims.iter().any(|s| s.pid == m.ids.pid && s.image.is_some())) {
-                if let Some(t) = job::strict_seccomp_thread(m.host) {
+                if let Some(t) = members::strict_seccomp_thread(m.host) {
                     bail!("pid {} thread {t} is in seccomp strict mode: it cannot be checkpointed", m.ids.pid);
                 }
-                crate::creds::precheck(m, self.job.init)?;
+                crate::resources::creds::precheck(m, self.job.init)?;
             }
             for m in &todo {
                 refuse_stopped(m)?;
@@ -279,11 +261,11 @@ impl Supervisor {
             // A process may exit on its own before it parks (it was already on its way out): it then no longer
             // counts, and shows up again as a zombie or not at all.
             let mut gone = vec![];
-            let now = job::members(self.job.init)?;
+            let now = members::members(self.job.init)?;
             for s in shims.iter().filter(|s| s.image.is_none()) {
                 // A process whose own /proc files are root's gets the supervisor's (a daemon that switched users).
                 if let Some(m) = now.iter().find(|m| m.ids.pid == s.pid && !m.zombie) {
-                    for (name, fd) in crate::creds::proc_files(m)? {
+                    for (name, fd) in crate::resources::creds::proc_files(m)? {
                         let _ = s.send(&Msg::ProcFile { name: name.into() }, Some(fd.as_raw_fd()));
                     }
                 }
@@ -295,7 +277,7 @@ impl Supervisor {
             for s in shims.iter_mut().filter(|s| s.image.is_none() && !begun.contains(&s.pid)) {
                 match s.recv() {
                     Ok((Msg::Quiesced { error: None, own_fds }, Some(fd))) => {
-                        let mut f = File::from(crate::ns::owned(fd));
+                        let mut f = File::from(crate::os::owned(fd));
                         let mut meta = vec![];
                         f.read_to_end(&mut meta)?;
                         s.image = Some(rmp_serde::from_slice(&meta).map_err(|e| anyhow!("pid {}: bad metadata: {e}", s.pid))?);
@@ -314,7 +296,7 @@ impl Supervisor {
     /// Whether job process `pid` still lives (not a zombie).
     fn alive(&self, pid: i32) -> bool {
         std::thread::sleep(Duration::from_millis(20));
-        job::members(self.job.init).is_ok_and(|m| m.iter().any(|m| m.ids.pid == pid && !m.zombie))
+        members::members(self.job.init).is_ok_and(|m| m.iter().any(|m| m.ids.pid == pid && !m.zombie))
     }
 
     /// The job's processes, once every live one has the shim mapped. A process that has just exec'd gets it a
@@ -322,7 +304,7 @@ impl Supervisor {
     fn members_with_shims(&self) -> Result<Vec<Member>> {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let members = job::members(self.job.init)?;
+            let members = members::members(self.job.init)?;
             match members.iter().find(|m| !m.zombie && !m.has_shim) {
                 None => return Ok(members),
                 Some(m) if Instant::now() > deadline => bail!(
@@ -341,7 +323,7 @@ impl Supervisor {
         while !want.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let members = job::members(self.job.init).unwrap_or_default();
+                let members = members::members(self.job.init).unwrap_or_default();
                 want.retain(|p| members.iter().any(|m| m.ids.pid == *p && !m.zombie));
                 if want.is_empty() {
                     return Ok(());
@@ -349,7 +331,7 @@ impl Supervisor {
                 bail!("pid {want:?} did not answer the checkpoint signal within 10 s");
             }
             // A process stopped meanwhile would answer only once continued: say so now.
-            if let Ok(members) = job::members(self.job.init) {
+            if let Ok(members) = members::members(self.job.init) {
                 for m in members.iter().filter(|m| want.contains(&m.ids.pid)) {
                     refuse_stopped(m)?;
                 }
@@ -358,7 +340,7 @@ impl Supervisor {
             match poll(&mut fds, PollTimeout::try_from(left.min(Duration::from_millis(200))).unwrap_or(PollTimeout::MAX)) {
                 Ok(0) => {
                     // Someone we wait for may have exited instead.
-                    let members = job::members(self.job.init)?;
+                    let members = members::members(self.job.init)?;
                     want.retain(|p| members.iter().any(|m| m.ids.pid == *p && !m.zombie));
                     continue;
                 }
@@ -394,21 +376,21 @@ impl Supervisor {
         shims.sort_by_key(|s| s.pid);
         let mut job = JobImage {
             processes: shims.iter_mut().map(|s| s.image.take().unwrap()).collect(),
-            zombies: members.iter().filter(|m| m.zombie).map(job::zombie_image).collect(),
+            zombies: members.iter().filter(|m| m.zombie).map(members::zombie_image).collect(),
             ..Default::default()
         };
         check_tree(&job)?;
         // Who each process is, from outside (the shim's word only for what nothing else shows).
-        crate::creds::capture(&mut job, members)?;
+        crate::resources::creds::capture(&mut job, members)?;
         identity::identify(&mut job, members)?;
         let own: HashMap<i32, Vec<i32>> = shims.iter().map(|s| (s.pid, s.own_fds.clone())).collect();
         let files::Captured { mut data, held } = files::capture(&mut job, members, &own, req.tcp_established)?;
-        crate::creds::open_as(&mut job, members)?;
-        let (needed, (_, hard)) = (crate::restore::fds_needed(&job), nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?);
+        crate::resources::creds::open_as(&mut job, members)?;
+        let (needed, (_, hard)) = (crate::restore::planning::fds_needed(&job), nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?);
         if needed > hard {
             bail!("the job has {} open files: restoring it needs room for {needed} fds, above this host's hard open-file limit ({hard})", job.files.len());
         }
-        let plan = crate::restore::plan_size(&job);
+        let plan = crate::restore::planning::plan_size(&job);
         if plan > vos::plan::MAX_PLAN as u64 {
             let maps: usize = job.processes.iter().map(|p| p.regions.len()).sum();
             bail!("the job has {maps} memory mappings: their restore plan ({} MiB) exceeds what a restore takes ({} MiB)", plan >> 20, vos::plan::MAX_PLAN >> 20);
@@ -430,7 +412,7 @@ impl Supervisor {
             .map(|(s, p)| {
                 let host = members.iter().find(|m| m.ids.pid == s.pid).map(|m| m.task.as_raw());
                 match (&precopied, host) {
-                    (Some(sent), Some(host)) => precopy::reuse(sent, s.pid, host),
+                    (Some(sent), Some(host)) => sent.unchanged(s.pid, host),
                     _ if req.pages == Pages::Lazy => Ok(lazy_ranges(p)),
                     _ => Ok(vec![]),
                 }
@@ -465,7 +447,7 @@ impl Supervisor {
         fin: Option<&Path>,
         mark: &dyn Fn(&str),
     ) -> Result<Option<String>> {
-        let mut w = imagefile::Writer::new(out.try_clone()?);
+        let mut w = file::Writer::new(out.try_clone()?);
         let header = ImageHeader {
             vrun_version: env!("CARGO_PKG_VERSION").into(),
             created_unix_ns: nanos(),
@@ -486,7 +468,7 @@ impl Supervisor {
         let is_file = nix::sys::stat::fstat(&out).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
         let progress = req.progress.as_ref();
         let total: u64 = match progress {
-            Some(_) if is_file => job::members(self.job.init)?.iter().map(|m| anonymous_bytes(m.task.as_raw())).sum(),
+            Some(_) if is_file => members::members(self.job.init)?.iter().map(|m| anonymous_bytes(m.task.as_raw())).sum(),
             _ => 0,
         };
         for ((s, skip), reuse) in shims.iter().zip(skips).zip(reuse) {
@@ -530,7 +512,7 @@ impl Supervisor {
         let path = match (tmp, fin) {
             (Some(t), Some(f)) => {
                 if let Some(key) = req.sign.as_ref().or(self.opts.sign.as_ref()) {
-                    sign::append(&mut w, seq, key)?;
+                    w.sign(seq, key)?;
                     mark("signed");
                     self.last_signed = Some(key.id_hex());
                 }
@@ -592,13 +574,13 @@ impl Supervisor {
             }
         };
         let dir = fin.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        imagefile::sweep_temporaries(dir);
+        file::sweep_temporaries(dir);
         // An unpredictable name: another user cannot make it first (in a shared directory) to stop our checkpoints.
         let stem = fin.file_stem().and_then(|n| n.to_str()).unwrap_or("image");
         let mut tries = 0;
         loop {
             let tmp = dir.join(format!(".{stem}.{EXT}.tmp-{}-{:016x}", std::process::id(), random_u64()));
-            match imagefile::create_temporary(&tmp) {
+            match file::create_temporary(&tmp) {
                 Ok(f) => return Ok((OwnedFd::from(f), Some(tmp), Some(fin))),
                 Err(e) if tries < 8 && e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::AlreadyExists) => tries += 1,
                 Err(e) => return Err(e),
@@ -610,7 +592,7 @@ impl Supervisor {
     /// directory another user's files named like ours must neither push ours out nor be removed (by root).
     pub(crate) fn prune(&self) {
         use std::os::unix::fs::MetadataExt;
-        imagefile::sweep_temporaries(&self.opts.dir);
+        file::sweep_temporaries(&self.opts.dir);
         let prefix = format!("{}-", self.opts.name);
         let me = nix::unistd::geteuid().as_raw();
         let Ok(rd) = std::fs::read_dir(&self.opts.dir) else { return };
@@ -764,7 +746,7 @@ fn object_sizes(job: &mut JobImage, members: &[Member]) {
         }
         let mapped = job.processes.iter().find_map(|p| Some((p.pid, p.regions.iter().find(|r| r.shared_memory == Some(i as u32))?)));
         let Some((pid, r)) = mapped else { continue };
-        let Some(task) = job::task_of(members, pid) else { continue };
+        let Some(task) = members::task_of(members, pid) else { continue };
         if let Ok(md) = std::fs::metadata(format!("/proc/{task}/map_files/{:x}-{:x}", r.start, r.end)) {
             job.shared_memory[i].size = md.len();
         }
@@ -776,7 +758,7 @@ fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     // SAFETY: getrandom fills the buffer it is given.
     let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, b.len(), libc::GRND_NONBLOCK) };
-    if n == 8 { u64::from_le_bytes(b) } else { crate::supervisor::nanos() }
+    if n == 8 { u64::from_le_bytes(b) } else { crate::output::time::nanos() }
 }
 
 /// Make a written image durable, then give it its name: a reader never sees a partial image under it.

@@ -213,7 +213,7 @@ impl Filler {
                     }
                     UFFD_EVENT_FORK => {
                         let fd = u32::from_le_bytes(m[8..12].try_into().unwrap()) as RawFd;
-                        let uffd = crate::ns::owned(fd);
+                        let uffd = crate::os::owned(fd);
                         nix::fcntl::fcntl(&uffd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC))?;
                         let child = Work { uffd, pid: w.pid, left: w.left.clone(), gone: false };
                         self.work.push(child);
@@ -341,7 +341,7 @@ pub fn start(bases: &[(i32, RawFd)]) -> Result<OwnedFd> {
 pub fn take_work(sock: &OwnedFd, f: &mut Filler) -> Result<bool> {
     match proto::recv(sock.as_raw_fd()) {
         Ok(Some((Msg::Fill { pid, init, runs }, Some(fd)))) => {
-            f.add(pid, init, runs, crate::ns::owned(fd))?;
+            f.add(pid, init, runs, crate::os::owned(fd))?;
             Ok(true)
         }
         _ => Ok(false),

@@ -7,7 +7,7 @@ use anyhow::{Result, anyhow, bail};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use crate::job::{Member, seen_by, task_of};
+use crate::job::members::{Member, seen_by, task_of};
 use vos::image::{FileId, JobImage, is_detached};
 
 /// A read-only mapping of a whole file.
@@ -89,7 +89,7 @@ pub fn identify(job: &mut JobImage, members: &[Member]) -> Result<()> {
         let v = match known.get(&(id.dev, id.ino)) {
             Some(v) => v.clone(),
             None => {
-                let v = crate::creds::as_user(who, || identity(&seen_by(host, &id.path))).map_err(|e| anyhow!("{}: {e:#}", id.path))?;
+                let v = crate::resources::creds::as_user(who, || identity(&seen_by(host, &id.path))).map_err(|e| anyhow!("{}: {e:#}", id.path))?;
                 known.insert((id.dev, id.ino), v.clone());
                 v
             }

@@ -3,22 +3,27 @@
 //! It forwards signals sent to it, answers `vrun checkpoint`, runs periodic checkpoints, reacts to the trigger
 //! signals the shim reports, and exits as the job's main process did. One thread, one poll loop.
 //!
-//! Checkpoints themselves are in `checkpoint`.
+//! Here: its state and what every flow asks of it. Its loop is in `supervise`, checkpoints in `checkpoint`.
 
-use crate::checkpoint::{Dest, Request};
-use crate::ns::Started;
-use crate::runtime;
+use crate::job::ns::Started;
+use crate::job::registry;
 use anyhow::{Context, Result, anyhow, bail};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vos::image::JobInfo;
 use vos::proto::{self, Msg, Trigger};
+
+/// What a migration's pre-copy rounds sent of the job's memory (`migration::precopy` makes it): the final
+/// checkpoint asks which of those pages nobody changed since, and leaves them out of the image.
+pub trait Precopied {
+    /// The page ranges of job process `pid` (host pid `host`, stopped now) the destination already holds as they are.
+    fn unchanged(&self, pid: i32, host: i32) -> Result<Vec<(u64, u64)>>;
+}
 
 /// Exit status of `vrun` when the job was checkpointed and stopped (EX_TEMPFAIL: restore it to go on).
 pub const EXIT_CHECKPOINTED: i32 = 75;
@@ -31,7 +36,7 @@ pub struct Options {
     pub signals: (i32, i32),
     pub quiet: bool,
     /// Images written to files are signed with it (`--image-key`, or the host's key).
-    pub sign: Option<crate::sign::Key>,
+    pub sign: Option<crate::image::sign::Key>,
 }
 
 /// Periodic images kept unless told otherwise, and the most that may be asked for.
@@ -114,7 +119,7 @@ impl Given {
             (None, kept) => {
                 let cwd = std::env::current_dir().context("the current directory")?;
                 if let Some(d) = kept.filter(|_| !self.quiet) {
-                    eprintln!("vrun: the job's image directory {} is not here; images go to {}", crate::escape::escape(&d.display().to_string()), cwd.display());
+                    eprintln!("vrun: the job's image directory {} is not here; images go to {}", crate::output::escape::escape(&d.display().to_string()), cwd.display());
                 }
                 cwd
             }
@@ -130,7 +135,7 @@ pub struct Listener {
 }
 
 pub fn listen(job: &str) -> Result<Listener> {
-    let name = format!("vos/{}/{job}/{}/{:x}", nix::unistd::getuid(), std::process::id(), nanos() & 0xffff_ffff);
+    let name = format!("vos/{}/{job}/{}/{:x}", nix::unistd::getuid(), std::process::id(), crate::output::time::nanos() & 0xffff_ffff);
     let fd = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
     let addr = UnixAddr::new_abstract(name.as_bytes())?;
     socket::bind(fd.as_raw_fd(), &addr).context("binding the control socket")?;
@@ -138,22 +143,18 @@ pub fn listen(job: &str) -> Result<Listener> {
     Ok(Listener { fd, name })
 }
 
-pub fn nanos() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}
-
 pub struct Supervisor {
     pub(crate) opts: Options,
     /// The job's name in the registry, held as long as we live.
-    reserved: runtime::Reservation,
+    reserved: registry::Reservation,
     pub(crate) listener: Listener,
     pub(crate) job: Started,
     pub(crate) argv: Vec<String>,
     pub(crate) started_unix_ns: u64,
-    sigfd: SignalFd,
+    pub(crate) sigfd: SignalFd,
     pub(crate) checkpointed_and_stopped: Option<String>,
     /// What the last pre-copy sent, for the migration's final checkpoint.
-    pub(crate) precopied: Option<crate::precopy::Sent>,
+    pub(crate) precopied: Option<Box<dyn Precopied>>,
     /// A migrated job's filler, still putting pre-copied pages in place (see `fill`).
     pub(crate) filling: Option<OwnedFd>,
     /// A trigger signal from outside heard while another checkpoint ran: it gets a checkpoint of its own next.
@@ -187,10 +188,10 @@ pub fn block_signals(signals: (i32, i32)) -> Result<()> {
 
 impl Supervisor {
     /// The job runs: from now on `vrun list` and `vrun checkpoint` find it under its reserved name.
-    pub fn new(opts: Options, reserved: runtime::Reservation, listener: Listener, job: Started, argv: Vec<String>, started_unix_ns: u64) -> Result<Supervisor> {
+    pub fn new(opts: Options, reserved: registry::Reservation, listener: Listener, job: Started, argv: Vec<String>, started_unix_ns: u64) -> Result<Supervisor> {
         let sigfd = SignalFd::with_flags(&handled(opts.signals), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
         let s = Supervisor { opts, reserved, listener, job, argv, started_unix_ns, sigfd, checkpointed_and_stopped: None, precopied: None, filling: None, pending_trigger: None, last_signed: None };
-        s.reserved.publish(&runtime::Entry {
+        s.reserved.publish(&registry::Entry {
             name: s.opts.name.clone(),
             supervisor: std::process::id() as i32,
             pid: s.job.app.as_raw(),
@@ -216,69 +217,21 @@ impl Supervisor {
         }
     }
 
-    /// Serve until the job's main process ends; returns the exit status to leave with.
-    pub fn run(mut self) -> ! {
-        let mut next_interval = self.opts.interval.map(|d| Instant::now() + d);
-        loop {
-            let timeout = match next_interval {
-                Some(t) => PollTimeout::try_from(t.saturating_duration_since(Instant::now())).unwrap_or(PollTimeout::MAX),
-                None => PollTimeout::NONE,
-            };
-            let mut fds = [
-                PollFd::new(self.sigfd.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.listener.fd.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.job.status.as_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => self.die(&format!("poll: {e}")),
-            }
-            let ready = |i: usize| fds[i].revents().is_some_and(|r| !r.is_empty());
-            let (sig_ready, conn_ready, status_ready) = (ready(0), ready(1), ready(2));
-            if status_ready {
-                self.finish();
-            }
-            if sig_ready {
-                self.on_signals();
-            }
-            if conn_ready {
-                self.on_connection();
-            }
-            if let Some(t) = next_interval {
-                if Instant::now() >= t {
-                    let req = Request::to_dir(false, "interval");
-                    match self.checkpoint(req, None) {
-                        Ok(_) => self.prune(),
-                        Err(e) => self.say(&format!("periodic checkpoint failed: {e:#}")),
-                    }
-                    next_interval = self.opts.interval.map(|d| Instant::now() + d);
-                }
-            }
-            if let Some(sig) = self.pending_trigger.take() {
-                let req = Request::to_dir(sig == self.opts.signals.1, "signal");
-                match self.checkpoint(req, None) {
-                    Ok(Some(p)) => self.say(&format!("checkpoint written to {p}")),
-                    Ok(None) => {}
-                    Err(e) => self.say(&format!("checkpoint failed: {e:#}")),
-                }
-            }
-        }
-    }
-
-    fn say(&self, msg: &str) {
+    /// Tell the user (unless quiet), naming the job.
+    pub(crate) fn say(&self, msg: &str) {
         if !self.opts.quiet {
             eprintln!("vrun: {}: {msg}", self.opts.name);
         }
     }
 
-    fn die(&self, msg: &str) -> ! {
+    pub(crate) fn die(&self, msg: &str) -> ! {
         eprintln!("vrun: {}: {msg}", self.opts.name);
         self.reserved.release();
         std::process::exit(1)
     }
 
     /// The job's main process ended: leave the way it did.
-    fn finish(&mut self) -> ! {
+    pub(crate) fn finish(&mut self) -> ! {
         let mut b = [0u8; 4];
         let got = self.job.status.read_exact(&mut b).is_ok();
         let _ = nix::sys::wait::waitpid(self.job.init, None);
@@ -309,19 +262,6 @@ impl Supervisor {
         std::process::exit(128 + sig)
     }
 
-    fn on_signals(&mut self) {
-        while let Ok(Some(si)) = self.sigfd.read_signal() {
-            let sig = si.ssi_signo as i32;
-            if sig == libc::SIGCHLD {
-                continue;
-            }
-            // Signals the terminal sends to the foreground process group reach the job directly.
-            if si.ssi_code == libc::SI_KERNEL {
-                continue;
-            }
-            let _ = send_signal(self.job.app, sig);
-        }
-    }
 
     /// Accept a connection from our own user (or root), or from a process of the job, and read its first message.
     /// A process of the job that runs as another user (a daemon's child that switched to its own) may only say
@@ -329,13 +269,13 @@ impl Supervisor {
     /// process of the job is that user's (it may not end other users' processes).
     pub(crate) fn accept(&self) -> Option<(OwnedFd, Msg, Option<i32>)> {
         let fd = socket::accept4(self.listener.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC).ok()?;
-        let conn = crate::ns::owned(fd);
+        let conn = crate::os::owned(fd);
         let peer = socket::getsockopt(&conn, socket::sockopt::PeerCredentials).ok()?;
         let own = peer.uid() == 0 || peer.uid() == nix::unistd::getuid().as_raw();
         if !own && !self.of_job(peer.pid()) {
             return None;
         }
-        crate::checkpoint::set_timeout(conn.as_raw_fd(), Duration::from_secs(10));
+        crate::os::set_timeout(conn.as_raw_fd(), Duration::from_secs(10));
         let (m, fd) = match proto::recv(conn.as_raw_fd()) {
             Ok(Some(got)) => got,
             _ => return None,
@@ -348,7 +288,7 @@ impl Supervisor {
             };
         if !allowed {
             if let Some(f) = fd {
-                drop(crate::ns::owned(f));
+                drop(crate::os::owned(f));
             }
             return None;
         }
@@ -363,7 +303,7 @@ impl Supervisor {
 
     /// Whether every live process of the job runs as `uid` (real, effective, saved and filesystem uid).
     fn all_run_as(&self, uid: u32) -> bool {
-        crate::job::members(self.job.init).is_ok_and(|ms| {
+        crate::job::members::members(self.job.init).is_ok_and(|ms| {
             ms.iter().filter(|m| !m.zombie).all(|m| {
                 let s = std::fs::read_to_string(format!("/proc/{}/status", m.host)).unwrap_or_default();
                 s.lines().find_map(|l| l.strip_prefix("Uid:")).is_some_and(|v| v.split_whitespace().all(|u| u.parse() == Ok(uid)))
@@ -371,78 +311,6 @@ impl Supervisor {
         })
     }
 
-    fn on_connection(&mut self) {
-        let Some((conn, msg, fd)) = self.accept() else { return };
-        // `vrun checkpoint --image-key` sends the key file's bytes first, then its request.
-        let (msg, fd, sign) = match msg {
-            Msg::SignWith { key } => {
-                drop(fd.map(crate::ns::owned));
-                let Ok(raw) = <[u8; 32]>::try_from(key.as_slice()) else { return };
-                match proto::recv(conn.as_raw_fd()) {
-                    Ok(Some((m @ Msg::Checkpoint { .. }, fd))) => (m, fd, Some(crate::sign::Key::derive(&raw, "the key of `vrun checkpoint`".into()))),
-                    _ => return,
-                }
-            }
-            m => (m, fd, None),
-        };
-        match msg {
-            Msg::Precopy => {
-                let Some(out) = fd.map(crate::ns::owned) else { return };
-                let answer = match self.precopy(out, &conn) {
-                    Ok(()) => Msg::PrecopyDone,
-                    Err(e) => Msg::CheckpointFailed { why: format!("{e:#}") },
-                };
-                let _ = proto::send(conn.as_raw_fd(), &answer, None);
-            }
-            Msg::Checkpoint { kill, to, fd_attached, bundle, tcp_established, handoff, pages } => {
-                let dest = match (to, fd_attached, fd) {
-                    (_, true, Some(fd)) => Dest::Stream { fd: crate::ns::owned(fd), name: None },
-                    (Some(p), _, _) => match Dest::to_path(std::path::Path::new(&p)) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            let _ = proto::send(conn.as_raw_fd(), &Msg::CheckpointFailed { why: format!("{e:#}") }, None);
-                            return;
-                        }
-                    },
-                    _ => Dest::Dir,
-                };
-                if sign.is_some() && matches!(dest, Dest::Stream { .. }) {
-                    let why = "an image written to a stream cannot be signed (it is never read back): write it to a file".to_string();
-                    let _ = proto::send(conn.as_raw_fd(), &Msg::CheckpointFailed { why }, None);
-                    return;
-                }
-                // A migration's client shows its own progress; a checkpoint's is told how far the image is.
-                let (handoff, progress) = match handoff {
-                    true => (Some(conn.try_clone().expect("dup")), None),
-                    false => (None, conn.try_clone().ok()),
-                };
-                let reason = if handoff.is_some() { "migration" } else { "request" };
-                let req = Request { kill, dest, reason, bundle, tcp_established, handoff, pages, progress, sign };
-                let start = Instant::now();
-                let answer = match self.checkpoint(req, None) {
-                    Ok(path) => Msg::CheckpointDone { path, bytes: 0, millis: start.elapsed().as_millis() as u64, signed: self.last_signed.clone() },
-                    Err(e) => Msg::CheckpointFailed { why: format!("{e:#}") },
-                };
-                let _ = proto::send(conn.as_raw_fd(), &answer, None);
-            }
-            Msg::Hello { pid, trigger } => {
-                // A trigger signal from outside (kill -s RTMAX-1): a checkpoint to the job's directory. One of
-                // ours heard only now belongs to a checkpoint that is over (the process was stopped meanwhile).
-                let Trigger::Signal { sig } = trigger else {
-                    let _ = proto::send(conn.as_raw_fd(), &Msg::Cancel { why: "no checkpoint is running".into() }, None);
-                    return;
-                };
-                let kill = sig == self.opts.signals.1;
-                let req = Request::to_dir(kill, "signal");
-                match self.checkpoint(req, Some((conn, pid))) {
-                    Ok(Some(p)) => self.say(&format!("checkpoint written to {p}")),
-                    Ok(None) => {}
-                    Err(e) => self.say(&format!("checkpoint failed: {e:#}")),
-                }
-            }
-            _ => {}
-        }
-    }
 
 }
 
@@ -473,32 +341,4 @@ pub fn ask_checkpoint(pid: nix::unistd::Pid, sig: i32) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
-}
-
-/// UTC "YYYYmmdd-HHMMSS.mmm" (image file names).
-pub fn timestamp() -> String {
-    let n = nanos();
-    let (y, m, d, hh, mm, ss) = civil((n / 1_000_000_000) as i64);
-    format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}.{:03}", n / 1_000_000 % 1000)
-}
-
-/// UTC "YYYY-mm-dd HH:MM:SS" of a Unix time.
-pub fn timestamp_of(secs: u64) -> String {
-    let (y, m, d, hh, mm, ss) = civil(secs as i64);
-    format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02}:{ss:02}")
-}
-
-/// Civil date and time from a Unix time (Howard Hinnant's days-to-civil algorithm).
-fn civil(secs: i64) -> (i64, i64, i64, i64, i64, i64) {
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + (m <= 2) as i64;
-    (y, m, d, rem / 3600, rem / 60 % 60, rem % 60)
 }

@@ -65,7 +65,7 @@ fn vdso() -> VdsoInfo {
                 // SAFETY: the vDSO is mapped readable in every process for its whole length.
                 let bytes = unsafe { std::slice::from_raw_parts(s as *const u8, (e - s) as usize) };
                 info.hash = xxhash_rust::xxh3::xxh3_64(bytes);
-                info.build_id = crate::identity::build_id(bytes).unwrap_or_default();
+                info.build_id = crate::resources::identity::build_id(bytes).unwrap_or_default();
                 info.image = serde_bytes::ByteBuf::from(bytes.to_vec());
             }
             "[vvar]" => info.vvar_len = e - s,

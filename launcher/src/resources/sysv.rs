@@ -6,7 +6,7 @@
 //! queued); at a restore init makes them again before the restorers attach the segments, and the supervisor
 //! removes the segments that were only waiting for their last detach.
 
-use crate::files::data_ranges;
+use crate::os::data_ranges;
 use anyhow::{Context, Result, anyhow, bail};
 use nix::sched::CloneFlags;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};

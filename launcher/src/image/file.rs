@@ -4,8 +4,8 @@
 use anyhow::{Context, Result, anyhow, bail};
 use serde::de::DeserializeOwned;
 use std::fs::File;
-use crate::escape::escape;
-use crate::sign::{self, Key, Signature};
+use crate::output::escape::escape;
+use crate::image::sign::{self, Key, Signature};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
@@ -502,6 +502,17 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// Sign the image just written (End is its last chunk, number `end_seq`): hash it back from the page cache
+    /// through a read-only handle of the same file, then append the Signature chunk.
+    pub fn sign(&mut self, end_seq: u64, key: &Key) -> Result<()> {
+        use std::io::Seek;
+        let signed = self.file.stream_position().context("signing the image")?;
+        let r = File::open(format!("/proc/self/fd/{}", self.file.as_raw_fd())).context("reading the image back to sign it")?;
+        let mac = sign::mac(&r, signed, key).context("reading the image back to sign it")?;
+        let sig = Signature { signed, key_id: key.id, mac };
+        self.chunk(vos::chunk::Kind::Signature, end_seq + 1, &sig.encode()).context("writing the image's signature")
+    }
+
     pub fn new(fd: OwnedFd) -> Writer {
         Writer { file: File::from(fd) }
     }
@@ -528,7 +539,7 @@ impl Writer {
     /// from number `seq` on; returns the next number.
     pub fn data(&mut self, mut seq: u64, object: u32, src: i32, size: u64) -> Result<u64> {
         const PIECE: u64 = 4 << 20;
-        for (start, end) in crate::files::data_ranges(src, size) {
+        for (start, end) in crate::os::data_ranges(src, size) {
             let mut off = start;
             while off < end {
                 let n = PIECE.min(end - off) as usize;

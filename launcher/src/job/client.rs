@@ -1,8 +1,8 @@
 //! `vrun checkpoint`: ask a job's supervisor for a checkpoint and wait for the answer.
 
-use crate::runtime;
+use crate::job::registry;
 use anyhow::{Result, anyhow, bail};
-use crate::progress::{Progress, mib};
+use crate::output::progress::{Progress, mib};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 use vos::proto::{self, Msg};
@@ -29,9 +29,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.image_key.is_some() && a.to.as_deref() == Some("-") {
         bail!("--image-key: an image written to standard output cannot be signed (it is never read back): write it to a file");
     }
-    let key = a.image_key.as_deref().map(crate::sign::read_key_file).transpose()?;
-    let job = runtime::find(a.name.as_deref())?;
-    let conn = runtime::connect(&job)?;
+    let key = a.image_key.as_deref().map(crate::image::sign::read_key_file).transpose()?;
+    let job = registry::find(a.name.as_deref())?;
+    let conn = registry::connect(&job)?;
     let sock = conn.as_raw_fd();
     let to_stdout = a.to.as_deref() == Some("-");
     let to = match a.to.as_deref() {
@@ -46,7 +46,7 @@ pub fn run(a: Args) -> Result<()> {
     proto::send(sock, &ask, to_stdout.then_some(1)).map_err(|e| anyhow!("talking to the supervisor: {e}"))?;
     // The supervisor answers within seconds, and while the image is written says how far it is four times a
     // second: a silence this long means it is stuck, or gone with its socket held elsewhere.
-    crate::checkpoint::set_timeout(sock, Duration::from_secs(SILENCE_S));
+    crate::os::set_timeout(sock, Duration::from_secs(SILENCE_S));
     let answer = loop {
         match proto::recv(sock) {
             Ok(Some((Msg::Progress { total: 0, .. }, _))) => {}

@@ -5,7 +5,7 @@
 //! again, connected the same way (through their listeners, so addresses stay), and each queue refilled from
 //! its peer.
 
-use crate::files::grab;
+use crate::os::grab;
 use anyhow::{Result, anyhow, bail};
 use serde_bytes::ByteBuf;
 use std::collections::HashMap;
@@ -477,7 +477,7 @@ fn accept(fd: &OwnedFd) -> Result<OwnedFd> {
 /// `binders`: the credentials each socket (by index) is bound with (`creds::socket_openers`), so its file is made
 /// where, and owned by whom, the job's own bind made it.
 pub fn restore(job: &JobImage, binders: &HashMap<u32, Option<FsCreds>>) -> Result<Vec<OwnedFd>> {
-    let bind_as = |i: usize, fd: &OwnedFd, a: &SockAddr| crate::creds::as_user(binders.get(&(i as u32)).cloned().flatten().as_ref(), || bind(fd, a));
+    let bind_as = |i: usize, fd: &OwnedFd, a: &SockAddr| crate::resources::creds::as_user(binders.get(&(i as u32)).cloned().flatten().as_ref(), || bind(fd, a));
     let n = job.sockets.len();
     let mut made: Vec<Option<OwnedFd>> = (0..n).map(|_| None).collect();
     // Listeners and unconnected sockets first: connections go through the listeners, which keeps addresses.

@@ -9,15 +9,15 @@
 //! than `MAX_HANDSHAKES` at once, and no thread; a failing accept pauses the listener instead of spinning. A job's
 //! description is checked before anything is made for it (its name, its address against `--allow-addr`).
 
-use crate::address::{self, Address, Range};
-use crate::channel::{self, Channel, Key, Kind, PageHead, Refused, Responder};
-use crate::migrate::Begin;
+use crate::migration::address::{self, Address, Range};
+use crate::migration::channel::{self, Channel, Key, Kind, PageHead, Refused, Responder};
+use crate::migration::migrate::Begin;
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::VecDeque;
 use std::io::{BufRead, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use crate::fill::{self, Filler};
+use crate::migration::fill::{self, Filler};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -304,7 +304,7 @@ fn hand_off(p: Pending, first: Vec<u8>, sessions: &Arc<AtomicUsize>, max: usize,
 fn check_begin(first: &[u8], opts: &Opts) -> Result<(Begin, Option<Address>, String)> {
     let begin: Begin = rmp_serde::from_slice(first).context("a malformed job description")?;
     // The name becomes a file name here (DIR/NAME.log, the registry): a peer's must be a valid one.
-    crate::runtime::check_name(&begin.name).map_err(|e| anyhow!(e))?;
+    crate::job::registry::check_name(&begin.name).map_err(|e| anyhow!(e))?;
     if begin.map_addr.len() > MAX_MAP_ADDR {
         bail!("{} --map-addr pairs (at most {MAX_MAP_ADDR})", begin.map_addr.len());
     }
@@ -316,7 +316,7 @@ fn check_begin(first: &[u8], opts: &Opts) -> Result<(Begin, Option<Address>, Str
     if let Some(a) = &address {
         address::allowed(a, &opts.allow).map_err(|e| anyhow!(e))?;
     }
-    let name = crate::runtime::free_name(&begin.name)?;
+    let name = crate::job::registry::free_name(&begin.name)?;
     Ok((begin, address, name))
 }
 
@@ -607,7 +607,7 @@ impl Ahead {
                             if self.files.len() >= channel::MAX_PRECOPY_PROCESSES {
                                 bail!("the pre-copy stream names more than {} processes", channel::MAX_PRECOPY_PROCESSES);
                             }
-                            self.files.insert(pid, crate::restore::memfd("precopy", 0)?.into());
+                            self.files.insert(pid, crate::os::memfd("precopy", 0)?.into());
                         }
                         self.cur = (len > 0).then_some((pid, addr, len));
                     }

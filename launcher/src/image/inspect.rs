@@ -2,8 +2,8 @@
 //! string of the image is the job's (or whoever wrote the file): the report escapes each one it prints, so none
 //! can move the cursor, clear the screen or hide text (JSON is escaped by serde).
 
-use crate::escape::{escape as e, escape_bytes};
-use crate::imagefile::{Reader, Trust};
+use crate::output::escape::{escape as e, escape_bytes};
+use crate::image::file::{Reader, Trust};
 use anyhow::{Result, anyhow};
 use serde::Serialize;
 use vos::image::{Contents, FileKind, ImageHeader, JobImage, OpenFile, ProcessSummary, RegionKind};
@@ -31,7 +31,7 @@ struct Signature {
 /// `mappings`: list every mapping of every process (the report otherwise gives their totals). With a key (named,
 /// or the host's), only an image it signed is read, unless `trust_unsigned`.
 pub fn run(src: &str, json: bool, mappings: bool, image_key: Option<&std::path::Path>, trust_unsigned: bool) -> Result<()> {
-    let key = crate::sign::resolve(image_key)?;
+    let key = crate::image::sign::resolve(image_key)?;
     let mut r = Reader::open(src, Trust { key: key.as_ref(), unsigned_ok: trust_unsigned, channel: false })?;
     let header = r.header()?;
     let job = r.job()?;
@@ -45,7 +45,7 @@ pub fn run(src: &str, json: bool, mappings: bool, image_key: Option<&std::path::
         summaries.push(r.skip_pages(p)?.0);
     }
     r.end()?;
-    let signature = r.signature.map(|s| Signature { key_id: crate::sign::hex(&s.key_id), verified: r.verified });
+    let signature = r.signature.map(|s| Signature { key_id: crate::image::sign::hex(&s.key_id), verified: r.verified });
     let rep = Report { source: r.name.clone(), format: vos::chunk::FORMAT_VERSION, owner: r.owner(), signature, header, job, summaries };
     if json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
@@ -145,7 +145,7 @@ fn kind_name(k: &FileKind) -> &'static str {
 
 fn print_report(rep: &Report, mappings: bool) {
     let h = &rep.header;
-    let when = crate::supervisor::timestamp_of(h.created_unix_ns / 1_000_000_000);
+    let when = crate::output::time::timestamp_of(h.created_unix_ns / 1_000_000_000);
     println!("image      {} (format {}, owned by uid {})", rep.source, rep.format, rep.owner);
     match &rep.signature {
         Some(s) if s.verified => println!("signature  keyed BLAKE3 by key {}, checked", s.key_id),

@@ -10,7 +10,6 @@
 use anyhow::{Context, Result, bail};
 use blake3::hazmat::{HasherExt, Mode, left_subtree_len, merge_subtrees_root};
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use vos::chunk::SIGNATURE_LEN;
@@ -184,17 +183,6 @@ fn hash_range(f: &File, h: &mut blake3::Hasher, start: u64, end: u64) -> std::io
 /// Constant-time equality of two MACs.
 pub fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     blake3::Hash::from_bytes(*a) == blake3::Hash::from_bytes(*b)
-}
-
-/// Sign the image just written to `w` (End is its last chunk, number `end_seq`): hash it back from the page cache
-/// through a read-only handle of the same file, then append the Signature chunk.
-pub fn append(w: &mut crate::imagefile::Writer, end_seq: u64, key: &Key) -> Result<()> {
-    use std::io::Seek;
-    let signed = w.file.stream_position().context("signing the image")?;
-    let r = File::open(format!("/proc/self/fd/{}", w.file.as_raw_fd())).context("reading the image back to sign it")?;
-    let mac = mac(&r, signed, key).context("reading the image back to sign it")?;
-    let sig = Signature { signed, key_id: key.id, mac };
-    w.chunk(vos::chunk::Kind::Signature, end_seq + 1, &sig.encode()).context("writing the image's signature")
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //! for a job what the job could not open itself, unless an image root vouches for says a process of the job got it
 //! from a more privileged one.
 
-use crate::job::{self, Member};
+use crate::job::members::{self, Member};
 use anyhow::{Result, anyhow, bail};
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::RawFd;
@@ -40,15 +40,6 @@ pub fn real_root() -> bool {
 fn own_filters() -> u32 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     field(&s, "Seccomp_filters").and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
-/// The supplementary groups this supervisor had when it made the job's user namespace: a process there cannot
-/// change them (setgroups is denied), and sees the ones the namespace does not map as the overflow gid.
-static HOST_GROUPS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
-
-/// Remember our supplementary groups, just before entering a user namespace of the job's.
-pub fn note_host_groups() {
-    let _ = HOST_GROUPS.set(current_groups());
 }
 
 fn current_groups() -> Vec<u32> {
@@ -130,7 +121,7 @@ fn read_filters(tid: i32, from: u32, to: u32) -> Result<Vec<SeccompFilter>> {
                 }
             }
             if !libc::WIFSTOPPED(st) {
-                return Err(crate::checkpoint::Gone(tid).into());
+                return Err(crate::job::members::Gone(tid).into());
             }
             if st >> 16 != PTRACE_EVENT_STOP {
                 // A signal reached it first: it is in a signal-delivery stop; the signal goes on at the detach.
@@ -267,7 +258,7 @@ pub fn capture(job: &mut JobImage, members: &[Member]) -> Result<()> {
     let root = real_root();
     let inherited = own_filters();
     for p in &mut job.processes {
-        let host = job::task_of(members, p.pid).ok_or_else(|| anyhow!("process {} vanished", p.pid))?.as_raw();
+        let host = members::task_of(members, p.pid).ok_or_else(|| anyhow!("process {} vanished", p.pid))?.as_raw();
         let mut seen_threads: Vec<(i32, i32, Seen)> = vec![];
         for (tid, ns, status) in threads_of(host)? {
             if p.threads.iter().any(|t| t.tid == ns) {
@@ -287,7 +278,7 @@ pub fn capture(job: &mut JobImage, members: &[Member]) -> Result<()> {
         if !root && c.user_ns {
             // Seen from inside the job's user namespace, groups it does not map read as the overflow gid: they are
             // the ones vrun had when it made the namespace (a process there cannot change them).
-            if let Some(g) = HOST_GROUPS.get() {
+            if let Some(g) = crate::job::ns::host_groups() {
                 c.groups = g.clone();
             }
         }
@@ -309,7 +300,7 @@ pub fn capture(job: &mut JobImage, members: &[Member]) -> Result<()> {
         c.seccomp.inherited = if c.seccomp.mode == 2 { first.filters.min(inherited) } else { 0 };
         // The working directory as the kernel has it (not as the process says).
         if let Ok(cwd) = std::fs::read_link(format!("/proc/{host}/cwd")) {
-            p.attrs.cwd = job::as_seen_by(host, cwd.to_string_lossy().into_owned());
+            p.attrs.cwd = members::as_seen_by(host, cwd.to_string_lossy().into_owned());
         }
         c.privileged_cwd = root && !can_access(host, &p.attrs.cwd, libc::X_OK, &c.fs());
         p.attrs.caps = vos::image::Caps { effective: c.caps.effective, permitted: c.caps.permitted, inheritable: c.caps.inheritable };
@@ -459,7 +450,7 @@ pub fn as_user<T>(who: Option<&FsCreds>, f: impl FnOnce() -> Result<T>) -> Resul
 
 /// Whether `who` could reach `path` (as process `host` sees it) with `mode` (R_OK, W_OK, X_OK, F_OK).
 fn can_access(host: i32, path: &str, mode: i32, who: &FsCreds) -> bool {
-    let Ok(c) = std::ffi::CString::new(job::seen_by(host, path)) else { return false };
+    let Ok(c) = std::ffi::CString::new(members::seen_by(host, path)) else { return false };
     as_user(Some(who), || {
         // SAFETY: faccessat2 with a NUL-terminated path; AT_EACCESS checks with the filesystem ids just taken.
         let r = unsafe { libc::syscall(libc::SYS_faccessat2, libc::AT_FDCWD, c.as_ptr(), mode, libc::AT_EACCESS | libc::AT_SYMLINK_NOFOLLOW) };
@@ -517,7 +508,7 @@ pub fn open_as(job: &mut JobImage, members: &[Member]) -> Result<()> {
             .iter()
             .filter_map(|&pi| {
                 let p = &job.processes[pi];
-                Some((job::task_of(members, p.pid)?.as_raw(), p.attrs.creds.as_ref()?.fs()))
+                Some((members::task_of(members, p.pid)?.as_raw(), p.attrs.creds.as_ref()?.fs()))
             })
             .collect();
         let Some(first) = candidates.first() else { continue };

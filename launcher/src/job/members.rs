@@ -134,3 +134,16 @@ pub fn as_seen_by(host: i32, target: String) -> String {
         _ => target,
     }
 }
+
+/// A process of the job ended (or was killed) in the middle of a checkpoint: the job is no longer the one being
+/// captured, and the checkpoint is taken again.
+#[derive(Debug)]
+pub struct Gone(pub i32);
+
+impl std::fmt::Display for Gone {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "pid {} went away during the checkpoint", self.0)
+    }
+}
+
+impl std::error::Error for Gone {}

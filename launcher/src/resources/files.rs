@@ -7,9 +7,10 @@
 //! tee); sockets are `sockets`' business. At restore each open file is opened or created once by the
 //! supervisor and handed to every restored process, which puts it at its fd numbers (shim/src/files.rs).
 
-use crate::job::Member;
-use crate::pathopen::{self, Want};
-use crate::{events, inet, sockets};
+use crate::os::{data_ranges, grab};
+use crate::job::members::Member;
+use crate::resources::pathopen::{self, Want};
+use crate::resources::{events, inet, sockets};
 use anyhow::{Result, anyhow, bail};
 use std::collections::HashMap;
 use std::fs::File;
@@ -17,27 +18,6 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use vos::image::{DataImage, FdFixup, FdImage, FileId, FileKind, FileLock, JobImage, OpenFile, PipeImage};
-
-/// A dup of fd `fd` of process `pid` (pidfd_getfd), to look at what it points to.
-pub fn grab(pid: i32, fd: i32) -> Result<OwnedFd> {
-    // SAFETY: plain syscalls; the returned fds are owned here.
-    unsafe {
-        let mut pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        if pidfd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-            // A thread, not a process (see `Member::task`): PIDFD_THREAD.
-            pidfd = libc::syscall(libc::SYS_pidfd_open, pid, libc::O_EXCL);
-        }
-        if pidfd < 0 {
-            bail!("pidfd_open({pid}): {}", std::io::Error::last_os_error());
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
-        let f = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
-        if f < 0 {
-            bail!("pidfd_getfd({pid}, {fd}): {}", std::io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(f as i32))
-    }
-}
 
 /// One fd as found in /proc.
 struct Found {
@@ -56,7 +36,7 @@ struct Found {
 }
 
 fn found(pid: i32, fd: i32) -> Result<Found> {
-    let target = crate::job::as_seen_by(pid, std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))?.to_string_lossy().into_owned());
+    let target = crate::job::members::as_seen_by(pid, std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))?.to_string_lossy().into_owned());
     let md = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))?;
     if target == "anon_inode:[timerfd]" {
         events::settle_timerfd(&grab(pid, fd)?);
@@ -225,7 +205,7 @@ fn locks(info: &str) -> Vec<(String, FileLock)> {
 }
 
 fn host_of(members: &[Member], pid: i32) -> Result<i32> {
-    crate::job::task_of(members, pid).map(|p| p.as_raw()).ok_or_else(|| anyhow!("process {pid} vanished"))
+    crate::job::members::task_of(members, pid).map(|p| p.as_raw()).ok_or_else(|| anyhow!("process {pid} vanished"))
 }
 
 /// One fd of the job.
@@ -350,26 +330,6 @@ impl Ctx {
     }
 }
 
-/// The parts of a file holding data (not holes), by SEEK_DATA/SEEK_HOLE.
-pub fn data_ranges(fd: RawFd, size: u64) -> Vec<(u64, u64)> {
-    let mut out = vec![];
-    let mut off = 0i64;
-    while (off as u64) < size {
-        // SAFETY: lseek on a file we hold (it moves the offset of our own dup, not the job's... nor theirs:
-        // pidfd_getfd dups share it, so the caller restores nothing relies on: only pread follows).
-        let d = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
-        if d < 0 {
-            break;
-        }
-        // SAFETY: as above.
-        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
-        let h = if h < 0 { size as i64 } else { h };
-        out.push((d as u64, (h as u64).min(size)));
-        off = h;
-    }
-    out
-}
-
 /// The number N of /dev/pts/N from its device number.
 pub fn pts_index(rdev: u64) -> u32 {
     (libc::major(rdev) - 136) * 256 + libc::minor(rdev)
@@ -408,7 +368,7 @@ impl Ctx {
             Some(o) => grab(o.host, o.found.fd)?,
             None => reopen(&format!("/dev/pts/{index}"), libc::O_RDWR)?,
         };
-        job.ptys.push(crate::terminal::capture_pty(index, m.as_raw_fd(), slave.as_raw_fd())?);
+        job.ptys.push(crate::resources::terminal::capture_pty(index, m.as_raw_fd(), slave.as_raw_fd())?);
         let p = (job.ptys.len() - 1) as u32;
         self.ptys.insert(index, p);
         Ok(p)
@@ -454,7 +414,7 @@ fn peek_pipe(fd: RawFd) -> Result<(u32, Vec<u8>)> {
 
 /// Identify a file process `host` has open at `path`, checking that the path still names that very file.
 fn file_id(host: i32, path: &str, dev: u64, ino: u64) -> Result<FileId> {
-    let md = std::fs::metadata(crate::job::seen_by(host, path)).map_err(|e| anyhow!("{path}: {e}"))?;
+    let md = std::fs::metadata(crate::job::members::seen_by(host, path)).map_err(|e| anyhow!("{path}: {e}"))?;
     if md.dev() != dev || md.ino() != ino {
         bail!("{path} was replaced by another file since it was opened");
     }
@@ -468,10 +428,10 @@ fn file_id(host: i32, path: &str, dev: u64, ino: u64) -> Result<FileId> {
 /// from the image. Returns one fd per `job.files` entry.
 /// Each file a path names is opened (a FIFO, a unix socket bound, an inotify watch added) with the credentials
 /// `auth` gives it (`creds::Authority::for_file`): a root restore opens nothing for a job the job could not.
-pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, RawFd) -> Result<()>, auth: &crate::creds::Authority) -> Result<Vec<OwnedFd>> {
+pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, RawFd) -> Result<()>, auth: &crate::resources::creds::Authority) -> Result<Vec<OwnedFd>> {
     let mut pipes: Vec<Option<(OwnedFd, OwnedFd)>> = (0..job.pipes.len()).map(|_| None).collect();
-    let ptys: Vec<(OwnedFd, OwnedFd)> = job.ptys.iter().map(crate::terminal::make_pty).collect::<Result<_>>()?;
-    let sockets = sockets::restore(job, &crate::creds::socket_openers(job, auth))?;
+    let ptys: Vec<(OwnedFd, OwnedFd)> = job.ptys.iter().map(crate::resources::terminal::make_pty).collect::<Result<_>>()?;
+    let sockets = sockets::restore(job, &crate::resources::creds::socket_openers(job, auth))?;
     let inet = inet::restore(job)?;
     let mut out = Vec::with_capacity(job.files.len());
     // Pipe ends and terminal sides already given to an open file: another open file of the same one is another
@@ -479,7 +439,7 @@ pub fn restore(job: &JobImage, stdio: &[RawFd; 3], fill: &mut dyn FnMut(u32, Raw
     let mut given: std::collections::HashSet<(bool, u32, bool)> = std::collections::HashSet::new();
     for (i, f) in job.files.iter().enumerate() {
         let who = auth.for_file(f);
-        let fd: OwnedFd = crate::creds::as_user(who.as_ref(), || Ok(match &f.kind {
+        let fd: OwnedFd = crate::resources::creds::as_user(who.as_ref(), || Ok(match &f.kind {
             FileKind::Regular { file } => {
                 let fd = open_by_path(&file.path, f.flags, Want::Regular)?;
                 nix::unistd::lseek(&fd, f.pos as i64, nix::unistd::Whence::SeekSet)?;

@@ -2,8 +2,8 @@
 //! on the terminal of `vrun restore`: same modes, the same group in the foreground, and a SIGWINCH so
 //! full-screen programs redraw for the (maybe different) size.
 
-use crate::files::grab;
-use crate::job::{self, Member};
+use crate::os::grab;
+use crate::job::members::{self, Member};
 use anyhow::Result;
 use serde_bytes::ByteBuf;
 use std::os::fd::{AsRawFd, RawFd};
@@ -16,7 +16,7 @@ pub fn capture(job: &JobImage, members: &[Member]) -> Result<Option<TerminalImag
             if !matches!(job.files[fd.file as usize].kind, FileKind::Terminal { .. }) {
                 continue;
             }
-            let Some(host) = job::task_of(members, p.pid) else { continue };
+            let Some(host) = members::task_of(members, p.pid) else { continue };
             let t = grab(host.as_raw(), fd.fd)?;
             return Ok(Some(read(t.as_raw_fd(), members)?));
         }
@@ -68,7 +68,7 @@ pub fn hand_over(t: &TerminalImage, members: &[Member]) {
     if t.foreground == 0 {
         return;
     }
-    let Some(group) = job::host_of(members, t.foreground) else { return };
+    let Some(group) = members::host_of(members, t.foreground) else { return };
     // SAFETY: tcsetpgrp on our own terminal and the job's group. We are in the foreground, so no SIGTTOU; ignore it
     // anyway for the moment of the call.
     unsafe {
@@ -233,7 +233,7 @@ pub fn controlling_ptys(job: &mut JobImage, members: &[Member]) -> Result<()> {
         if p.sid != p.pid {
             continue;
         }
-        let Some(host) = job::task_of(members, p.pid) else { continue };
+        let Some(host) = members::task_of(members, p.pid) else { continue };
         let stat = std::fs::read_to_string(format!("/proc/{host}/stat")).unwrap_or_default();
         let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
         // Field 7 (tty_nr) is the 5th after the command name.

@@ -8,11 +8,11 @@
 //! its word arrives. Then both copies run (the destination's is never killed once running: that would lose
 //! its new state); `vrun migrate` says so.
 
-use crate::address::{self, Address};
-use crate::channel::{Busy, Channel, Key, Kind, MAX_FIRST, MAX_FRAME, PageHead};
-use crate::escape::escape_bytes;
-use crate::progress::mib;
-use crate::runtime;
+use crate::migration::address::{self, Address};
+use crate::migration::channel::{Busy, Channel, Key, Kind, MAX_FIRST, MAX_FRAME, PageHead};
+use crate::output::escape::escape_bytes;
+use crate::output::progress::mib;
+use crate::job::registry;
 use anyhow::{Context, Result, anyhow, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::{Deserialize, Serialize};
@@ -53,7 +53,7 @@ pub struct Args {
 
 /// What went so far, shown as it goes.
 struct Progress {
-    bar: crate::progress::Progress,
+    bar: crate::output::progress::Progress,
     /// The round being sent (the last one is the final, stopped one), and its size when known.
     round: u32,
     planned: Option<u64>,
@@ -136,7 +136,7 @@ fn memory_of(sup: &OwnedFd) -> Result<Vec<(i32, std::fs::File)>> {
     loop {
         match proto::recv(sup.as_raw_fd()) {
             Ok(Some((Msg::MemoryOf { pid, more }, Some(fd)))) => {
-                out.push((pid, std::fs::File::from(crate::ns::owned(fd))));
+                out.push((pid, std::fs::File::from(crate::os::owned(fd))));
                 if !more {
                     return Ok(out);
                 }
@@ -207,7 +207,7 @@ pub fn run(a: Args) -> Result<()> {
         (Some(_), true) => bail!("--key and --insecure-no-key exclude each other"),
         (None, false) => bail!("vrun migrate needs --key FILE, the key the destination's vrun serve holds (or --insecure-no-key for a serve started so)"),
     };
-    let job = runtime::find(a.name.as_deref())?;
+    let job = registry::find(a.name.as_deref())?;
     if let Some(m) = &a.move_addr {
         address::holder(m)?.ok_or_else(|| anyhow!("--move-addr {m}: this host does not hold that address"))?;
     }
@@ -215,8 +215,8 @@ pub fn run(a: Args) -> Result<()> {
     let begin = Begin { name: job.name.clone(), map_addr: a.map_addr.clone(), address: a.move_addr.as_ref().map(|m| m.to_string()), lazy: a.lazy };
     let mut ch = open(&a, &key, &rmp_serde::to_vec_named(&begin)?)?;
 
-    let connect = || runtime::connect(&job);
-    let bar = crate::progress::Progress::new("migrate", a.quiet || a.json, Duration::ZERO);
+    let connect = || registry::connect(&job);
+    let bar = crate::output::progress::Progress::new("migrate", a.quiet || a.json, Duration::ZERO);
     let mut progress = Progress { bar, round: 0, planned: None, total: 0 };
     let mut rounds: Vec<u64> = vec![];
 

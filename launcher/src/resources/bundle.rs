@@ -2,8 +2,8 @@
 //! privately, so the job restores on a host that lacks them or has other versions; a program file that was
 //! deleted (or is a memfd) is always carried. A restore maps them from memfds instead of the host's files.
 
-use crate::files::data_ranges;
-use crate::job::Member;
+use crate::os::data_ranges;
+use crate::job::members::Member;
 use anyhow::{Context, Result, anyhow};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -16,7 +16,7 @@ pub fn capture(job: &mut JobImage, members: &[Member], all: bool) -> Result<Vec<
     let mut sources = vec![];
     let mut bundle: Vec<BundledFile> = vec![];
     for p in &job.processes {
-        let host = crate::job::task_of(members, p.pid).ok_or_else(|| anyhow!("process {} vanished", p.pid))?.as_raw();
+        let host = crate::job::members::task_of(members, p.pid).ok_or_else(|| anyhow!("process {} vanished", p.pid))?.as_raw();
         let exe = std::iter::once((&p.exe, format!("/proc/{host}/exe")));
         let libs = p.regions.iter().filter(|r| all && !r.shared).filter_map(|r| Some((r.file.as_ref()?, format!("/proc/{host}/map_files/{:x}-{:x}", r.start, r.end))));
         for (id, through) in exe.chain(libs) {
@@ -26,7 +26,7 @@ pub fn capture(job: &mut JobImage, members: &[Member], all: bool) -> Result<Vec<
             // The very file the process has: by its path when that still names it (opened as the process: the
             // path is its word), else through /proc (the kernel's: the file mapped there).
             let as_it = p.attrs.creds.as_ref().map(|c| c.fs());
-            let src = match crate::creds::as_user(as_it.as_ref(), || Ok(std::fs::File::open(crate::job::seen_by(host, &id.path))?)) {
+            let src = match crate::resources::creds::as_user(as_it.as_ref(), || Ok(std::fs::File::open(crate::job::members::seen_by(host, &id.path))?)) {
                 Ok(f) if f.metadata().is_ok_and(|m| m.dev() == id.dev && m.ino() == id.ino) => OwnedFd::from(f),
                 _ => OwnedFd::from(std::fs::File::open(&through).with_context(|| format!("pid {}: reading {} to carry it", p.pid, id.path))?),
             };

@@ -14,9 +14,9 @@
 //!
 //! The stream to the migration: `channel::PageHead` records, each followed by its bytes.
 
-use crate::channel::PageHead;
+use crate::migration::channel::PageHead;
 use crate::checkpoint::{Shim, cancel};
-use crate::supervisor::Supervisor;
+use crate::job::supervisor::Supervisor;
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::HashMap;
 use std::fs::File;
@@ -139,7 +139,7 @@ impl Supervisor {
             let mut plan = vec![];
             // The destination keeps a file per process pre-copied, and takes so many only; a bigger job's other
             // processes go whole in the final round.
-            for m in members.iter().filter(|m| !m.zombie).take(crate::channel::MAX_PRECOPY_PROCESSES) {
+            for m in members.iter().filter(|m| !m.zombie).take(crate::migration::channel::MAX_PRECOPY_PROCESSES) {
                 let host = m.task.as_raw();
                 // A process that ended meanwhile is simply not pre-copied any further.
                 let (Ok(pagemap), Ok(vmas)) = (File::open(format!("/proc/{host}/pagemap")), tracked_vmas(host)) else { continue };
@@ -183,12 +183,12 @@ impl Supervisor {
             last = bytes;
         }
         sent.settle();
-        self.precopied = Some(sent);
+        self.precopied = Some(Box::new(sent));
         Ok(())
     }
 
     /// Have every process register its memory for write tracking, in one short stop.
-    fn track(&mut self) -> Result<Vec<crate::job::Member>> {
+    fn track(&mut self) -> Result<Vec<crate::job::members::Member>> {
         let mut shims: Vec<Shim> = vec![];
         let r = (|| {
             let members = self.quiesce(&mut shims, false)?;
@@ -224,8 +224,14 @@ impl Supervisor {
     }
 }
 
+impl crate::job::supervisor::Precopied for Sent {
+    fn unchanged(&self, pid: i32, host: i32) -> Result<Vec<(u64, u64)>> {
+        reuse(self, pid, host)
+    }
+}
+
 /// The page ranges of process `pid` (host pid `host`, stopped now) whose pre-copied contents are still theirs.
-pub fn reuse(sent: &Sent, pid: i32, host: i32) -> Result<Vec<(u64, u64)>> {
+fn reuse(sent: &Sent, pid: i32, host: i32) -> Result<Vec<(u64, u64)>> {
     let Some(pages) = sent.procs.get(&pid).filter(|p| !p.is_empty()) else { return Ok(vec![]) };
     let pagemap = File::open(format!("/proc/{host}/pagemap")).with_context(|| format!("pid {pid}: pagemap"))?;
     // Written since the last round, over the whole span at once: pages of mappings no longer tracked count as

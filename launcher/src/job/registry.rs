@@ -10,7 +10,7 @@
 //!
 //! Older vrun versions kept unlocked entries as `DIR/NAME.json`: they are neither read nor touched.
 
-use crate::escape::escape;
+use crate::output::escape::escape;
 use anyhow::{Context, Result, anyhow, bail};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -495,3 +495,4 @@ mod tests {
         assert_eq!(sanitize(""), "job");
     }
 }
+

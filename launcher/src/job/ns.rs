@@ -14,7 +14,7 @@ use nix::unistd::{ForkResult, Pid, fork};
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 /// What init starts.
 pub enum Child {
@@ -23,7 +23,7 @@ pub enum Child {
     Exec { argv: Vec<CString>, env: Vec<CString>, shim_signals: [i32; 2] },
     /// The restorer, as each top-level process of the job (pid, index in the plan), with `fds` (source, number
     /// in the child) and nothing else open.
-    /// `sysv` and its segments' contents are made in the job's IPC namespace first.
+    /// `in_namespaces` runs in init first, in the job's fresh namespaces (it makes the System V objects there).
     Restore {
         tops: Vec<(i32, usize)>,
         restorer: CString,
@@ -33,8 +33,7 @@ pub enum Child {
         fds: Vec<(RawFd, i32)>,
         hostname: String,
         domainname: String,
-        sysv: vos::image::SysvImage,
-        sysv_contents: Vec<RawFd>,
+        in_namespaces: Box<dyn FnOnce() -> anyhow::Result<()>>,
     },
 }
 
@@ -174,7 +173,7 @@ fn child_of(init: Pid, status: &OwnedFd) -> Result<Pid> {
 fn enter_user_namespace_for(uid: u32, gid: u32, groups: &[u32]) -> Result<()> {
     let gids: Vec<nix::unistd::Gid> = groups.iter().map(|&g| nix::unistd::Gid::from_raw(g)).collect();
     nix::unistd::setgroups(&gids).context("taking the job's supplementary groups")?;
-    crate::creds::note_host_groups();
+    note_host_groups();
     let (go_r, go_w) = pipe()?;
     let (done_r, done_w) = pipe()?;
     let me = std::process::id();
@@ -214,7 +213,7 @@ fn enter_user_namespace_for(uid: u32, gid: u32, groups: &[u32]) -> Result<()> {
 
 fn enter_user_namespace() -> Result<()> {
     let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
-    crate::creds::note_host_groups();
+    note_host_groups();
     nix::sched::unshare(CloneFlags::CLONE_NEWUSER)
         .map_err(|e| anyhow!("cannot create a user namespace: {e}; vOS needs root or unprivileged user namespaces"))?;
     std::fs::write("/proc/self/setgroups", "deny")?;
@@ -310,7 +309,7 @@ fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
                 ForkResult::Parent { child } => child,
             }
         }
-        Child::Restore { tops, restorer, plan_fd, fds, hostname, domainname, sysv, sysv_contents, .. } => {
+        Child::Restore { tops, restorer, plan_fd, fds, hostname, domainname, in_namespaces, .. } => {
             if !hostname.is_empty() {
                 nix::unistd::sethostname(&hostname).context("setting the job's hostname")?;
             }
@@ -318,11 +317,7 @@ fn init(child: Child, status: OwnedFd, err: OwnedFd) -> Result<()> {
             if unsafe { libc::setdomainname(domainname.as_ptr().cast(), domainname.len()) } < 0 {
                 bail!("setting the job's domain name: {}", std::io::Error::last_os_error());
             }
-            crate::sysv::create(&sysv, &sysv_contents)?;
-            for fd in sysv_contents {
-                // SAFETY: init's inherited copies, used up.
-                unsafe { libc::close(fd) };
-            }
+            in_namespaces()?;
             let mut main = None;
             for (pid, index) in tops {
                 let p = spawn_with_pid(pid, || {
@@ -528,8 +523,17 @@ fn lower_nofile() {
     }
 }
 
-/// Make an OwnedFd from a raw fd we own.
-pub fn owned(fd: RawFd) -> OwnedFd {
-    // SAFETY: the caller passes an fd it owns and does not use otherwise.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+/// The supplementary groups this supervisor had when it made the job's user namespace: a process there cannot
+/// change them (setgroups is denied), and sees the ones the namespace does not map as the overflow gid.
+static HOST_GROUPS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+
+/// Remember our supplementary groups, just before entering a user namespace of the job's.
+fn note_host_groups() {
+    let groups = nix::unistd::getgroups().map(|g| g.into_iter().map(|g| g.as_raw()).collect()).unwrap_or_default();
+    let _ = HOST_GROUPS.set(groups);
+}
+
+/// The groups noted by `note_host_groups`, if this supervisor made a user namespace.
+pub fn host_groups() -> Option<&'static Vec<u32>> {
+    HOST_GROUPS.get()
 }

@@ -9,7 +9,7 @@
 //!
 //! Datagrams waiting in a UDP socket are not kept: UDP may lose them anyway.
 
-use crate::files::grab;
+use crate::os::grab;
 use anyhow::{Result, anyhow, bail};
 use serde_bytes::ByteBuf;
 use std::collections::HashMap;

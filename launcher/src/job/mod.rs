@@ -1,0 +1,6 @@
+pub mod client;
+pub mod launch;
+pub mod members;
+pub mod ns;
+pub mod registry;
+pub mod supervisor;
