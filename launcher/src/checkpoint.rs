@@ -382,7 +382,7 @@ impl Supervisor {
         check_tree(&job)?;
         // Who each process is, from outside (the shim's word only for what nothing else shows).
         crate::resources::creds::capture(&mut job, members)?;
-        identity::identify(&mut job, members)?;
+        identity::capture(&mut job, members)?;
         let own: HashMap<i32, Vec<i32>> = shims.iter().map(|s| (s.pid, s.own_fds.clone())).collect();
         let files::Captured { mut data, held } = files::capture(&mut job, members, &own, req.tcp_established)?;
         crate::resources::creds::open_as(&mut job, members)?;
@@ -424,11 +424,10 @@ impl Supervisor {
 
         let (out, tmp, fin) = self.open_dest(&req.dest)?;
         let r = self.write_image(shims, &job, &skips, &reuse, &data, held, out, req, tmp.as_deref(), fin.as_deref(), mark);
-        if r.is_err() {
-            if let Some(t) = &tmp {
+        if r.is_err()
+            && let Some(t) = &tmp {
                 let _ = std::fs::remove_file(t);
             }
-        }
         r
     }
 
@@ -765,10 +764,9 @@ fn random_u64() -> u64 {
 fn commit(f: &File, tmp: &Path, fin: &Path) -> Result<()> {
     f.sync_all().context("syncing the image")?;
     std::fs::rename(tmp, fin).with_context(|| format!("renaming the image to {}", fin.display()))?;
-    if let Some(dir) = fin.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if let Ok(d) = File::open(dir) {
+    if let Some(dir) = fin.parent().filter(|p| !p.as_os_str().is_empty())
+        && let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
         }
-    }
     Ok(())
 }

@@ -38,8 +38,8 @@ impl Supervisor {
             if conn_ready {
                 self.on_connection();
             }
-            if let Some(t) = next_interval {
-                if Instant::now() >= t {
+            if let Some(t) = next_interval
+                && Instant::now() >= t {
                     let req = Request::to_dir(false, "interval");
                     match self.checkpoint(req, None) {
                         Ok(_) => self.prune(),
@@ -47,7 +47,6 @@ impl Supervisor {
                     }
                     next_interval = self.opts.interval.map(|d| Instant::now() + d);
                 }
-            }
             if let Some(sig) = self.pending_trigger.take() {
                 let req = Request::to_dir(sig == self.opts.signals.1, "signal");
                 match self.checkpoint(req, None) {

@@ -34,11 +34,10 @@ fn check_dynamic(path: &Path) -> Result<()> {
     if bytes.starts_with(b"#!") {
         return Ok(());
     }
-    if let Ok(elf) = goblin::elf::Elf::parse(&bytes) {
-        if elf.interpreter.is_none() {
+    if let Ok(elf) = goblin::elf::Elf::parse(&bytes)
+        && elf.interpreter.is_none() {
             bail!("{} is statically linked: vOS cannot enter it (it needs a dynamically linked program)", path.display());
         }
-    }
     Ok(())
 }
 

@@ -334,11 +334,10 @@ impl Reservation {
         let file = format!("{}.json", self.name);
         let ours = nix::sys::stat::fstat(&self.entry).ok();
         let there = nix::sys::stat::fstatat(&self.dir, file.as_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).ok();
-        if let (Some(a), Some(b)) = (ours, there) {
-            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) {
+        if let (Some(a), Some(b)) = (ours, there)
+            && (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) {
                 let _ = nix::unistd::unlinkat(&self.dir, file.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
             }
-        }
     }
 }
 
@@ -494,5 +493,29 @@ mod tests {
         assert_eq!(sanitize(".bashrc"), "_bashrc");
         assert_eq!(sanitize(""), "job");
     }
-}
 
+    proptest::proptest! {
+        /// Whatever a name is made of, one that passes is a single plain path component inside the runtime
+        /// directory, and its messages never carry a control character.
+        #[test]
+        fn a_valid_name_is_one_plain_component(name in "\\PC{0,80}|[a-zA-Z0-9._+/-]{0,70}") {
+            match check_name(&name) {
+                Ok(()) => {
+                    let mut c = std::path::Path::new(&name).components();
+                    proptest::prop_assert!(matches!(c.next(), Some(std::path::Component::Normal(_))));
+                    proptest::prop_assert!(c.next().is_none());
+                    proptest::prop_assert!(name.len() <= NAME_MAX && !name.starts_with(['.', '-']));
+                }
+                Err(msg) => proptest::prop_assert!(!msg.chars().any(char::is_control)),
+            }
+        }
+
+        /// Every raw program name gives a valid default name, also with the suffix a second job of it gets.
+        #[test]
+        fn sanitize_always_gives_a_valid_name(raw in "\\PC{0,300}") {
+            let s = sanitize(&raw);
+            proptest::prop_assert_eq!(check_name(&s), Ok(()));
+            proptest::prop_assert_eq!(check_name(&format!("{s}-{SAME_BASE_MAX}")), Ok(()));
+        }
+    }
+}

@@ -109,7 +109,7 @@ impl PageHead {
         let h: &[u8; 24] = h.try_into().map_err(|_| anyhow!("a truncated page record"))?;
         let u = |at: usize| u64::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3], h[at + 4], h[at + 5], h[at + 6], h[at + 7]]);
         let p = PageHead { pid: i32::from_le_bytes([h[0], h[1], h[2], h[3]]), addr: u(8), len: u(16) };
-        if p.pid <= 0 || p.addr % 4096 != 0 || p.len % 4096 != 0 || p.addr.checked_add(p.len).is_none_or(|e| e > 1 << 57) {
+        if p.pid <= 0 || !p.addr.is_multiple_of(4096) || !p.len.is_multiple_of(4096) || p.addr.checked_add(p.len).is_none_or(|e| e > 1 << 57) {
             bail!("a malformed page record");
         }
         Ok(p)

@@ -312,11 +312,10 @@ pub fn run(a: Args) -> Result<()> {
     let sent: u64 = rounds.iter().sum();
     let downtime = downtime.unwrap_or_else(|| paused.elapsed());
     // The job's sockets here close as it ends: first the address goes, so nothing answers its peers with a reset.
-    if let Some(m) = &a.move_addr {
-        if let Err(e) = address::release(m) {
+    if let Some(m) = &a.move_addr
+        && let Err(e) = address::release(m) {
             eprintln!("vrun: migrate: letting go of {m}: {e:#}");
         }
-    }
     proto::send(sup.as_raw_fd(), &Msg::Handoff { exit: true }, None).map_err(|e| anyhow!("the job runs on {} as {there}, but ending it here failed: {e}", a.to))?;
     match proto::recv(sup.as_raw_fd()) {
         Ok(Some((Msg::CheckpointDone { .. }, _))) | Ok(None) => {}

@@ -188,11 +188,10 @@ fn gate(l: TcpListener, key: &Key, max: usize, opts: Arc<Opts>) -> Result<()> {
         // From the back, so the indices of those before stay right.
         for &i in ready.iter().rev() {
             let Some(p) = pending.get_mut(i) else { continue };
-            if let Some(done) = step(p, &mut refused, &mut dropped) {
-                if let (Some(p), Some(first)) = (pending.remove(i), done) {
+            if let Some(done) = step(p, &mut refused, &mut dropped)
+                && let (Some(p), Some(first)) = (pending.remove(i), done) {
                     hand_off(p, first, &sessions, max, &opts, &mut busy);
                 }
-            }
         }
         if !accept {
             continue;

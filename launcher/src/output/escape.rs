@@ -52,4 +52,20 @@ mod tests {
             assert!(!escape(s).chars().any(|c| c.is_control()), "{s:?}");
         }
     }
+
+    proptest::proptest! {
+        /// Escaped text has no control character left, text without control characters or backslashes is
+        /// unchanged, and no two texts escape alike (what is printed reads back one way only).
+        #[test]
+        fn escaping_is_printable_and_faithful(a in "\\PC*|[\\x00-\\x7f]{0,40}", b in "[\\x00-\\x7f]{0,40}") {
+            let (ea, eb) = (escape(&a), escape(&b));
+            proptest::prop_assert!(!ea.chars().any(char::is_control));
+            if !a.chars().any(|c| c.is_control() || c == '\\' || ('\u{200e}'..='\u{2069}').contains(&c)) {
+                proptest::prop_assert_eq!(&ea, &a);
+            }
+            if a != b {
+                proptest::prop_assert_ne!(ea, eb);
+            }
+        }
+    }
 }

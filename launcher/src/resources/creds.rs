@@ -186,7 +186,10 @@ const EINTR_PRONE: [i64; 12] = [7, 23, 43, 44, 45, 46, 47, 65, 128, 208, 232, 28
 
 /// Processes already checked, with their threads' filter counts: filters only ever get added, so the same counts
 /// mean the same filters (keyed by host pid and start time, so a reused pid is checked again).
-static CHECKED: Mutex<Vec<((i32, u64), Vec<(i32, u32)>)>> = Mutex::new(Vec::new());
+static CHECKED: Mutex<Vec<Checked>> = Mutex::new(Vec::new());
+
+/// A process (host pid, start time) and its threads' filter counts (tid, filters).
+type Checked = ((i32, u64), Vec<(i32, u32)>);
 
 fn start_time(host: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{host}/stat")).unwrap_or_default();
@@ -200,7 +203,10 @@ fn start_time(host: i32) -> u64 {
 pub fn precheck(m: &Member, init: nix::unistd::Pid) -> Result<()> {
     let host = m.task.as_raw();
     let userns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/user")).ok();
-    if userns(host) != userns(init.as_raw()) {
+    // A process that ended since it was listed (a short-lived compiler in a build) has no namespace links left:
+    // the checkpoint starts over without it.
+    let Some(own) = userns(host) else { return Err(crate::job::members::Gone(m.ids.pid).into()) };
+    if Some(own) != userns(init.as_raw()) {
         bail!("pid {} ({}) is in a user namespace of its own: not supported", m.ids.pid, m.comm);
     }
     let inherited = own_filters();
@@ -502,9 +508,9 @@ pub fn open_as(job: &mut JobImage, members: &[Member]) -> Result<()> {
             }
         }
     }
-    for i in 0..job.files.len() {
+    for (i, holding) in holders.iter().enumerate() {
         let Some(need) = needs(job, &job.files[i]) else { continue };
-        let candidates: Vec<(i32, FsCreds)> = holders[i]
+        let candidates: Vec<(i32, FsCreds)> = holding
             .iter()
             .filter_map(|&pi| {
                 let p = &job.processes[pi];
@@ -630,11 +636,10 @@ impl Authority {
             }
             return Ok(());
         };
-        if let Some((uid, gid, groups)) = &self.userns {
-            if !c.user_ns || c.uid.iter().any(|u| u != uid) || c.gid.iter().any(|g| g != gid) || c.groups != *groups || *uid == 0 {
+        if let Some((uid, gid, groups)) = &self.userns
+            && (!c.user_ns || c.uid.iter().any(|u| u != uid) || c.gid.iter().any(|g| g != gid) || c.groups != *groups || *uid == 0) {
                 bail!("pid {pid}: its credentials are not those of the user namespace its job ran in (uid {uid}, gid {gid}): not supported");
             }
-        }
         let Some(b) = &self.bound else {
             if c.user_ns && self.userns.is_none() && caps_in_initial_ns(c) != 0 {
                 bail!("pid {pid} held capabilities in a user namespace: restored without one, they would be real ones");

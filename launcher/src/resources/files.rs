@@ -557,8 +557,8 @@ pub fn source_of(job: &JobImage, f: &FdImage, object_at: &[i32], stdio_at: &[i32
 /// Where a memfd or deleted file is made again: an unnamed file in the directory the deleted file was in (the
 /// same filesystem, as before), else a memfd. Unnamed: it replaces nothing, and the directory is no symlink.
 fn memory_file(name: &str, dir: Option<&str>) -> Result<OwnedFd> {
-    if let Some(d) = dir {
-        if let Ok(c) = std::ffi::CString::new(d) {
+    if let Some(d) = dir
+        && let Ok(c) = std::ffi::CString::new(d) {
             // SAFETY: open with a NUL-terminated directory path.
             let fd = unsafe { libc::open(c.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW, 0o600) };
             if fd >= 0 {
@@ -566,7 +566,6 @@ fn memory_file(name: &str, dir: Option<&str>) -> Result<OwnedFd> {
                 return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
             }
         }
-    }
     let n = std::ffi::CString::new(name.rsplit('/').next().unwrap_or("vos"))?;
     Ok(nix::sys::memfd::memfd_create(n.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING)?)
 }

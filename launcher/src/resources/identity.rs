@@ -80,7 +80,7 @@ fn identity_of(m: &Mapped) -> Result<(Option<String>, u64)> {
 /// Fill in the identity of the program and of every privately mapped file of the job (each file read once, as
 /// the job sees it, with the credentials of the process that says it maps it). A deleted or memfd program has
 /// none: it travels in the image.
-pub fn identify(job: &mut JobImage, members: &[Member]) -> Result<()> {
+pub fn capture(job: &mut JobImage, members: &[Member]) -> Result<()> {
     let mut known: HashMap<(u64, u64), (Option<String>, u64)> = HashMap::new();
     let mut fill = |host: i32, who: Option<&vos::image::FsCreds>, id: &mut FileId| -> Result<()> {
         if is_detached(&id.path) {

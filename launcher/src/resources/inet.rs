@@ -265,11 +265,10 @@ impl Capture {
         for &(host, fd) in sockets {
             let Ok(s) = grab(host, fd) else { continue };
             let s = s.as_raw_fd();
-            if get_int(s, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM) {
-                if let (Some(l), Some(p)) = (address(s, false), address(s, true)) {
+            if get_int(s, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+                && let (Some(l), Some(p)) = (address(s, false), address(s, true)) {
                     ends.push((l, p));
                 }
-            }
         }
         Capture { by_ino: HashMap::new(), ends, established, held: Held::default() }
     }

@@ -166,11 +166,10 @@ impl Capture {
         }
         let sock = grab(host, fd)?;
         let queue = peek_queue(sock.as_raw_fd(), d.kind)?;
-        if d.kind != libc::SOCK_STREAM {
-            if let Some(p) = self.table.get(&d.peer) {
+        if d.kind != libc::SOCK_STREAM
+            && let Some(p) = self.table.get(&d.peer) {
                 whole_queue(&queue, d.kind, p)?;
             }
-        }
         if d.kind == libc::SOCK_DGRAM && d.peer == 0 && !queue.is_empty() {
             bail!("an unconnected datagram socket holds messages: not supported yet (try again once the app has read them)");
         }
@@ -244,12 +243,11 @@ fn peek_queue(fd: RawFd, kind: i32) -> Result<Vec<ByteBuf>> {
     let old = getsockopt_int(fd, libc::SO_PEEK_OFF);
     setsockopt_int(fd, libc::SO_PEEK_OFF, 0)?;
     let marked = kind != libc::SOCK_STREAM && getsockopt_int(fd, libc::SO_PASSCRED) == 0;
-    if marked {
-        if let Err(e) = setsockopt_int(fd, libc::SO_PASSCRED, 1) {
+    if marked
+        && let Err(e) = setsockopt_int(fd, libc::SO_PASSCRED, 1) {
             let _ = setsockopt_int(fd, libc::SO_PEEK_OFF, old);
             return Err(e);
         }
-    }
     let r = peek_messages(fd, kind, marked);
     if marked {
         let _ = setsockopt_int(fd, libc::SO_PASSCRED, 0);

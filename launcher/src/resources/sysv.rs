@@ -231,7 +231,7 @@ fn set_owner(p: &IpcPerm, set: impl FnOnce(&mut libc::ipc_perm) -> i32, what: &s
 
 /// Make the image's objects in this (new, empty) IPC namespace, each under its id: in init, before the job's
 /// processes exist. `contents` holds each segment's pages, in order.
-pub fn create(img: &SysvImage, contents: &[RawFd]) -> Result<()> {
+pub fn restore(img: &SysvImage, contents: &[RawFd]) -> Result<()> {
     let flags = |p: &IpcPerm| libc::IPC_CREAT | libc::IPC_EXCL | (p.mode & 0o777) as i32;
     for (s, &src) in img.shm.iter().zip(contents) {
         next_id("shm", s.perm.id)?;

@@ -65,10 +65,13 @@ pub fn swap(img: &VdsoInfo, here: &VdsoInfo) -> Result<Option<Swap>> {
     Ok(Some(Swap { old: img.image.to_vec(), jumps, block_len: text_off + here.vdso_len, text_off }))
 }
 
+/// One op that rebuilds the old vDSO block, with the bytes it maps (None: no data).
+pub type Rebuild = (MapOp, Option<Vec<u8>>);
+
 impl Swap {
     /// For a process with these regions (sorted by address) and threads stopped at `rips`: where this kernel's
     /// vDSO block goes and its text then lies, and the ops that rebuild the old block, each with its bytes.
-    pub fn plan(&self, regions: &[&Region], rips: &[u64]) -> Result<(u64, u64, Vec<(MapOp, Option<Vec<u8>>)>)> {
+    pub fn plan(&self, regions: &[&Region], rips: &[u64]) -> Result<(u64, u64, Vec<Rebuild>)> {
         let old_text = regions.iter().find(|r| r.kind == RegionKind::Vdso).map(|r| r.start).ok_or_else(|| anyhow!("the process has no vDSO"))?;
         for &rip in rips {
             if self.jumps.iter().any(|(a, _)| rip > old_text.saturating_add(*a) && rip < old_text.saturating_add(a + JUMP_LEN)) {

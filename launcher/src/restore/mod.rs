@@ -196,7 +196,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
 
     supervisor::block_signals(opts.signals)?;
     let first = &job.processes[0].attrs;
-    let now = |c| nix::time::clock_gettime(c).map(|t| t.tv_sec() as i64 * 1_000_000_000 + t.tv_nsec() as i64);
+    let now = |c| nix::time::clock_gettime(c).map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec());
     let clocks = ClockOffsets {
         monotonic: first.monotonic_ns as i64 - now(nix::time::ClockId::CLOCK_MONOTONIC)?,
         boottime: first.boottime_ns as i64 - now(nix::time::ClockId::CLOCK_BOOTTIME)?,
@@ -213,7 +213,7 @@ pub fn run(a: Args, restorer: PathBuf, shim: PathBuf) -> Result<std::convert::In
         in_namespaces: {
             let (sysv, contents) = (job.sysv.clone(), sysv_contents.iter().map(|f| f.as_raw_fd()).collect::<Vec<_>>());
             Box::new(move || {
-                sysv::create(&sysv, &contents)?;
+                sysv::restore(&sysv, &contents)?;
                 for fd in contents {
                     // SAFETY: init's inherited copies, used up.
                     unsafe { libc::close(fd) };
@@ -464,12 +464,54 @@ fn rebind_paths(job: &mut JobImage, map: &[(String, String)]) {
     let mut map = map.to_vec();
     map.sort_by_key(|(old, _)| std::cmp::Reverse(old.len()));
     job.paths_mut(&mut |p| {
-        let hit = map.iter().find(|(old, _)| p.starts_with(old.as_str()) && (p.len() == old.len() || old == "/" || p.as_bytes()[old.len()] == b'/'));
-        if let Some((old, new)) = hit {
-            let rest = if old == "/" { &p[1..] } else { p[old.len()..].trim_start_matches('/') };
-            *p = if rest.is_empty() { new.clone() } else { format!("{}/{rest}", new.trim_end_matches('/')) };
+        if let Some(new) = rebound(p, &map) {
+            *p = new;
         }
     });
+}
+
+/// Path `p` under the first prefix of `map` that holds it (a whole path component: `/a` holds `/a/b`, not `/ab`),
+/// moved under that prefix's new place; None if no prefix holds it. Longer prefixes should come first.
+fn rebound(p: &str, map: &[(String, String)]) -> Option<String> {
+    let (old, new) = map.iter().find(|(old, _)| p.starts_with(old.as_str()) && (p.len() == old.len() || old == "/" || p.as_bytes()[old.len()] == b'/'))?;
+    let rest = if old == "/" { &p[1..] } else { p[old.len()..].trim_start_matches('/') };
+    Some(if rest.is_empty() { new.clone() } else { format!("{}/{rest}", new.trim_end_matches('/')) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rebound;
+
+    fn m(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn prefixes_match_whole_components() {
+        let map = m(&[("/data/run", "/scratch/r"), ("/data", "/mnt/d"), ("/", "/chroot")]);
+        assert_eq!(rebound("/data/run/x.log", &map).as_deref(), Some("/scratch/r/x.log"));
+        assert_eq!(rebound("/data/run", &map).as_deref(), Some("/scratch/r"));
+        assert_eq!(rebound("/data/runner", &map).as_deref(), Some("/mnt/d/runner"));
+        assert_eq!(rebound("/database", &map).as_deref(), Some("/chroot/database"));
+        assert_eq!(rebound("/data/", &m(&[("/data", "/x/")])).as_deref(), Some("/x/"));
+        assert_eq!(rebound("/etc/passwd", &m(&[("/data", "/x")])), None);
+    }
+
+    proptest::proptest! {
+        /// Moving a tree and moving it back gives every path under it back, and paths outside it are untouched.
+        #[test]
+        fn moving_there_and_back_is_the_identity(
+            old in "(/[a-z]{1,3}){1,3}", new in "/new(/[a-z]{1,3}){0,2}", tail in "(/[a-z.]{1,4}){0,3}", other in "/[a-z]{1,3}(/[a-z]{1,3}){0,2}"
+        ) {
+            let p = format!("{old}{tail}");
+            let there = rebound(&p, &m(&[(&old, &new)])).expect("under the prefix");
+            let under_new = there == new || there.starts_with(&(new.clone() + "/"));
+            proptest::prop_assert!(under_new);
+            proptest::prop_assert_eq!(rebound(&there, &m(&[(&new, &old)])), Some(p));
+            let inside = other == old || other.starts_with(&(old.clone() + "/"));
+            proptest::prop_assert_eq!(rebound(&other, &m(&[(&old, &new)])).is_some(), inside);
+        }
+    }
 }
 
 /// Every file the job maps or has open must still be there, and mapped files unchanged: named here, before
