@@ -5,6 +5,7 @@
 //! - the *session* arena serves a checkpoint or a restart (the only times the shim allocates much); it is left
 //!   out of the image and unmapped as a whole when the session ends;
 //! - the *permanent* arena serves everything else (a few small buffers made at start-up).
+//!
 //! Frees are no-ops; both uses are short-lived or tiny.
 
 use core::alloc::{GlobalAlloc, Layout};
@@ -26,16 +27,13 @@ struct Arena {
     name: &'static core::ffi::CStr,
 }
 
-#[allow(clippy::declare_interior_mutable_const)]
-const ZERO: AtomicUsize = AtomicUsize::new(0);
-
 impl Arena {
     const fn new(name: &'static core::ffi::CStr) -> Arena {
         Arena {
             lock: AtomicBool::new(false),
             cur: AtomicUsize::new(0),
             end: AtomicUsize::new(0),
-            chunks: [ZERO; MAX_CHUNKS * 2],
+            chunks: [const { AtomicUsize::new(0) }; MAX_CHUNKS * 2],
             nchunks: AtomicUsize::new(0),
             name,
         }

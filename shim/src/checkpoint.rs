@@ -64,9 +64,9 @@ pub fn trigger(sig: i32, supervisor: bool) {
         tls: tcb_addr,
         ..Default::default()
     };
+    let arg = sig as usize | if supervisor { FROM_SUPERVISOR } else { 0 };
     // SAFETY: the stack and TCB are reserved for the coordinator; it runs only `coordinate`. The new thread
     // inherits this handler's mask: every signal blocked.
-    let arg = sig as usize | if supervisor { FROM_SUPERVISOR } else { 0 };
     if let Err(e) = unsafe { sys::clone3_thread(&args, coordinate, arg) } {
         COORDINATOR.store(0, Ordering::Release);
         log::line(format_args!("cannot start the checkpoint thread: {e}"));
@@ -198,7 +198,6 @@ fn run(trigger: Trigger) -> Result<(), String> {
             return resume(e);
         }
     };
-    let mut own_fds = own_fds;
     own_fds.push(meta.0);
     let sent = conn.send(&Msg::Quiesced { error: None, own_fds }, Some(meta.0));
     drop(meta);

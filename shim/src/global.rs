@@ -19,7 +19,7 @@ impl<T> Global<T> {
     }
     /// # Safety
     /// No other thread may access the value for the lifetime of the reference.
-    #[allow(clippy::mut_from_ref)]
+    #[allow(clippy::mut_from_ref, reason = "an UnsafeCell behind an unsafe fn whose caller guarantees exclusive access")]
     pub unsafe fn get(&self) -> &mut T {
         // SAFETY: forwarded contract.
         unsafe { &mut *self.0.get() }

@@ -42,7 +42,7 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
     arena::forget_session();
     crate::procfs::drop_given_numbers();
     arena::begin_session(false);
-    // SAFETY: per contract.
+    // SAFETY: the restorer passes `len` readable bytes at `blob` (this function's contract).
     let bytes = unsafe { core::slice::from_raw_parts(blob, len) };
     let spec: RestartSpec = match rmp_serde::from_slice(bytes) {
         Ok(s) => s,

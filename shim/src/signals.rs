@@ -64,10 +64,10 @@ pub fn around_exec<T>(f: impl FnOnce() -> T) -> T {
 pub fn deliver_to_app(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
     let Some(act) = with_virtual(|v| {
         let a = v[vos_index(sig)];
-        if let Some(a) = a {
-            if a.sa_flags & libc::SA_RESETHAND != 0 {
-                v[vos_index(sig)] = None;
-            }
+        if let Some(a) = a
+            && a.sa_flags & libc::SA_RESETHAND != 0
+        {
+            v[vos_index(sig)] = None;
         }
         a
     }) else {

@@ -48,8 +48,9 @@ pub const TABLE_BYTES: usize = MAX_THREADS * core::mem::size_of::<Slot>();
 /// Slot `i` of the thread table (mapped: callers check `addr(THREAD_TABLE)` before any use).
 pub fn slot(i: usize) -> &'static mut Slot {
     let table = addr(THREAD_TABLE).expect("the thread table is mapped (checked before any use)");
-    // SAFETY: the table holds MAX_THREADS slots (i < MAX_THREADS at every caller), zeroed (Slot::EMPTY) by mmap;
-    // slots are partitioned by index between the coordinator (before asking) and the owning thread.
+    // SAFETY: the table holds MAX_THREADS slots (i < MAX_THREADS at every caller), zeroed by mmap (all zeros is a
+    // FREE slot, a valid Slot); slots are partitioned by index between the coordinator (before asking) and the
+    // owning thread.
     unsafe { &mut *(table as *mut Slot).add(i) }
 }
 
@@ -70,7 +71,7 @@ const fn page_up(n: usize) -> usize {
 
 /// `n`, or a page more when it is a multiple of 2 MiB (the kernel aligns such anonymous mappings, leaving a hole).
 pub const fn no_huge_multiple(n: usize) -> usize {
-    if n % (2 << 20) == 0 { n + 4096 } else { n }
+    if n.is_multiple_of(2 << 20) { n + 4096 } else { n }
 }
 
 /// Make the state mapping (constructor; zeroed memory is every part's initial state).

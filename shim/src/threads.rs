@@ -371,7 +371,7 @@ pub fn capture(p: &Parked) -> Result<Vec<ThreadImage>, String> {
             rsp: uc.uc_mcontext.gregs[libc::REG_RSP as usize] as u64,
             sigmask: mask,
             altstack: (st.ss_flags & libc::SS_DISABLE == 0)
-                .then(|| AltStack { sp: st.ss_sp as u64, size: st.ss_size as u64, flags: st.ss_flags }),
+                .then_some(AltStack { sp: st.ss_sp as u64, size: st.ss_size as u64, flags: st.ss_flags }),
             pending: s.pending[..s.npending].iter().map(|p| ByteBuf::from(p.to_vec())).collect(),
             xfeatures,
             cpu_ns: s.cpu_ns,
