@@ -5,6 +5,7 @@
 //! - the *session* arena serves a checkpoint or a restart (the only times the shim allocates much); it is left
 //!   out of the image and unmapped as a whole when the session ends;
 //! - the *permanent* arena serves everything else (a few small buffers made at start-up).
+//!
 //! Frees are no-ops; both uses are short-lived or tiny.
 
 use core::alloc::{GlobalAlloc, Layout};
@@ -26,16 +27,13 @@ struct Arena {
     name: &'static core::ffi::CStr,
 }
 
-#[allow(clippy::declare_interior_mutable_const)]
-const ZERO: AtomicUsize = AtomicUsize::new(0);
-
 impl Arena {
     const fn new(name: &'static core::ffi::CStr) -> Arena {
         Arena {
             lock: AtomicBool::new(false),
             cur: AtomicUsize::new(0),
             end: AtomicUsize::new(0),
-            chunks: [ZERO; MAX_CHUNKS * 2],
+            chunks: [const { AtomicUsize::new(0) }; MAX_CHUNKS * 2],
             nchunks: AtomicUsize::new(0),
             name,
         }
@@ -61,8 +59,8 @@ impl Arena {
         if n == MAX_CHUNKS {
             return core::ptr::null_mut();
         }
-        // Never a multiple of 2 MiB: the kernel would align the mapping and leave a hole above it (see `global`).
-        let len = crate::global::no_huge_multiple((layout.size() + align).max(CHUNK).next_multiple_of(4096));
+        // Never a multiple of 2 MiB: the kernel would align the mapping and leave a hole above it (see `state`).
+        let len = crate::state::no_huge_multiple((layout.size() + align).max(CHUNK).next_multiple_of(4096));
         let Some(base) = window_chunk(self, len).or_else(|| {
             // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
             unsafe { sys::mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0) }.ok()
@@ -130,7 +128,7 @@ fn in_window(addr: usize) -> bool {
 fn window_chunk(arena: &Arena, len: usize) -> Option<usize> {
     if !core::ptr::eq(arena, &SESSION)
         || !SESSION_IN_WINDOW.load(Ordering::Relaxed)
-        || !crate::global::WINDOW_RESERVED.load(Ordering::Relaxed)
+        || !crate::window::WINDOW_RESERVED.load(Ordering::Relaxed)
     {
         return None;
     }

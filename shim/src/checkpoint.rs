@@ -5,9 +5,9 @@
 //! per resource kind), writes this process's chunks of the image to the fd the supervisor sends, and resumes
 //! or ends the app as told. Any failure on the way resumes the app untouched.
 
-use crate::global::{CONFIG, Global};
+use crate::global::{CONFIG, COORDINATOR, Global};
 use crate::writer::Writer;
-use crate::{arena, interrupts, log, memory, process, procfs, restart, signals, threads, tracking};
+use crate::{arena, interrupts, log, memory, process, procfs, restart, signals, state, threads, tracking};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -16,13 +16,11 @@ use vos::image::{FileId, ProcessImage, ProcessSummary, Region, ShimImage};
 use vos::proto::{self, Msg, Trigger};
 use vos::sys;
 
-/// The coordinator's stack (`global::COORDINATOR_STACK`); its contents never travel in an image.
-const STACK: (usize, usize) = crate::global::COORDINATOR_STACK;
+/// The coordinator's stack (`state::COORDINATOR_STACK`); its contents never travel in an image.
+const STACK: (usize, usize) = state::COORDINATOR_STACK;
 /// A minimal thread control block for the coordinator (glibc-style: the word at fs:0 points to itself), so
 /// a stray TLS access reads zeros instead of another thread's TLS.
 static TCB: Global<[u64; 64]> = Global::new([0; 64]);
-/// Non-zero while a coordinator (or a restart) runs: its tid, cleared by the kernel when the thread exits.
-pub static COORDINATOR: AtomicI32 = AtomicI32::new(0);
 
 /// How long the shim waits for a slow supervisor before it gives up and resumes the app.
 const SUPERVISOR_TIMEOUT_S: i64 = 300;
@@ -47,7 +45,7 @@ pub fn trigger(sig: i32, supervisor: bool) {
         }
         return;
     }
-    let Some(stack) = crate::global::state(STACK) else {
+    let Some(stack) = state::addr(STACK) else {
         COORDINATOR.store(0, Ordering::Release);
         return;
     };
@@ -66,9 +64,9 @@ pub fn trigger(sig: i32, supervisor: bool) {
         tls: tcb_addr,
         ..Default::default()
     };
+    let arg = sig as usize | if supervisor { FROM_SUPERVISOR } else { 0 };
     // SAFETY: the stack and TCB are reserved for the coordinator; it runs only `coordinate`. The new thread
     // inherits this handler's mask: every signal blocked.
-    let arg = sig as usize | if supervisor { FROM_SUPERVISOR } else { 0 };
     if let Err(e) = unsafe { sys::clone3_thread(&args, coordinate, arg) } {
         COORDINATOR.store(0, Ordering::Release);
         log::line(format_args!("cannot start the checkpoint thread: {e}"));
@@ -77,7 +75,7 @@ pub fn trigger(sig: i32, supervisor: bool) {
 
 /// The address range of the coordinator's stack (left out of images).
 fn stack_range() -> (u64, u64) {
-    let s = crate::global::state(STACK).unwrap_or(0) as u64;
+    let s = state::addr(STACK).unwrap_or(0) as u64;
     (s, s + STACK.1 as u64)
 }
 
@@ -200,7 +198,6 @@ fn run(trigger: Trigger) -> Result<(), String> {
             return resume(e);
         }
     };
-    let mut own_fds = own_fds;
     own_fds.push(meta.0);
     let sent = conn.send(&Msg::Quiesced { error: None, own_fds }, Some(meta.0));
     drop(meta);
@@ -290,7 +287,7 @@ fn capture(parked: &threads::Parked) -> Result<ProcessImage, String> {
     let threads = threads::capture(parked)?;
     let vmas = memory::read_vmas()?;
     let mut skip: Vec<(u64, u64)> = arena::session_ranges().map(|(a, b)| (a as u64, b as u64)).collect();
-    if crate::global::WINDOW_RESERVED.load(Ordering::Relaxed) {
+    if crate::window::WINDOW_RESERVED.load(Ordering::Relaxed) {
         skip.push((vos::plan::WINDOW_START, vos::plan::WINDOW_END));
     }
     let regions: Vec<Region> = memory::capture(&vmas, &skip)?;

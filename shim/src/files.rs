@@ -34,10 +34,10 @@ pub fn restore(fds: &[FdImage], sources: &[i32], keep: i32) -> Result<(), String
 /// A session leader makes a pseudo-terminal of the job its controlling terminal again and gives it its
 /// foreground group.
 pub fn take_terminal(c: &vos::image::Ctty) -> Result<(), String> {
-    sys::ioctl(c.fd, libc::TIOCSCTTY as u64, 0).map_err(|e| format!("fd {}: making it the controlling terminal: {e}", c.fd))?;
+    sys::ioctl(c.fd, libc::TIOCSCTTY, 0).map_err(|e| format!("fd {}: making it the controlling terminal: {e}", c.fd))?;
     if c.foreground != 0 {
         let pg: i32 = c.foreground;
-        sys::ioctl(c.fd, libc::TIOCSPGRP as u64, &pg as *const i32 as usize)
+        sys::ioctl(c.fd, libc::TIOCSPGRP, &pg as *const i32 as usize)
             .map_err(|e| format!("fd {}: setting the foreground group {}: {e}", c.fd, c.foreground))?;
     }
     Ok(())

@@ -1,8 +1,9 @@
-//! Process-wide state of the shim: configuration from the launcher and a few flags.
+//! Process-wide state of the shim: configuration from the launcher, the numbers of its two signals, and a few
+//! flags every part reads (the large state, thread table and stacks, is in `state`).
 
 use alloc::string::String;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32};
 use vos::signals;
 
 /// A value shared between the shim's threads whose access is serialized by the shim's own protocol (written at
@@ -18,7 +19,7 @@ impl<T> Global<T> {
     }
     /// # Safety
     /// No other thread may access the value for the lifetime of the reference.
-    #[allow(clippy::mut_from_ref)]
+    #[allow(clippy::mut_from_ref, reason = "an UnsafeCell behind an unsafe fn whose caller guarantees exclusive access")]
     pub unsafe fn get(&self) -> &mut T {
         // SAFETY: forwarded contract.
         unsafe { &mut *self.0.get() }
@@ -27,10 +28,11 @@ impl<T> Global<T> {
 
 /// Set once the constructor has run.
 pub static READY: AtomicBool = AtomicBool::new(false);
-pub static WINDOW_RESERVED: AtomicBool = AtomicBool::new(false);
 /// The signal that asks for a checkpoint, and the one that asks for checkpoint-and-exit.
 pub static SIG_CHECKPOINT: AtomicI32 = AtomicI32::new(signals::CHECKPOINT);
 pub static SIG_CHECKPOINT_EXIT: AtomicI32 = AtomicI32::new(signals::CHECKPOINT_EXIT);
+/// Non-zero while a coordinator (or a restart) runs: its tid, cleared by the kernel when the thread exits.
+pub static COORDINATOR: AtomicI32 = AtomicI32::new(0);
 
 pub struct Config {
     /// The supervisor's abstract socket name.
@@ -69,47 +71,4 @@ pub fn is_vos_signal(sig: i32) -> bool {
 pub fn vos_sigmask() -> u64 {
     vos::sys::sigbit(SIG_CHECKPOINT.load(core::sync::atomic::Ordering::Relaxed))
         | vos::sys::sigbit(SIG_CHECKPOINT_EXIT.load(core::sync::atomic::Ordering::Relaxed))
-}
-
-// ---- the shim's large state ----------------------------------------------------------------------------------
-
-/// The shim's large state (the thread table, the coordinator's and the restart code's stacks) lives in one mapping
-/// the constructor makes, not in the library's bss. A library over 2 MiB is mapped 2 MiB-aligned by the kernel,
-/// which leaves a hole above it; a small mapping of the app lands there, right above the shim's bss, and a stack the
-/// app grows down there (MAP_GROWSDOWN) meets that bss within the kernel's stack guard gap and faults. A mapping
-/// whose length is not a multiple of 2 MiB goes at the top of a free range: it leaves no hole above it.
-static STATE: AtomicUsize = AtomicUsize::new(0);
-
-/// The parts of the state mapping: (offset, length).
-pub const THREAD_TABLE: (usize, usize) = (0, page_up(crate::threads::TABLE_BYTES));
-pub const COORDINATOR_STACK: (usize, usize) = (THREAD_TABLE.0 + THREAD_TABLE.1, 1 << 20);
-pub const RESTART_STACK: (usize, usize) = (COORDINATOR_STACK.0 + COORDINATOR_STACK.1, 256 << 10);
-const STATE_LEN: usize = no_huge_multiple(RESTART_STACK.0 + RESTART_STACK.1);
-
-const fn page_up(n: usize) -> usize {
-    (n + 4095) & !4095
-}
-
-/// `n`, or a page more when it is a multiple of 2 MiB (the kernel aligns such anonymous mappings, leaving a hole).
-pub const fn no_huge_multiple(n: usize) -> usize {
-    if n % (2 << 20) == 0 { n + 4096 } else { n }
-}
-
-/// Make the state mapping (constructor; zeroed memory is every part's initial state).
-pub fn map_state() {
-    // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
-    match unsafe {
-        vos::sys::mmap(0, STATE_LEN, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
-    } {
-        Ok(a) => STATE.store(a, Ordering::Release),
-        Err(e) => crate::log::line(format_args!("cannot map the shim's state ({e}): checkpoints will fail")),
-    }
-}
-
-/// The address of a part of the state mapping (`THREAD_TABLE`...), or None when the constructor could not map it.
-pub fn state(part: (usize, usize)) -> Option<usize> {
-    match STATE.load(Ordering::Acquire) {
-        0 => None,
-        a => Some(a + part.0),
-    }
 }

@@ -2,8 +2,9 @@
 //!
 //! It stays out of the app's way: no thread, no fd, no hook on a hot path (open, read, write and malloc run
 //! untouched; clock_gettime only gains a load and a branch, see `timers`). What it does:
-//! - reserves the restorer's address window, so every image leaves it free;
-//! - owns two signals (checkpoint, checkpoint-and-exit), virtualizing the app's own use of them (`signals`);
+//! - reserves the restorer's address window, so every image leaves it free (`window`);
+//! - owns two signals (checkpoint, checkpoint-and-exit), virtualizing the app's own use of them (`signals`), and
+//!   handles them (`handler`);
 //! - keeps sleeping calls transparent across a checkpoint (`interrupts`);
 //! - on a trigger, runs a checkpoint from inside (`checkpoint`): parks every thread in a signal handler
 //!   (`threads`), captures memory, files, signals and process state (one module each) and writes the image;
@@ -14,81 +15,55 @@
 
 extern crate alloc;
 
-mod checkpoint;
-mod creds;
-mod errno;
-mod files;
-mod global;
-mod inotify;
-mod interrupts;
-mod log;
-mod memory;
-mod process;
-mod processes;
-mod procfs;
-mod real;
-mod restart;
-mod signals;
-mod threads;
-mod timers;
+// The modules in layers, top to bottom: each uses only modules listed after it, never one above it;
+// `tests/modcycles.py shim/src` checks that no two modules use each other.
+//
+// The two flows, and the signal handler that starts the first:
+mod handler; // the shim's one signal handler: a park request, a trigger, or the app's own signal
+mod checkpoint; // the coordinator
+mod restart; // the second stage of a restore, in the restored process
+// What only one flow uses: the checkpoint's write tracking, address space and chunk writer; the restart's fds.
 mod tracking;
+mod memory;
 mod writer;
-
-mod arena;
+mod files;
+// Threads: the park handshake at a checkpoint, their recreation at a restore.
+mod threads;
+// One module per kind of state the shim keeps, captures or restores itself, with the libc hooks that keep it:
+mod inotify;
+mod interrupts; // sleeping calls kept transparent across a checkpoint
+mod process;
+mod processes; // exec and spawn keep the job's environment and the shim
+mod timers;
+mod signals; // the app's view of the shim's signals; dispositions and pending signals
+mod creds;
+// The base every part uses:
+mod arena; // the shim's allocator
+mod state; // the large state mapping: the thread table, the coordinator's and the restart code's stacks
+mod window; // the restorer's address window
+mod real; // the real libc functions behind the hooks
+mod log;
+mod global; // configuration, the shim's signal numbers, job-wide flags
+mod errno;
+mod procfs;
 
 #[global_allocator]
 static ALLOC: arena::ShimAlloc = arena::ShimAlloc;
 
 use core::sync::atomic::Ordering;
-use vos::plan;
-use vos::sys;
 
 /// Runs in every process that loads the shim, before the program's main.
 #[ctor::ctor]
 unsafe fn init() {
-    global::map_state();
+    state::map();
     global::load_config();
     real::resolve();
-    reserve_window();
-    signals::install();
+    window::reserve();
+    handler::install();
     threads::init_rseq_info();
     threads::remember_main();
     // SAFETY: registering a plain function for fork's child (the forking thread is its main thread).
     unsafe { libc::pthread_atfork(None, None, Some(threads::remember_main)) };
     global::READY.store(true, Ordering::Release);
     signals::open();
-}
-
-/// Keep the restorer's window free: it must be unused in every image so the restorer can run there.
-fn reserve_window() {
-    match map_window(libc::MAP_FIXED_NOREPLACE) {
-        Ok(a) if a as u64 == plan::WINDOW_START => {
-            const PR_SET_VMA: i32 = 0x53564d41;
-            let _ = sys::prctl(PR_SET_VMA, 0, a, plan::WINDOW_LEN as usize, c"vos-window".as_ptr() as usize);
-            global::WINDOW_RESERVED.store(true, Ordering::Relaxed)
-        }
-        Ok(a) => {
-            // An old kernel ignoring MAP_FIXED_NOREPLACE put it elsewhere: give it back.
-            // SAFETY: the mapping we just made.
-            let _ = unsafe { sys::munmap(a, plan::WINDOW_LEN as usize) };
-            log::line(format_args!("cannot reserve the restorer window; checkpoints will check it is free"));
-        }
-        Err(e) => log::line(format_args!("cannot reserve the restorer window ({e}); checkpoints will check it is free")),
-    }
-}
-
-/// Map the window as an inaccessible reservation; `how` is MAP_FIXED_NOREPLACE, or MAP_FIXED to replace the
-/// restorer once a restore is done.
-pub(crate) fn map_window(how: i32) -> Result<usize, sys::Errno> {
-    // SAFETY: PROT_NONE memory costs nothing; with MAP_FIXED the caller guarantees nothing runs there any more.
-    unsafe {
-        sys::mmap(
-            plan::WINDOW_START as usize,
-            plan::WINDOW_LEN as usize,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | how,
-            -1,
-            0,
-        )
-    }
 }

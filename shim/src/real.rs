@@ -6,7 +6,7 @@ use libc::{c_char, c_int};
 
 macro_rules! real_fns {
     ($($name:ident: fn($($arg:ty),*) -> $ret:ty;)*) => {
-        #[allow(non_upper_case_globals)]
+        #[allow(non_upper_case_globals, reason = "each slot is named after its libc function")]
         mod slot {
             use core::sync::atomic::AtomicUsize;
             $(pub static $name: AtomicUsize = AtomicUsize::new(0);)*
@@ -17,7 +17,6 @@ macro_rules! real_fns {
         }
         $(
             /// The real function of that name.
-            #[allow(dead_code)]
             pub fn $name() -> unsafe extern "C" fn($($arg),*) -> $ret {
                 let mut p = slot::$name.load(Ordering::Relaxed);
                 if p == 0 {

@@ -6,9 +6,8 @@
 //! waits for its go (the launcher first checks the end of the image), then releases the threads and becomes
 //! the main thread again.
 
-use crate::checkpoint::COORDINATOR;
-use crate::global::CONFIG;
-use crate::{arena, files, process, signals, threads, timers};
+use crate::global::{CONFIG, COORDINATOR};
+use crate::{arena, files, process, signals, state, threads, timers};
 use alloc::format;
 use alloc::string::String;
 use core::sync::atomic::Ordering;
@@ -16,11 +15,11 @@ use vos::image::RestartSpec;
 use vos::proto::{self, Msg};
 use vos::sys;
 
-/// The restart code's stack (`global::RESTART_STACK`): in the image (the restorer maps it back), its contents not.
-const STACK: (usize, usize) = crate::global::RESTART_STACK;
+/// The restart code's stack (`state::RESTART_STACK`): in the image (the restorer maps it back), its contents not.
+const STACK: (usize, usize) = state::RESTART_STACK;
 
 pub fn stack_range() -> (u64, u64) {
-    let s = crate::global::state(STACK).unwrap_or(0) as u64;
+    let s = state::addr(STACK).unwrap_or(0) as u64;
     (s, s + STACK.1 as u64)
 }
 
@@ -43,7 +42,7 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
     arena::forget_session();
     crate::procfs::drop_given_numbers();
     arena::begin_session(false);
-    // SAFETY: per contract.
+    // SAFETY: the restorer passes `len` readable bytes at `blob` (this function's contract).
     let bytes = unsafe { core::slice::from_raw_parts(blob, len) };
     let spec: RestartSpec = match rmp_serde::from_slice(bytes) {
         Ok(s) => s,
@@ -110,7 +109,7 @@ pub unsafe extern "C" fn entry(blob: *const u8, len: usize, ctl: i32) -> ! {
 fn done(ctl: i32) {
     let _ = proto::send(ctl, &Msg::Running, None);
     let _ = sys::close(ctl);
-    let _ = crate::map_window(libc::MAP_FIXED);
+    let _ = crate::window::map(libc::MAP_FIXED);
 }
 
 fn rebuild(spec: &RestartSpec) -> Result<(), String> {

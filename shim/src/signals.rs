@@ -3,21 +3,17 @@
 //!
 //! The shim owns SIG_CHECKPOINT and SIG_CHECKPOINT_EXIT (SIGRTMAX-1, SIGRTMAX-2 by default). The app may use them
 //! too: its sigaction() of them is recorded in a virtual table and never reaches the kernel; its attempts to
-//! block them are dropped (a thread that blocked them could not be parked). One handler serves three purposes,
-//! told apart by siginfo: the coordinator's park requests (SI_QUEUE from this process with a magic value),
-//! triggers from outside the job (sender not in the job), and the app's own signals (delivered to its handler).
+//! block them are dropped (a thread that blocked them could not be parked). The shim's handler for them is in
+//! `handler`; what it hands to the app is delivered here (`deliver_to_app`).
 
 use crate::global::{self, Global};
-use crate::{checkpoint, real, threads};
+use crate::real;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, Ordering};
 use libc::{c_int, c_void};
 use serde_bytes::ByteBuf;
 use vos::image::{SigAction, SignalImage};
 use vos::sys::{self, KSigaction, SigInfo};
-
-/// High half of the si_value of a park request; the low half is the thread's slot.
-pub const PARK_TAG: u64 = vos::signals::PARK_MAGIC & 0xffff_ffff_0000_0000;
 
 /// The app's virtual dispositions of the shim's two signals; guarded by VIRTUAL_LOCK.
 static VIRTUAL: Global<[Option<libc::sigaction>; 2]> = Global::new([None, None]);
@@ -35,21 +31,6 @@ fn with_virtual<R>(f: impl FnOnce(&mut [Option<libc::sigaction>; 2]) -> R) -> R 
 
 fn vos_index(sig: c_int) -> usize {
     if sig == global::SIG_CHECKPOINT.load(Ordering::Relaxed) { 0 } else { 1 }
-}
-
-/// Install the shim's handler for its two signals (constructor).
-pub fn install() {
-    for sig in own() {
-        // SAFETY: sigaction is plain data; we fill handler, flags and a full mask (nothing interrupts a parked
-        // thread); glibc's real sigaction adds its own sa_restorer.
-        unsafe {
-            let mut sa: libc::sigaction = core::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
-            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-            libc::sigfillset(&mut sa.sa_mask);
-            real::sigaction()(sig, &sa, core::ptr::null_mut());
-        }
-    }
 }
 
 /// The shim is whole (the constructor's last step): its signals, blocked by the exec that started this program
@@ -79,28 +60,14 @@ pub fn around_exec<T>(f: impl FnOnce() -> T) -> T {
     r
 }
 
-extern "C" fn on_signal(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
-    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
-    let (code, pid, value) = unsafe { ((*info).si_code, (*info).si_pid(), (*info).si_value().sival_ptr as u64) };
-    let me = sys::getpid();
-    if code == libc::SI_QUEUE && pid == me && value & 0xffff_ffff_0000_0000 == PARK_TAG {
-        threads::park((value & 0xffff_ffff) as usize, uc);
-    } else if matches!(code, libc::SI_USER | libc::SI_QUEUE | libc::SI_TKILL) && pid != me {
-        // From outside the job (seen from inside a pid namespace, an outside sender's pid reads as 0).
-        checkpoint::trigger(sig, code == libc::SI_QUEUE && value == vos::signals::SUPERVISOR_MAGIC);
-    } else {
-        deliver_to_app(sig, info, uc);
-    }
-}
-
 /// The app sent itself (or a timer raised) one of the shim's signals: act as its own disposition says.
-fn deliver_to_app(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
+pub fn deliver_to_app(sig: c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
     let Some(act) = with_virtual(|v| {
         let a = v[vos_index(sig)];
-        if let Some(a) = a {
-            if a.sa_flags & libc::SA_RESETHAND != 0 {
-                v[vos_index(sig)] = None;
-            }
+        if let Some(a) = a
+            && a.sa_flags & libc::SA_RESETHAND != 0
+        {
+            v[vos_index(sig)] = None;
         }
         a
     }) else {

@@ -9,47 +9,20 @@
 //! that saved frame with `sys::resume_and_call`; when released it returns from the handler and the kernel's
 //! sigreturn puts the interrupted state back. No register format of our own, no glibc internals patched.
 
+use crate::state::{self, ASKED, FREE, MAX_THREADS, PARKED, slot};
 use crate::{procfs, signals};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicI32, AtomicIsize, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicIsize, AtomicU32, AtomicUsize, Ordering};
 use libc::c_void;
 use serde_bytes::ByteBuf;
 use vos::image::{AltStack, Rseq, ThreadImage};
 use vos::sys::{self, SigInfo};
 
-pub const MAX_THREADS: usize = 2048;
-const MAX_PENDING: usize = 16;
+/// High half of the si_value of a park request; the low half is the thread's slot.
+pub const PARK_TAG: u64 = vos::signals::PARK_MAGIC & 0xffff_ffff_0000_0000;
 
-const FREE: u32 = 0;
-const ASKED: u32 = 1;
-const PARKED: u32 = 2;
-
-/// What a parked thread leaves for the coordinator and for its own resumption.
-#[repr(C)]
-pub struct Slot {
-    tid: AtomicI32,
-    state: AtomicU32,
-    /// RELEASE's value when the thread parked; it waits until RELEASE moves on.
-    release_at: AtomicU32,
-    park_rsp: usize,
-    fs_base: usize,
-    uc: usize,
-    clear_child_tid: usize,
-    robust: usize,
-    robust_len: usize,
-    cpu_ns: u64,
-    /// The thread's securebits: only the thread itself can read them (the kernel shows them nowhere else).
-    securebits: u32,
-    npending: usize,
-    pending: [SigInfo; MAX_PENDING],
-}
-
-/// Slot i belongs to the thread the coordinator asked with index i; only that thread writes its fields
-/// (other than tid/state, set by the coordinator before asking). The table is the state mapping's first part
-/// (`global::THREAD_TABLE`; all zeros is every slot empty).
-pub const TABLE_BYTES: usize = MAX_THREADS * core::mem::size_of::<Slot>();
 /// Number of threads parked (futex word the coordinator waits on).
 static PARKED_COUNT: AtomicU32 = AtomicU32::new(0);
 /// Release generation (futex word parked threads wait on).
@@ -60,13 +33,6 @@ static ON_STACK: AtomicU32 = AtomicU32::new(0);
 static RSEQ_OFFSET: AtomicIsize = AtomicIsize::new(0);
 static RSEQ_SIZE: AtomicUsize = AtomicUsize::new(0);
 const RSEQ_SIG: u32 = 0x5305_3053;
-
-fn slot(i: usize) -> &'static mut Slot {
-    let table = crate::global::state(crate::global::THREAD_TABLE).expect("the thread table is mapped (checked before any use)");
-    // SAFETY: the table holds MAX_THREADS slots (i < MAX_THREADS at every caller), zeroed (Slot::EMPTY) by mmap;
-    // slots are partitioned by index between the coordinator (before asking) and the owning thread.
-    unsafe { &mut *(table as *mut Slot).add(i) }
-}
 
 /// Learn where glibc keeps each thread's rseq area (constructor).
 pub fn init_rseq_info() {
@@ -86,7 +52,7 @@ pub fn init_rseq_info() {
 /// Called from the signal handler of a thread asked to park. Returns when the coordinator (or the restart
 /// code, after a restore) releases the thread.
 pub fn park(i: usize, uc: *mut c_void) {
-    if i >= MAX_THREADS || crate::global::state(crate::global::THREAD_TABLE).is_none() {
+    if i >= MAX_THREADS || state::addr(state::THREAD_TABLE).is_none() {
         return;
     }
     // This very handler interrupted whatever call the thread was in: the hook around it must see the
@@ -148,7 +114,7 @@ fn ask(i: usize, tid: i32) -> bool {
     info[16..20].copy_from_slice(&sys::getpid().to_ne_bytes());
     // SAFETY: getuid has no preconditions.
     info[20..24].copy_from_slice(&unsafe { libc::getuid() }.to_ne_bytes());
-    info[24..32].copy_from_slice(&(signals::PARK_TAG | i as u64).to_ne_bytes());
+    info[24..32].copy_from_slice(&(PARK_TAG | i as u64).to_ne_bytes());
     match sys::rt_tgsigqueueinfo(sys::getpid(), tid, sig, &info) {
         Ok(_) => true,
         Err(_) => {
@@ -160,7 +126,7 @@ fn ask(i: usize, tid: i32) -> bool {
 
 /// Park every thread of the process except the caller. On failure every thread is released again.
 pub fn park_all(timeout_ns: u64) -> Result<Parked, String> {
-    if crate::global::state(crate::global::THREAD_TABLE).is_none() {
+    if state::addr(state::THREAD_TABLE).is_none() {
         return Err("the shim could not map its thread table at start-up".into());
     }
     let me = sys::gettid();
@@ -286,19 +252,19 @@ static RELEASER_TCB: crate::global::Global<[u64; 64]> = crate::global::Global::n
 /// code, about to exit) is a zombie again, from a thread of the shim's own that then ends. It runs on the
 /// coordinator's stack, free during a restart, and holds `COORDINATOR` (no checkpoint starts) until it ends.
 pub fn release_once_main_exited() {
-    let stack = crate::global::state(crate::global::COORDINATOR_STACK);
+    let stack = state::addr(state::COORDINATOR_STACK);
     // SAFETY: the restart code is the only thread of the shim running; the TCB is the releaser's alone.
     let tcb = unsafe { RELEASER_TCB.get() };
     let tcb_addr = tcb.as_ptr() as u64;
     tcb[0] = tcb_addr;
     tcb[2] = tcb_addr;
-    let coordinator = crate::checkpoint::COORDINATOR.as_ptr() as u64;
+    let coordinator = crate::global::COORDINATOR.as_ptr() as u64;
     let args = sys::CloneArgs {
         flags: sys::THREAD_FLAGS | libc::CLONE_PARENT_SETTID as u64,
         parent_tid: coordinator,
         child_tid: coordinator,
         stack: stack.unwrap_or(0) as u64,
-        stack_size: crate::global::COORDINATOR_STACK.1 as u64,
+        stack_size: state::COORDINATOR_STACK.1 as u64,
         tls: tcb_addr,
         ..Default::default()
     };
@@ -307,7 +273,7 @@ pub fn release_once_main_exited() {
     if stack.is_none() || unsafe { sys::clone3_thread(&args, releaser, sys::getpid() as usize) }.is_err() {
         // The threads go on now; they may see the main thread for a moment.
         release_all();
-        crate::checkpoint::COORDINATOR.store(0, Ordering::Release);
+        crate::global::COORDINATOR.store(0, Ordering::Release);
     }
 }
 
@@ -405,7 +371,7 @@ pub fn capture(p: &Parked) -> Result<Vec<ThreadImage>, String> {
             rsp: uc.uc_mcontext.gregs[libc::REG_RSP as usize] as u64,
             sigmask: mask,
             altstack: (st.ss_flags & libc::SS_DISABLE == 0)
-                .then(|| AltStack { sp: st.ss_sp as u64, size: st.ss_size as u64, flags: st.ss_flags }),
+                .then_some(AltStack { sp: st.ss_sp as u64, size: st.ss_size as u64, flags: st.ss_flags }),
             pending: s.pending[..s.npending].iter().map(|p| ByteBuf::from(p.to_vec())).collect(),
             xfeatures,
             cpu_ns: s.cpu_ns,
@@ -440,7 +406,7 @@ pub fn securebits(p: &Parked) -> Result<u32, String> {
 // ---- restore ---------------------------------------------------------------------------------------------------
 
 fn slot_of(tid: i32) -> Option<usize> {
-    crate::global::state(crate::global::THREAD_TABLE)?;
+    state::addr(state::THREAD_TABLE)?;
     (0..MAX_THREADS).find(|&i| slot(i).tid.load(Ordering::Relaxed) == tid && slot(i).state.load(Ordering::Relaxed) == PARKED)
 }
 

@@ -181,7 +181,7 @@ fn add(tp: *mut timespec, off: i64) {
     }
     // SAFETY: the caller's timespec, just filled by the real call.
     let t = unsafe { &mut *tp };
-    let v = (t.tv_sec as i64 * 1_000_000_000 + t.tv_nsec as i64 + off).max(0);
+    let v = (t.tv_sec * 1_000_000_000 + t.tv_nsec + off).max(0);
     t.tv_sec = v / 1_000_000_000;
     t.tv_nsec = v % 1_000_000_000;
 }

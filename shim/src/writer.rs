@@ -53,8 +53,8 @@ impl Writer {
         self.write_all(&head.encode())?;
         self.write_all(&job.table[..job.tlen])?;
         let mut iov = [libc::iovec { iov_base: core::ptr::null_mut(), iov_len: 0 }; chunk::MAX_RUNS as usize];
-        for i in 0..job.nruns {
-            iov[i] = libc::iovec { iov_base: job.src[i] as *mut libc::c_void, iov_len: job.runs[i].len as usize };
+        for ((v, &src), run) in iov.iter_mut().zip(&job.src).zip(&job.runs).take(job.nruns) {
+            *v = libc::iovec { iov_base: src as *mut libc::c_void, iov_len: run.len as usize };
         }
         self.writev_all(&iov[..job.nruns])?;
         self.seq += 1;
