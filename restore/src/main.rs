@@ -29,9 +29,9 @@ mod memory;
 mod out;
 mod tree;
 
-use core::sync::atomic::{AtomicBool, Ordering};
-use out::Msg;
-use plan::{JobPlanHead, MapOp, PlanHead, ProcEntry, RestorerReport};
+use core::sync::atomic::Ordering;
+use out::{Msg, fail};
+use plan::{JobPlanHead, MapOp, PlanHead, ProcEntry};
 
 const STACK_SIZE: usize = 256 << 10;
 
@@ -47,30 +47,12 @@ unsafe extern "C" {
 
 freestanding_start!(STACK, STACK_SIZE, rmain);
 
-static CTL: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(-1);
-static FAILING: AtomicBool = AtomicBool::new(false);
-
-/// Tell the launcher why the restore failed and end this process: the app never ran.
-pub fn fail(m: &Msg) -> ! {
-    if !FAILING.swap(true, Ordering::SeqCst) {
-        report(plan::REPORT_FAILED, 0, 0, m.as_str());
-    }
-    sys::exit_group(1)
-}
-
 fn report(status: u32, next_seq: u64, pages: u64, text: &str) {
     let lazy_runs = if status == plan::REPORT_OK { memory::lazy_runs() as u32 } else { 0 };
-    let mut r = RestorerReport { magic: plan::REPORT_MAGIC, status, next_seq, pages, lazy_runs, _pad: 0, msg: [0; 240] };
-    let n = text.len().min(r.msg.len() - 1);
-    r.msg[..n].copy_from_slice(&text.as_bytes()[..n]);
-    let ctl = CTL.load(Ordering::Relaxed);
-    if ctl >= 0 {
-        let _ = sys::write(ctl, r.as_bytes());
+    if let Some(ctl) = out::report(status, next_seq, pages, lazy_runs, text) {
         if lazy_runs > 0 {
             memory::hand_over_lazy(ctl);
         }
-    } else {
-        let _ = sys::write(2, text.as_bytes());
     }
 }
 
@@ -106,7 +88,7 @@ extern "C" fn rmain(sp: *const usize) -> ! {
     }
     PROCS.store(head.procs_off as usize, Ordering::Relaxed);
     NPROCS.store(head.nproc as usize, Ordering::Relaxed);
-    tree::become_process(buf, &head, index)
+    tree::become_process(buf, &head, index, restore_process)
 }
 
 /// Where the job's process entries are in the plan.
@@ -124,7 +106,7 @@ fn restore_process(buf: &[u8], entry: &ProcEntry) -> ! {
     if head.magic != plan::PLAN_MAGIC {
         fail(&Msg::new("vos-restore: bad process plan"));
     }
-    CTL.store(head.ctl_fd, Ordering::Relaxed);
+    out::set_ctl(head.ctl_fd);
     let ops_len = head.nmaps as u64 * core::mem::size_of::<MapOp>() as u64;
     let within = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= buf.len() as u64);
     if !within(head.ops_off, ops_len) || !within(head.blob_off, head.blob_len) || !within(head.auxv_off, head.auxv_len) || head.ops_off % 8 != 0

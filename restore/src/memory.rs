@@ -1,6 +1,6 @@
 //! Memory: rebuild the image's address space at the original addresses.
 
-use crate::fail;
+use crate::out::fail;
 use crate::out::Msg;
 use crate::chunk::{self, ImageError, Kind, PageRun, PayloadHasher, Source};
 use crate::plan::{self, MapOp};

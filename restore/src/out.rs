@@ -1,6 +1,39 @@
 //! Error messages without an allocator: a fixed buffer with hex and decimal numbers.
 
-use crate::sys::Errno;
+use crate::plan::{self, RestorerReport};
+use crate::sys::{self, Errno};
+use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+/// The control fd to the launcher (-1 until the plan names it: then messages go to stderr).
+static CTL: AtomicI32 = AtomicI32::new(-1);
+static FAILING: AtomicBool = AtomicBool::new(false);
+
+pub fn set_ctl(fd: i32) {
+    CTL.store(fd, Ordering::Relaxed);
+}
+
+/// Tell the launcher why the restore failed and end this process: the app never ran.
+pub fn fail(m: &Msg) -> ! {
+    if !FAILING.swap(true, Ordering::SeqCst) {
+        report(plan::REPORT_FAILED, 0, 0, 0, m.as_str());
+    }
+    sys::exit_group(1)
+}
+
+/// Send the launcher this process's report; the control fd it went to, if there is one yet.
+pub fn report(status: u32, next_seq: u64, pages: u64, lazy_runs: u32, text: &str) -> Option<i32> {
+    let mut r = RestorerReport { magic: plan::REPORT_MAGIC, status, next_seq, pages, lazy_runs, _pad: 0, msg: [0; 240] };
+    let n = text.len().min(r.msg.len() - 1);
+    r.msg[..n].copy_from_slice(&text.as_bytes()[..n]);
+    let ctl = CTL.load(Ordering::Relaxed);
+    if ctl >= 0 {
+        let _ = sys::write(ctl, r.as_bytes());
+        Some(ctl)
+    } else {
+        let _ = sys::write(2, text.as_bytes());
+        None
+    }
+}
 
 pub struct Msg {
     buf: [u8; 232],

@@ -1,9 +1,9 @@
 //! The process tree: each restorer makes its process's children with their original pids, sessions and process
 //! groups, zombies included, then the processes take turns reading their pages from the one image stream.
 
-use crate::out::Msg;
+use crate::out::{Msg, fail};
 use crate::plan::{self, JobPlanHead, ProcEntry, Sync};
-use crate::{fail, restore_process, sys};
+use crate::sys;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 fn sync() -> &'static Sync {
@@ -40,8 +40,8 @@ fn fork_as(pid: i32) -> i32 {
 }
 
 /// Be the process `entries[index]`: make its session, its children, its group; then (a zombie) exit as it
-/// did, or (a live process) restore it.
-pub fn become_process(buf: &[u8], head: &JobPlanHead, mut index: usize) -> ! {
+/// did, or (a live process) restore it with `restore` (the process's memory and the jump into the shim).
+pub fn become_process(buf: &[u8], head: &JobPlanHead, mut index: usize, restore: fn(&[u8], &ProcEntry) -> !) -> ! {
     // SAFETY: rmain checked the entries lie inside the plan; ProcEntry is plain data, 8-aligned in PLAN.
     let entries: &[ProcEntry] =
         unsafe { core::slice::from_raw_parts(buf.as_ptr().add(head.procs_off as usize) as *const ProcEntry, head.nproc as usize) };
@@ -78,7 +78,7 @@ pub fn become_process(buf: &[u8], head: &JobPlanHead, mut index: usize) -> ! {
     if me.zombie != 0 {
         die_as(me.status);
     }
-    restore_process(buf, &me)
+    restore(buf, &me)
 }
 
 fn setpgid(pgid: i32) {
