@@ -222,7 +222,7 @@ impl PageRun {
     /// The run's end, if it is a well-formed one: page aligned, not empty, within user space, no overflow.
     pub fn end(&self) -> Option<u64> {
         let end = self.addr.checked_add(self.len)?;
-        let aligned = self.addr % PAGE as u64 == 0 && self.len % PAGE as u64 == 0;
+        let aligned = self.addr.is_multiple_of(PAGE as u64) && self.len.is_multiple_of(PAGE as u64);
         (aligned && self.len > 0 && end <= crate::plan::USER_END).then_some(end)
     }
 
@@ -335,7 +335,7 @@ mod tests {
     #[test]
     fn runs_and_tables_from_hostile_bytes() {
         assert_eq!(PageRun { addr: 0x1000, len: 0x2000 }.end(), Some(0x3000));
-        for bad in [(0x1001, 0x1000), (0x1000, 0), (0x1000, 0x10), (u64::MAX & !0xfff, 0x2000), (crate::plan::USER_END, 0x1000)] {
+        for bad in [(0x1001, 0x1000), (0x1000, 0), (0x1000, 0x10), (!0xfff, 0x2000), (crate::plan::USER_END, 0x1000)] {
             assert_eq!(PageRun { addr: bad.0, len: bad.1 }.end(), None, "{bad:x?}");
         }
         assert_eq!(run_table(&[]), None);

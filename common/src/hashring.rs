@@ -56,6 +56,7 @@ impl Job {
     }
 
     /// The payload length: table plus data.
+    #[allow(clippy::len_without_is_empty)] // a chunk's payload length, not a container's: never empty (its table).
     pub fn len(&self) -> u64 {
         self.tlen as u64 + self.runs[..self.nruns].iter().map(|r| r.len).sum::<u64>()
     }
@@ -121,6 +122,7 @@ impl Ring {
         (s, s + core::mem::size_of::<Ring>() as u64)
     }
 
+    #[allow(clippy::mut_from_ref)] // the slots live in an UnsafeCell; the counters hand each to one side at a time.
     fn job(&self, i: u32) -> &mut Job {
         // SAFETY: callers only touch the slot the counters give them.
         unsafe { &mut (*self.slots.get())[i as usize % SLOTS] }

@@ -155,7 +155,7 @@ impl MapOp {
     /// The region's end, if it is a well-formed one: page aligned, not empty, within user space, no overflow.
     pub fn end(&self) -> Option<u64> {
         let end = self.addr.checked_add(self.len)?;
-        let aligned = self.addr % 4096 == 0 && self.len % 4096 == 0;
+        let aligned = self.addr.is_multiple_of(4096) && self.len.is_multiple_of(4096);
         (aligned && self.len > 0 && end <= USER_END).then_some(end)
     }
 
