@@ -222,7 +222,7 @@ impl PageRun {
     /// The run's end, if it is a well-formed one: page aligned, not empty, within user space, no overflow.
     pub fn end(&self) -> Option<u64> {
         let end = self.addr.checked_add(self.len)?;
-        let aligned = self.addr % PAGE as u64 == 0 && self.len % PAGE as u64 == 0;
+        let aligned = self.addr.is_multiple_of(PAGE as u64) && self.len.is_multiple_of(PAGE as u64);
         (aligned && self.len > 0 && end <= crate::plan::USER_END).then_some(end)
     }
 
@@ -335,7 +335,7 @@ mod tests {
     #[test]
     fn runs_and_tables_from_hostile_bytes() {
         assert_eq!(PageRun { addr: 0x1000, len: 0x2000 }.end(), Some(0x3000));
-        for bad in [(0x1001, 0x1000), (0x1000, 0), (0x1000, 0x10), (u64::MAX & !0xfff, 0x2000), (crate::plan::USER_END, 0x1000)] {
+        for bad in [(0x1001, 0x1000), (0x1000, 0), (0x1000, 0x10), (!0xfff, 0x2000), (crate::plan::USER_END, 0x1000)] {
             assert_eq!(PageRun { addr: bad.0, len: bad.1 }.end(), None, "{bad:x?}");
         }
         assert_eq!(run_table(&[]), None);
@@ -359,5 +359,275 @@ mod tests {
             h.update(part);
         }
         assert_eq!(h.finish(), payload_hash(&data));
+    }
+
+    // ---- properties ------------------------------------------------------------------------------------------
+
+    extern crate std;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+    use std::vec::Vec;
+
+    const KINDS: [Kind; 8] =
+        [Kind::Header, Kind::Job, Kind::Pages, Kind::ProcessEnd, Kind::End, Kind::Data, Kind::Reuse, Kind::Signature];
+
+    /// Adding a kind fails to compile here: add it to KINDS too.
+    #[allow(dead_code)]
+    fn every_kind_is_listed(k: Kind) {
+        match k {
+            Kind::Header | Kind::Job | Kind::Pages | Kind::ProcessEnd | Kind::End | Kind::Data | Kind::Reuse | Kind::Signature => {}
+        }
+    }
+
+    fn kind() -> impl Strategy<Value = Kind> {
+        prop::sample::select(&KINDS[..])
+    }
+
+    /// Addresses and lengths near the edges that matter (page multiples, the end of user space, overflow) as well
+    /// as anything.
+    fn addr() -> impl Strategy<Value = u64> {
+        let page = PAGE as u64;
+        prop_oneof![
+            any::<u64>(),
+            (0..crate::plan::USER_END / page + 2).prop_map(move |p| p * page),
+            (0..crate::plan::USER_END / page + 2).prop_map(move |p| p * page + 1),
+            Just(crate::plan::USER_END),
+            Just(u64::MAX & !(page - 1)),
+        ]
+    }
+
+    fn length() -> impl Strategy<Value = u64> {
+        let page = PAGE as u64;
+        prop_oneof![any::<u64>(), (0..64u64).prop_map(move |p| p * page), Just(page - 1), Just(crate::plan::USER_END)]
+    }
+
+    /// A stream that yields its bytes in order, like a file or a pipe.
+    struct Bytes<'a>(&'a [u8]);
+
+    impl Source for Bytes<'_> {
+        fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), Option<Errno>> {
+            if self.0.len() < buf.len() {
+                self.0 = &[];
+                return Err(None);
+            }
+            let (now, rest) = self.0.split_at(buf.len());
+            buf.copy_from_slice(now);
+            self.0 = rest;
+            Ok(())
+        }
+    }
+
+    /// An image's framing the way the writer lays it out: file head, each chunk's head and payload, End.
+    fn write_stream(chunks: &[(Kind, Vec<u8>)]) -> Vec<u8> {
+        let mut out = super::file_head().to_vec();
+        let mut put = |kind, seq, payload: &[u8]| {
+            out.extend_from_slice(&ChunkHead { kind, seq, len: payload.len() as u64, payload_hash: payload_hash(payload) }.encode());
+            out.extend_from_slice(payload);
+        };
+        for (seq, (kind, payload)) in chunks.iter().enumerate() {
+            put(*kind, seq as u64, payload);
+        }
+        put(Kind::End, chunks.len() as u64, &end_payload(chunks.len() as u64));
+        out
+    }
+
+    /// Read a stream strictly forward, checking every head and payload, up to and with its End chunk.
+    fn read_stream(b: &[u8]) -> Result<Vec<(Kind, Vec<u8>)>, ImageError> {
+        let mut src = Bytes(b);
+        read_file_head(&mut src)?;
+        let mut chunks = Vec::new();
+        for seq in 0.. {
+            let h = read_head(&mut src, seq)?;
+            let mut payload = std::vec![0u8; h.len as usize];
+            src.read_exact(&mut payload).map_err(|_| ImageError::Truncated("chunk payload"))?;
+            if payload_hash(&payload) != h.payload_hash {
+                return Err(ImageError::PayloadCorrupt { seq });
+            }
+            if h.kind == Kind::End {
+                if payload != end_payload(seq) {
+                    return Err(ImageError::Malformed { seq, what: "End's count" });
+                }
+                break;
+            }
+            chunks.push((h.kind, payload));
+        }
+        Ok(chunks)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// `from_u32` inverts `as u32` and refuses every other number.
+        #[test]
+        fn kinds_are_their_numbers(v in prop_oneof![0..16u32, any::<u32>()]) {
+            match Kind::from_u32(v) {
+                Some(k) => prop_assert_eq!(k as u32, v),
+                None => prop_assert!(KINDS.iter().all(|k| *k as u32 != v)),
+            }
+        }
+
+        #[test]
+        fn heads_round_trip(kind in kind(), seq in any::<u64>(), len in 0..=MAX_PAYLOAD, hash in any::<u64>(), other in any::<u64>()) {
+            let b = ChunkHead { kind, seq, len, payload_hash: hash }.encode();
+            let d = ChunkHead::decode(&b, seq).unwrap();
+            prop_assert_eq!((d.kind, d.seq, d.len, d.payload_hash), (kind, seq, len, hash));
+            prop_assume!(other != seq);
+            prop_assert_eq!(ChunkHead::decode(&b, other).unwrap_err(), ImageError::Sequence { expected: other, found: seq });
+        }
+
+        /// Any one bit flipped in a head, checksum included, is caught as a corrupt head.
+        #[test]
+        fn a_flipped_bit_in_a_head_is_caught(kind in kind(), seq in any::<u64>(), len in 0..=MAX_PAYLOAD, hash in any::<u64>(), bit in 0..CHUNK_HEAD_LEN * 8) {
+            let mut b = ChunkHead { kind, seq, len, payload_hash: hash }.encode();
+            b[bit / 8] ^= 1 << (bit % 8);
+            prop_assert_eq!(ChunkHead::decode(&b, seq).unwrap_err(), ImageError::HeadCorrupt { seq });
+        }
+
+        /// A forged head (its checksum computed again, as anyone can) decodes exactly as its fields say: refused
+        /// for a wrong magic, number, kind or length, else read back to the very same bytes.
+        #[test]
+        fn forged_heads_decode_as_their_fields_say(
+            magic in prop_oneof![Just(CHUNK_MAGIC), any::<u32>()],
+            kind in prop_oneof![1..=8u32, any::<u32>()],
+            seq in any::<u64>(),
+            expected in prop_oneof![Just(None), any::<u64>().prop_map(Some)],
+            len in prop_oneof![0..=MAX_PAYLOAD, MAX_PAYLOAD..=MAX_PAYLOAD + 1, any::<u64>()],
+            hash in any::<u64>(),
+        ) {
+            let expected = expected.unwrap_or(seq);
+            let mut b = [0u8; CHUNK_HEAD_LEN];
+            b[0..4].copy_from_slice(&magic.to_le_bytes());
+            b[4..8].copy_from_slice(&kind.to_le_bytes());
+            b[8..16].copy_from_slice(&seq.to_le_bytes());
+            b[16..24].copy_from_slice(&len.to_le_bytes());
+            b[24..32].copy_from_slice(&hash.to_le_bytes());
+            let h = xxh3_64(&b[..32]);
+            b[32..40].copy_from_slice(&h.to_le_bytes());
+            let got = ChunkHead::decode(&b, expected);
+            let want = if magic != CHUNK_MAGIC {
+                Err(ImageError::HeadCorrupt { seq: expected })
+            } else if seq != expected {
+                Err(ImageError::Sequence { expected, found: seq })
+            } else if Kind::from_u32(kind).is_none() {
+                Err(ImageError::Malformed { seq, what: "unknown chunk kind" })
+            } else if len > MAX_PAYLOAD {
+                Err(ImageError::Malformed { seq, what: "payload length too large" })
+            } else {
+                Ok(())
+            };
+            match (got, want) {
+                (Ok(d), Ok(())) => prop_assert_eq!(d.encode(), b),
+                (got, want) => prop_assert_eq!(got.map(|_| ()), want),
+            }
+        }
+
+        /// A file head is accepted only with the magic and this format version; anything else is named.
+        #[test]
+        fn file_heads(version in prop_oneof![Just(FORMAT_VERSION), any::<u32>()], at in 0..8usize, x in 1..=255u8) {
+            let mut b = super::file_head();
+            b[8..12].copy_from_slice(&version.to_le_bytes());
+            let want = if version == FORMAT_VERSION { Ok(()) } else { Err(ImageError::Version(version)) };
+            prop_assert_eq!(check_file_head(&b), want);
+            b[at] ^= x;
+            prop_assert_eq!(check_file_head(&b), Err(ImageError::NotAnImage));
+        }
+
+        /// A run reads back from its 16 bytes, whatever follows them.
+        #[test]
+        fn runs_round_trip(addr in any::<u64>(), len in any::<u64>(), tail in vec(any::<u8>(), 0..8)) {
+            let mut b = PageRun { addr, len }.encode().to_vec();
+            b.extend_from_slice(&tail);
+            prop_assert_eq!(PageRun::decode(&b), PageRun { addr, len });
+        }
+
+        /// A run is well formed exactly when it is a non-empty range of whole pages within user space (computed
+        /// without overflow), and then it ends at addr + len and holds len / PAGE pages.
+        #[test]
+        fn well_formed_runs_are_ranges_of_user_pages(addr in addr(), len in length()) {
+            let r = PageRun { addr, len };
+            let page = PAGE as u128;
+            let user = (addr as u128) % page == 0 && (len as u128) % page == 0 && len > 0
+                && addr as u128 + len as u128 <= crate::plan::USER_END as u128;
+            prop_assert_eq!(r.end().is_some(), user);
+            if let Some(end) = r.end() {
+                prop_assert_eq!(end as u128, addr as u128 + len as u128);
+                prop_assert_eq!(r.pages() * PAGE as u64, len);
+            }
+        }
+
+        /// A Pages or Reuse payload's run table reads back whatever data follows it; a payload cut inside its
+        /// table is refused.
+        #[test]
+        fn run_tables_round_trip(runs in vec((any::<u64>(), any::<u64>()), 0..=MAX_RUNS as usize), data in vec(any::<u8>(), 0..64), cut in any::<Index>()) {
+            let mut p = (runs.len() as u32).to_le_bytes().to_vec();
+            p.extend_from_slice(&[0; 4]);
+            for &(addr, len) in &runs {
+                p.extend_from_slice(&PageRun { addr, len }.encode());
+            }
+            let table_end = p.len();
+            p.extend_from_slice(&data);
+            let (n, table) = run_table(&p).unwrap();
+            prop_assert_eq!(n, runs.len());
+            prop_assert_eq!(table.len(), n * RUN_LEN);
+            for (i, &(addr, len)) in runs.iter().enumerate() {
+                prop_assert_eq!(PageRun::decode(&table[i * RUN_LEN..]), PageRun { addr, len });
+            }
+            prop_assert_eq!(run_table(&p[..cut.index(table_end)]), None);
+        }
+
+        /// More runs than a chunk holds are refused, even when the bytes for them are there.
+        #[test]
+        fn oversized_run_tables_are_refused(n in prop_oneof![Just(MAX_RUNS + 1), MAX_RUNS + 1..=u32::MAX]) {
+            let mut p = n.to_le_bytes().to_vec();
+            p.resize(8 + (MAX_RUNS as usize + 1) * RUN_LEN, 0);
+            prop_assert_eq!(run_table(&p), None);
+        }
+
+        #[test]
+        fn process_end_prefix_round_trips(pages in any::<u64>(), rest in vec(any::<u8>(), 0..32), short in vec(any::<u8>(), 0..PROCESS_END_PREFIX)) {
+            let mut p = process_end_prefix(pages).to_vec();
+            p.extend_from_slice(&rest);
+            prop_assert_eq!(split_process_end(&p), Some((pages, &rest[..])));
+            prop_assert_eq!(split_process_end(&short), None);
+        }
+
+        /// A payload hashed piece by piece (empty pieces too) hashes as the whole: the writer and the restorer
+        /// hash page runs where they lie.
+        #[test]
+        fn a_payload_hashed_in_pieces_hashes_as_a_whole(data in vec(any::<u8>(), 0..20_000), cuts in vec(any::<Index>(), 0..8)) {
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(data.len() + 1)).collect();
+            at.sort();
+            let mut h = PayloadHasher::default();
+            let mut from = 0;
+            for &to in at.iter().chain([data.len()].iter()) {
+                h.update(&data[from..to]);
+                from = to;
+            }
+            prop_assert_eq!(h.finish(), payload_hash(&data));
+        }
+
+        /// Chunks written strictly forward read back in order, kinds and payloads; a stream cut anywhere before its
+        /// End is refused as truncated (or as no image, inside the file head), never read as a whole image.
+        #[test]
+        fn chunk_streams_read_back_and_a_cut_is_caught(chunks in vec((kind(), vec(any::<u8>(), 0..64)), 0..6), cut in any::<Index>()) {
+            let chunks: Vec<(Kind, Vec<u8>)> = chunks.into_iter().filter(|c| c.0 != Kind::End).collect();
+            let b = write_stream(&chunks);
+            prop_assert_eq!(read_stream(&b), Ok(chunks));
+            let n = cut.index(b.len());
+            match read_stream(&b[..n]) {
+                Err(ImageError::NotAnImage) => prop_assert!(n < FILE_HEAD_LEN),
+                Err(ImageError::Truncated(_)) => prop_assert!(n >= FILE_HEAD_LEN),
+                other => prop_assert!(false, "cut at {} of {}: {:?}", n, b.len(), other),
+            }
+        }
+    }
+
+    #[test]
+    fn every_kind_has_its_number() {
+        for k in KINDS {
+            assert_eq!(Kind::from_u32(k as u32), Some(k));
+        }
+        assert_eq!((SIGNATURE_CHUNK_LEN, END_CHUNK_LEN), (CHUNK_HEAD_LEN + SIGNATURE_LEN, CHUNK_HEAD_LEN + 8));
     }
 }

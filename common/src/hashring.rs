@@ -56,6 +56,7 @@ impl Job {
     }
 
     /// The payload length: table plus data.
+    #[allow(clippy::len_without_is_empty)] // a chunk's payload length, not a container's: never empty (its table).
     pub fn len(&self) -> u64 {
         self.tlen as u64 + self.runs[..self.nruns].iter().map(|r| r.len).sum::<u64>()
     }
@@ -121,6 +122,7 @@ impl Ring {
         (s, s + core::mem::size_of::<Ring>() as u64)
     }
 
+    #[allow(clippy::mut_from_ref)] // the slots live in an UnsafeCell; the counters hand each to one side at a time.
     fn job(&self, i: u32) -> &mut Job {
         // SAFETY: callers only touch the slot the counters give them.
         unsafe { &mut (*self.slots.get())[i as usize % SLOTS] }
@@ -273,5 +275,70 @@ extern "C" fn worker(ring: usize) -> ! {
             continue;
         }
         ring.process(h);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use std::boxed::Box;
+    use std::vec::Vec;
+
+    /// Bytes for a run of `pages` pages, different for every seed.
+    fn bytes(pages: usize, seed: u8) -> Vec<u8> {
+        (0..pages * chunk::PAGE).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The payload the writer hashes and writes for a Pages chunk is the framing the readers take apart: its
+        /// table lists the runs (as `chunk::run_table` reads it), and its length and hash are those of the table
+        /// followed by each run's bytes, wherever those lie.
+        #[test]
+        fn a_jobs_payload_is_its_table_then_its_runs(runs in vec((any::<u64>(), 0..3usize, any::<u8>()), 0..12)) {
+            let data: Vec<Vec<u8>> = runs.iter().map(|&(_, pages, seed)| bytes(pages, seed)).collect();
+            let list: Vec<PageRun> = runs.iter().zip(&data).map(|(&(addr, _, _), d)| PageRun { addr, len: d.len() as u64 }).collect();
+            let src: Vec<u64> = data.iter().map(|d| d.as_ptr() as u64).collect();
+            let mut job = Box::new(Job::EMPTY);
+            job.set_runs(&list, &src);
+            let table = &job.table[..job.tlen];
+            let (n, t) = chunk::run_table(table).unwrap();
+            prop_assert_eq!(n, list.len());
+            for (i, r) in list.iter().enumerate() {
+                prop_assert_eq!(PageRun::decode(&t[i * chunk::RUN_LEN..]), *r);
+            }
+            let mut payload = table.to_vec();
+            data.iter().for_each(|d| payload.extend_from_slice(d));
+            prop_assert_eq!(job.len(), payload.len() as u64);
+            job.compute();
+            prop_assert_eq!(job.hash, chunk::payload_hash(&payload));
+        }
+    }
+
+    /// The ring as the restorer runs it (jobs released once hashed, on its own thread when the kernel gives one):
+    /// every job is hashed, and the first whose hash is not the one expected is named.
+    #[test]
+    fn the_ring_names_the_first_chunk_that_fails_its_hash() {
+        static RING: Ring = Ring::new();
+        let data: Vec<Vec<u8>> = (0..12).map(|i| bytes(1 + i % 3, i as u8)).collect();
+        RING.start(true);
+        for (seq, d) in data.iter().enumerate() {
+            let run = PageRun { addr: 0x1000 * seq as u64, len: d.len() as u64 };
+            let mut payload = Vec::new();
+            payload.extend_from_slice(&1u64.to_le_bytes());
+            payload.extend_from_slice(&run.encode());
+            payload.extend_from_slice(d);
+            let job = RING.slot();
+            job.seq = 100 + seq as u64;
+            job.set_runs(&[run], &[d.as_ptr() as u64]);
+            job.expected = chunk::payload_hash(&payload) ^ if seq == 7 || seq == 9 { 1 } else { 0 };
+            RING.submit();
+        }
+        assert_eq!(RING.finish(), Some(107));
+        assert_eq!(RING.in_flight(), 0);
     }
 }

@@ -849,3 +849,6 @@ pub enum FdFixup {
     /// Take a POSIX record lock through `fd` (l_type F_RDLCK or F_WRLCK, from `start`, `len` bytes; 0 = to EOF).
     RecordLock { fd: i32, write: bool, start: u64, len: u64 },
 }
+
+#[cfg(test)]
+mod tests;

@@ -66,6 +66,7 @@ pub enum ScanError<E> {
 
 /// Walk [start, end) of `pagemap` (an open /proc/PID/pagemap) with PAGEMAP_SCAN, the pages chosen as in
 /// `PmScanArg::new`, calling `f` for each range found, in order; `vec` is the room for one call's ranges.
+#[allow(clippy::too_many_arguments)] // PAGEMAP_SCAN's own fields, passed through as the kernel takes them.
 pub fn scan<E>(
     pagemap: i32,
     start: u64,

@@ -155,7 +155,7 @@ impl MapOp {
     /// The region's end, if it is a well-formed one: page aligned, not empty, within user space, no overflow.
     pub fn end(&self) -> Option<u64> {
         let end = self.addr.checked_add(self.len)?;
-        let aligned = self.addr % 4096 == 0 && self.len % 4096 == 0;
+        let aligned = self.addr.is_multiple_of(4096) && self.len.is_multiple_of(4096);
         (aligned && self.len > 0 && end <= USER_END).then_some(end)
     }
 
@@ -273,12 +273,181 @@ pub unsafe fn bytes_of<T>(v: &T) -> &[u8] {
 #[cfg(test)]
 mod tests {
     extern crate std;
+    use super::*;
+    use crate::chunk::PageRun;
+    use proptest::prelude::*;
     use std::format;
+    use std::string::String;
 
     /// The restorer is linked at WINDOW_START (restore/build.rs); both must agree.
     #[test]
     fn restorer_links_inside_the_window() {
         let build = include_str!("../../restore/build.rs");
         assert!(build.contains(&format!("--image-base={:#x}", super::WINDOW_START)));
+    }
+
+    /// The window's parts: the restorer's code, then its plan, then the Sync page, all in user space; the plan
+    /// records lie end to end in the plan at 8-aligned offsets (the restorer reads them in place); the kernel
+    /// takes `prctl_mm_map` only at its own size.
+    #[test]
+    fn layout() {
+        assert!(WINDOW_START.is_multiple_of(4096) && WINDOW_END <= USER_END);
+        assert!(WINDOW_START < PLAN_ADDR && PLAN_ADDR < SYNC_ADDR && SYNC_ADDR + 4096 == WINDOW_END);
+        assert_eq!(MAX_PLAN as u64, SYNC_ADDR - PLAN_ADDR);
+        assert!(core::mem::size_of::<Sync>() <= 4096);
+        for (size, align) in [
+            (core::mem::size_of::<JobPlanHead>(), core::mem::align_of::<JobPlanHead>()),
+            (core::mem::size_of::<ProcEntry>(), core::mem::align_of::<ProcEntry>()),
+            (core::mem::size_of::<PlanHead>(), core::mem::align_of::<PlanHead>()),
+            (core::mem::size_of::<MapOp>(), core::mem::align_of::<MapOp>()),
+        ] {
+            assert!(size.is_multiple_of(8) && align <= 8, "{size} {align}");
+        }
+        assert_eq!(core::mem::size_of::<PrctlMmMap>(), 104);
+        // `bytes_of` may only see records without padding (its bytes would be uninitialized). PlanHead has a hole
+        // of 4 bytes after `exe_fd`, so it is left out here.
+        assert_eq!(core::mem::size_of::<JobPlanHead>(), 8 + 4 + 4 + 8 + 8 + 8);
+        assert_eq!(core::mem::size_of::<ProcEntry>(), 8 * 4 + 8);
+        assert_eq!(core::mem::size_of::<MapOp>(), 3 * 8 + 4 * 4 + 2 * 8 + 2 * 4 + 2 * 8);
+        assert_eq!(core::mem::size_of::<RestorerReport>(), 4 + 4 + 8 + 8 + 4 + 4 + 240);
+    }
+
+    fn addr() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            any::<u64>(),
+            (0..USER_END / 4096 + 2).prop_map(|p| p * 4096),
+            (WINDOW_START / 4096 - 4..WINDOW_END / 4096 + 4).prop_map(|p| p * 4096),
+            Just(USER_END),
+        ]
+    }
+
+    fn length() -> impl Strategy<Value = u64> {
+        prop_oneof![any::<u64>(), (0..64u64).prop_map(|p| p * 4096), Just(WINDOW_LEN), Just(4095)]
+    }
+
+    fn flags() -> impl Strategy<Value = u32> {
+        let bits = std::vec![libc::MAP_PRIVATE, libc::MAP_SHARED, libc::MAP_ANONYMOUS, libc::MAP_NORESERVE];
+        proptest::sample::subsequence(bits, 0..=4).prop_map(|b| b.iter().fold(0, |a, f| a | *f as u32))
+    }
+
+    fn ops() -> impl Strategy<Value = u32> {
+        prop_oneof![any::<u32>(), 0..32u32]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A map op's region is judged as a page run is (the restorer checks both the same way).
+        #[test]
+        fn regions_are_judged_as_page_runs(addr in addr(), len in length()) {
+            prop_assert_eq!(MapOp { addr, len, ..Default::default() }.end(), PageRun { addr, len }.end());
+        }
+
+        /// For a well-formed region, touching the window means sharing a byte with it.
+        #[test]
+        fn window_overlap_is_range_intersection(addr in addr(), len in length()) {
+            let op = MapOp { addr, len, ..Default::default() };
+            if let Some(end) = op.end() {
+                prop_assert_eq!(op.overlaps_window(), addr.max(WINDOW_START) < end.min(WINDOW_END));
+            }
+        }
+
+        /// Page data lands only where the restore may write: a region marked for it, not System V memory nor a
+        /// copy, and no shared mapping of a file but one the restore made itself; every other such region takes it.
+        #[test]
+        fn page_data_lands_only_in_memory_the_restore_owns(flags in flags(), op in ops()) {
+            let m = MapOp { flags, op, ..Default::default() };
+            let shared_file = flags & libc::MAP_SHARED as u32 != 0 && flags & libc::MAP_ANONYMOUS as u32 == 0;
+            let may = op & OP_FILL != 0 && op & (OP_SHMAT | OP_COPY) == 0 && (!shared_file || op & OP_OWNED != 0);
+            prop_assert_eq!(m.fillable(), may);
+            if shared_file && op & OP_OWNED == 0 {
+                prop_assert!(!m.fillable());
+            }
+        }
+
+        /// Moving an op's plan moves exactly the offsets of the parts it has (a name, data) and nothing else.
+        #[test]
+        fn shifting_moves_only_present_offsets(w in any::<[u64; 7]>(), n in any::<[u32; 5]>(), has_name in any::<bool>(), has_data in any::<bool>(), by in 0..1u64 << 40) {
+            let op = MapOp {
+                addr: w[0], len: w[1], offset: w[2], prot: n[0], flags: n[1], fd: n[2] as i32, op: n[3],
+                name_off: w[3] >> 24, name_len: if has_name { w[4] } else { 0 }, advice: n[4], shmid: w[5] as i32,
+                data_off: w[6] >> 24, data_len: if has_data { w[5] } else { 0 },
+            };
+            let mut moved = op;
+            moved.shift(by);
+            let want = MapOp {
+                name_off: if has_name { op.name_off + by } else { op.name_off },
+                data_off: if has_data { op.data_off + by } else { op.data_off },
+                ..op
+            };
+            prop_assert_eq!(format!("{moved:?}"), format!("{want:?}"));
+        }
+
+        /// Plan records as the launcher writes them (`bytes_of`) read back as the restorer reads them
+        /// (`read_unaligned`, at any offset) field for field. (Not PlanHead: see `layout`.)
+        #[test]
+        fn plan_records_read_back_as_written(w in any::<[u64; 12]>(), n in any::<[u32; 8]>(), at in 0..8usize) {
+            fn back<T: Copy + core::fmt::Debug>(v: &T, at: usize) -> (String, String) {
+                // SAFETY: the plan's records are repr(C) plain data.
+                let b = unsafe { bytes_of(v) };
+                let mut buf = std::vec![0u8; at];
+                buf.extend_from_slice(b);
+                // SAFETY: `buf[at..]` holds size_of::<T>() bytes of a T; read_unaligned copies them.
+                let r: T = unsafe { core::ptr::read_unaligned(buf[at..].as_ptr() as *const T) };
+                (format!("{r:?}"), format!("{v:?}"))
+            }
+            let head = JobPlanHead { magic: w[0], nproc: n[0], nleaders: n[1], procs_off: w[1], sync_off: w[2], total_len: w[3] };
+            let (a, b) = back(&head, at);
+            prop_assert_eq!(a, b);
+            let e = ProcEntry {
+                pid: n[0] as i32, ppid: n[1] as i32, pgid: n[2] as i32, sid: n[3] as i32, zombie: n[4], status: n[5] as i32,
+                order: n[6], _pad: 0, plan_off: w[4],
+            };
+            let (a, b) = back(&e, at);
+            prop_assert_eq!(a, b);
+            let op = MapOp {
+                addr: w[0], len: w[1], offset: w[2], prot: n[0], flags: n[1], fd: n[2] as i32, op: n[3], name_off: w[3],
+                name_len: w[4], advice: n[4], shmid: n[5] as i32, data_off: w[5], data_len: w[6],
+            };
+            let (a, b) = back(&op, at);
+            prop_assert_eq!(a, b);
+            let mm = PrctlMmMap {
+                start_code: w[0], end_code: w[1], start_data: w[2], end_data: w[3], start_brk: w[4], brk: w[5],
+                start_stack: w[6], arg_start: w[7], arg_end: w[8], env_start: w[9], env_end: w[10], auxv: w[11],
+                auxv_size: n[6], exe_fd: n[7],
+            };
+            let (a, b) = back(&mm, at);
+            prop_assert_eq!(a, b);
+        }
+
+        /// A report read back from its bytes is the report the restorer sent, its message the text it put there
+        /// (cut to fit, as `report` does); bytes of another length or without the magic are no report.
+        #[test]
+        fn reports_read_back(status in any::<u32>(), next_seq in any::<u64>(), pages in any::<u64>(), lazy_runs in any::<u32>(),
+                             text in "[ -~]{0,300}", magic in any::<u32>(), extra in 1..8usize) {
+            let mut r = RestorerReport { magic: REPORT_MAGIC, status, next_seq, pages, lazy_runs, _pad: 0, msg: [0; 240] };
+            let n = text.len().min(r.msg.len() - 1);
+            r.msg[..n].copy_from_slice(&text.as_bytes()[..n]);
+            let back = RestorerReport::from_bytes(r.as_bytes()).unwrap();
+            prop_assert_eq!((back.status, back.next_seq, back.pages, back.lazy_runs), (status, next_seq, pages, lazy_runs));
+            prop_assert_eq!(back.message(), &text[..n]);
+            let b = r.as_bytes();
+            prop_assert!(RestorerReport::from_bytes(&b[..b.len() - extra]).is_none());
+            let mut longer = b.to_vec();
+            longer.resize(b.len() + extra, 0);
+            prop_assert!(RestorerReport::from_bytes(&longer).is_none());
+            prop_assume!(magic != REPORT_MAGIC);
+            r.magic = magic;
+            prop_assert!(RestorerReport::from_bytes(r.as_bytes()).is_none());
+        }
+    }
+
+    #[test]
+    fn a_report_that_is_not_text_says_so() {
+        let mut r = RestorerReport { magic: REPORT_MAGIC, status: REPORT_FAILED, next_seq: 0, pages: 0, lazy_runs: 0, _pad: 0, msg: [0; 240] };
+        r.msg[..3].copy_from_slice(&[b'a', 0xff, b'b']);
+        assert_eq!(r.message(), "(unreadable message)");
+        r.msg = [b'x'; 240];
+        assert_eq!(r.message().len(), 240, "a message without its NUL is taken whole");
     }
 }

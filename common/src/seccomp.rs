@@ -40,7 +40,7 @@ pub struct Insn {
 
 /// The instructions of a program as the kernel stores them (8 bytes each, native endian).
 pub fn parse(prog: &[u8]) -> Result<Vec<Insn>, String> {
-    if prog.is_empty() || prog.len() % 8 != 0 || prog.len() / 8 > MAX_INSNS {
+    if prog.is_empty() || !prog.len().is_multiple_of(8) || prog.len() / 8 > MAX_INSNS {
         return Err(format!("{} bytes is not a BPF program", prog.len()));
     }
     Ok(prog

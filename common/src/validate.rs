@@ -106,10 +106,10 @@ fn check_signal(field: &str, sig: i32, zero_ok: bool) -> R {
 
 fn check_file_id(field: &str, f: &FileId) -> R {
     check_path(&format!("{field}.path"), &f.path)?;
-    if let Some(b) = &f.build_id {
-        if b.len() > 128 || !b.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(bad(format!("{field}.build_id"), "not a hex build-id"));
-        }
+    if let Some(b) = &f.build_id
+        && (b.len() > 128 || !b.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        return Err(bad(format!("{field}.build_id"), "not a hex build-id"));
     }
     Ok(())
 }
@@ -354,10 +354,10 @@ impl JobImage {
             check_index(&format!("{fat}.file"), f.file, self.files.len(), "open files")?;
         }
         let file_at = |fd: i32| p.fds.iter().find(|f| f.fd == fd).map(|f| &self.files[f.file as usize].kind);
-        if let Some(c) = &p.ctty {
-            if !matches!(file_at(c.fd), Some(FileKind::PtySlave { .. } | FileKind::PtyMaster { .. })) {
-                return Err(bad(format!("{at}.ctty.fd"), format!("fd {} is not a pseudo-terminal of the job", c.fd)));
-            }
+        if let Some(c) = &p.ctty
+            && !matches!(file_at(c.fd), Some(FileKind::PtySlave { .. } | FileKind::PtyMaster { .. }))
+        {
+            return Err(bad(format!("{at}.ctty.fd"), format!("fd {} is not a pseudo-terminal of the job", c.fd)));
         }
         // Watch paths as the program gave them (perhaps relative): only names for the shim's table.
         for (k, w) in p.watches.iter().enumerate() {
@@ -404,7 +404,7 @@ impl JobImage {
         if let Some(c) = &a.creds {
             check_creds(&format!("{at}.attrs.creds"), c)?;
         }
-        if p.mm.auxv.len() > 4096 || p.mm.auxv.len() % 16 != 0 {
+        if p.mm.auxv.len() > 4096 || !p.mm.auxv.len().is_multiple_of(16) {
             return Err(bad(format!("{at}.mm.auxv"), format!("{} bytes is no auxiliary vector", p.mm.auxv.len())));
         }
         // The restorer jumps into the shim's restart code, on the shim's restart stack.
@@ -417,7 +417,7 @@ impl JobImage {
         if !inside(p.shim.restart_entry, libc::PROT_EXEC, false) {
             return Err(bad(format!("{at}.shim.restart_entry"), format!("{:#x} is not in the process's code", p.shim.restart_entry)));
         }
-        if p.shim.restart_stack_top % 16 != 0 || !inside(p.shim.restart_stack_top, libc::PROT_READ | libc::PROT_WRITE, true) {
+        if !p.shim.restart_stack_top.is_multiple_of(16) || !inside(p.shim.restart_stack_top, libc::PROT_READ | libc::PROT_WRITE, true) {
             return Err(bad(format!("{at}.shim.restart_stack_top"), format!("{:#x} is not in the process's writable memory", p.shim.restart_stack_top)));
         }
         // Each thread resumes from the frame the shim saved on its stack.
@@ -824,7 +824,7 @@ mod tests {
     fn regions() {
         refused("processes[0].regions[1]", |_, j| j.processes[0].regions[1].start = 0x60_0001);
         refused("processes[0].regions[1]", |_, j| j.processes[0].regions[1].end = j.processes[0].regions[1].start);
-        refused("processes[0].regions[2]", |_, j| j.processes[0].regions[2].end = u64::MAX & !0xfff);
+        refused("processes[0].regions[2]", |_, j| j.processes[0].regions[2].end = !0xfff);
         refused("processes[0].regions[1]", |_, j| j.processes[0].regions[1].start = 0x40_1000);
         refused("processes[0].regions[1]", |_, j| {
             let r = &mut j.processes[0].regions[1];

@@ -78,7 +78,7 @@ extern "C" fn rmain(sp: *const usize) -> ! {
         fail(&Msg::new("vos-restore: bad plan"));
     }
     let end = (head.procs_off as usize).checked_add(head.nproc as usize * core::mem::size_of::<ProcEntry>());
-    if end.is_none_or(|e| e > len) || index >= head.nproc as usize || (head.sync_off as usize).checked_add(4096).is_none_or(|e| e > len) || head.procs_off % 8 != 0 {
+    if end.is_none_or(|e| e > len) || index >= head.nproc as usize || (head.sync_off as usize).checked_add(4096).is_none_or(|e| e > len) || !head.procs_off.is_multiple_of(8) {
         fail(&Msg::new("vos-restore: plan out of bounds"));
     }
     // The counters every restorer of the job shares.
@@ -109,8 +109,8 @@ fn restore_process(buf: &[u8], entry: &ProcEntry) -> ! {
     out::set_ctl(head.ctl_fd);
     let ops_len = head.nmaps as u64 * core::mem::size_of::<MapOp>() as u64;
     let within = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= buf.len() as u64);
-    if !within(head.ops_off, ops_len) || !within(head.blob_off, head.blob_len) || !within(head.auxv_off, head.auxv_len) || head.ops_off % 8 != 0
-        || !within(head.guards_off, head.nguards.saturating_mul(16)) || head.guards_off % 8 != 0
+    if !within(head.ops_off, ops_len) || !within(head.blob_off, head.blob_len) || !within(head.auxv_off, head.auxv_len) || !head.ops_off.is_multiple_of(8)
+        || !within(head.guards_off, head.nguards.saturating_mul(16)) || !head.guards_off.is_multiple_of(8)
     {
         fail(&Msg::new("vos-restore: plan out of bounds"));
     }
@@ -193,16 +193,22 @@ pub extern "C" fn rust_eh_personality() {}
 
 // The freestanding binary needs its own memory primitives; `rep movsb/stosb` is fast on every CPU with ERMS.
 
+/// # Safety
+/// `s` must be readable and `d` writable for `n` bytes. The copy goes forward a byte at a time, so the ranges may
+/// overlap when `d` does not start inside `s` (`memmove` relies on this); C's memcpy asks for no overlap at all.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees valid, non-overlapping ranges.
+    // SAFETY: the caller guarantees the ranges (see above); `rep movsb` touches exactly those n bytes of each.
     unsafe { core::arch::asm!("rep movsb", inout("rcx") n => _, inout("rdi") d => _, inout("rsi") s => _, options(nostack)) };
     d
 }
+/// # Safety
+/// `s` must be readable and `d` writable for `n` bytes; they may overlap.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
     if (d as usize) <= (s as usize) || (d as usize) >= (s as usize) + n {
-        // SAFETY: forward copy is safe when the destination does not start inside the source.
+        // SAFETY: the caller's ranges; a forward copy is right when the destination does not start inside the
+        // source, which is memcpy's contract.
         return unsafe { memcpy(d, s, n) };
     }
     let mut i = n;
@@ -213,12 +219,16 @@ pub unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 
     }
     d
 }
+/// # Safety
+/// `d` must be writable for `n` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
     // SAFETY: the caller guarantees a valid range.
     unsafe { core::arch::asm!("rep stosb", inout("rcx") n => _, inout("rdi") d => _, in("al") c as u8, options(nostack)) };
     d
 }
+/// # Safety
+/// `a` and `b` must be readable for `n` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     for i in 0..n {
@@ -230,8 +240,10 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     }
     0
 }
+/// # Safety
+/// `a` and `b` must be readable for `n` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    // SAFETY: forwarded.
+    // SAFETY: the same contract as memcmp's, forwarded.
     unsafe { memcmp(a, b, n) }
 }

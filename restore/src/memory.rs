@@ -361,7 +361,7 @@ fn defer(run: &PageRun) -> bool {
         return false;
     }
     // SAFETY: only the main thread touches LAZY_RUNS, and only here and in hand_over_lazy.
-    unsafe { (*(&raw mut LAZY_RUNS))[n] = run.encode() };
+    unsafe { LAZY_RUNS[n] = run.encode() };
     LAZY_N.store(n + 1, Relaxed);
     true
 }
@@ -429,7 +429,7 @@ fn reuse(src: &mut Fd, seq: u64, len: u64, hash: u64, ops: &[MapOp], base_fd: i3
             continue;
         }
         if base_fd == plan::POST_COPY {
-            fail(&Msg::new("vos-restore: post-copy: cannot leave memory at ").hex(run.addr).push(" to fetch later (no userfaultfd for missing pages here)"));
+            fail(Msg::new("vos-restore: post-copy: cannot leave memory at ").hex(run.addr).push(" to fetch later (no userfaultfd for missing pages here)"));
         }
         let mut done = 0u64;
         // SAFETY: fill_target checked the run lies inside a region we mapped writable.
@@ -440,10 +440,10 @@ fn reuse(src: &mut Fd, seq: u64, len: u64, hash: u64, ops: &[MapOp], base_fd: i3
             // SAFETY: as above; pread writes inside the run.
             let dst = unsafe { core::slice::from_raw_parts_mut((run.addr + done) as *mut u8, (run.len - done) as usize) };
             match sys::pread(base_fd, dst, run.addr + done) {
-                Ok(0) => fail(&Msg::new("vos-restore: pages sent ahead by the migration are missing at ").hex(run.addr + done)),
+                Ok(0) => fail(Msg::new("vos-restore: pages sent ahead by the migration are missing at ").hex(run.addr + done)),
                 Ok(n) => done += n as u64,
                 Err(e) if e.0 == libc::EINTR => {}
-                Err(e) => fail(&Msg::new("vos-restore: reading pages sent ahead: ").errno(e)),
+                Err(e) => fail(Msg::new("vos-restore: reading pages sent ahead: ").errno(e)),
             }
         }
     }

@@ -190,7 +190,7 @@ impl Value {
             0xc0 => (Value::Nil, r),
             0xc2 => (Value::Bool(false), r),
             0xc3 => (Value::Bool(true), r),
-            0xc4 | 0xc5 | 0xc6 => {
+            0xc4..=0xc6 => {
                 let (x, rest) = bytes(r, 1 << (t - 0xc4))?;
                 (Value::Bin(x), rest)
             }
@@ -212,7 +212,7 @@ impl Value {
                 let shift = 64 - 8 * n as u32;
                 (Value::Int(((x << shift) as i64) >> shift), rest)
             }
-            0xd9 | 0xda | 0xdb => {
+            0xd9..=0xdb => {
                 let (x, rest) = bytes(r, 1 << (t - 0xd9))?;
                 (Value::Str(x), rest)
             }
@@ -229,7 +229,7 @@ impl Value {
                 let (x, rest) = take(rest, 1 << (t - 0xd4))?;
                 (Value::Ext(ty[0] as i8, x.to_vec()), rest)
             }
-            0xc7 | 0xc8 | 0xc9 => {
+            0xc7..=0xc9 => {
                 let (len, rest) = uint(r, 1 << (t - 0xc7))?;
                 let (ty, rest) = take(rest, 1)?;
                 let (x, rest) = take(rest, len as usize)?;
@@ -385,14 +385,14 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+        if n == 0 { 0 } else { (self.next_u64() % n as u64) as usize }
     }
     pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
         &v[self.below(v.len())]
@@ -552,7 +552,7 @@ pub fn mutate_chunks(img: &mut Image, rng: &mut Rng) -> String {
         }
         _ => {
             img.chunks.push(Chunk { kind: Kind::End as u32, payload: chunk::end_payload(n as u64).to_vec() });
-            format!("an End chunk more (the image goes on after its end)")
+            "an End chunk more (the image goes on after its end)".to_string()
         }
     }
 }

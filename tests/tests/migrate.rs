@@ -232,7 +232,7 @@ fn tcp_established_connections_move_with_the_jobs_address() {
         // The very same connection goes on at the new host: no request lost or repeated.
         assert_eq!(c.inc(), expect, "the connection lost its place after moving to host {at}");
         expect += 1;
-        assert_eq!(c.ask("opt").unwrap().split(' ').last(), Some("1"), "TCP_NODELAY was lost");
+        assert_eq!(c.ask("opt").unwrap().split(' ').next_back(), Some("1"), "TCP_NODELAY was lost");
         let held = vos_tests::hosts::sh(&format!("ip -n {} -o addr show to {vip}/32", net.hosts[at].ns));
         assert!(!held.stdout.is_empty(), "host {at} does not hold the job's address");
     }

@@ -100,7 +100,7 @@ fn tcp_established_keeps_the_connection() {
         // The same connection goes on: no request lost or repeated.
         assert_eq!(c.inc(), expect, "the kept connection lost its place");
         expect += 1;
-        assert_eq!(c.ask("opt").unwrap().split(' ').last(), Some("1"), "TCP_NODELAY was lost");
+        assert_eq!(c.ask("opt").unwrap().split(' ').next_back(), Some("1"), "TCP_NODELAY was lost");
     }
     drop(job);
 }

@@ -226,10 +226,14 @@ impl Capture {
     }
 }
 
+/// One direction of a TCP connection: (source address, source port, destination address, destination port).
+type Flow = ([u8; 4], u16, [u8; 4], u16);
+
 /// The TCP streams in `frames` (IPv4 over Ethernet), each direction's payload put together by sequence number:
 /// (source port, destination port, bytes, holes).
 fn tcp_streams(frames: &[Vec<u8>]) -> Vec<(u16, u16, Vec<u8>, usize)> {
-    let mut flows: std::collections::HashMap<([u8; 4], u16, [u8; 4], u16), Vec<(u32, Vec<u8>)>> = Default::default();
+    // Each flow's segments: (sequence number, payload).
+    let mut flows: std::collections::HashMap<Flow, Vec<(u32, Vec<u8>)>> = Default::default();
     for f in frames {
         if f.len() < 34 || f[12..14] != [8, 0] || f[23] != 6 {
             continue;
