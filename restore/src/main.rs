@@ -49,10 +49,10 @@ freestanding_start!(STACK, STACK_SIZE, rmain);
 
 fn report(status: u32, next_seq: u64, pages: u64, text: &str) {
     let lazy_runs = if status == plan::REPORT_OK { memory::lazy_runs() as u32 } else { 0 };
-    if let Some(ctl) = out::report(status, next_seq, pages, lazy_runs, text) {
-        if lazy_runs > 0 {
-            memory::hand_over_lazy(ctl);
-        }
+    if let Some(ctl) = out::report(status, next_seq, pages, lazy_runs, text)
+        && lazy_runs > 0
+    {
+        memory::hand_over_lazy(ctl);
     }
 }
 

@@ -478,42 +478,6 @@ fn rebound(p: &str, map: &[(String, String)]) -> Option<String> {
     Some(if rest.is_empty() { new.clone() } else { format!("{}/{rest}", new.trim_end_matches('/')) })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::rebound;
-
-    fn m(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
-    }
-
-    #[test]
-    fn prefixes_match_whole_components() {
-        let map = m(&[("/data/run", "/scratch/r"), ("/data", "/mnt/d"), ("/", "/chroot")]);
-        assert_eq!(rebound("/data/run/x.log", &map).as_deref(), Some("/scratch/r/x.log"));
-        assert_eq!(rebound("/data/run", &map).as_deref(), Some("/scratch/r"));
-        assert_eq!(rebound("/data/runner", &map).as_deref(), Some("/mnt/d/runner"));
-        assert_eq!(rebound("/database", &map).as_deref(), Some("/chroot/database"));
-        assert_eq!(rebound("/data/", &m(&[("/data", "/x/")])).as_deref(), Some("/x/"));
-        assert_eq!(rebound("/etc/passwd", &m(&[("/data", "/x")])), None);
-    }
-
-    proptest::proptest! {
-        /// Moving a tree and moving it back gives every path under it back, and paths outside it are untouched.
-        #[test]
-        fn moving_there_and_back_is_the_identity(
-            old in "(/[a-z]{1,3}){1,3}", new in "/new(/[a-z]{1,3}){0,2}", tail in "(/[a-z.]{1,4}){0,3}", other in "/[a-z]{1,3}(/[a-z]{1,3}){0,2}"
-        ) {
-            let p = format!("{old}{tail}");
-            let there = rebound(&p, &m(&[(&old, &new)])).expect("under the prefix");
-            let under_new = there == new || there.starts_with(&(new.clone() + "/"));
-            proptest::prop_assert!(under_new);
-            proptest::prop_assert_eq!(rebound(&there, &m(&[(&new, &old)])), Some(p));
-            let inside = other == old || other.starts_with(&(old.clone() + "/"));
-            proptest::prop_assert_eq!(rebound(&other, &m(&[(&old, &new)])).is_some(), inside);
-        }
-    }
-}
-
 /// Every file the job maps or has open must still be there, and mapped files unchanged: named here, before
 /// anything is restored. Returns, by path, the files found to be what the image needs (`Fds::file` opens them
 /// later, in the job's mount namespace, and checks again that it got those).
@@ -554,4 +518,40 @@ fn check_files(job: &JobImage, auth: &creds::Authority) -> Result<HashMap<String
         creds::as_user(auth.for_file(f).as_ref(), || Ok(std::fs::symlink_metadata(path)?)).map_err(|e| anyhow!("{path}, open in the job, is missing: {e}"))?;
     }
     Ok(verified)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rebound;
+
+    fn m(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn prefixes_match_whole_components() {
+        let map = m(&[("/data/run", "/scratch/r"), ("/data", "/mnt/d"), ("/", "/chroot")]);
+        assert_eq!(rebound("/data/run/x.log", &map).as_deref(), Some("/scratch/r/x.log"));
+        assert_eq!(rebound("/data/run", &map).as_deref(), Some("/scratch/r"));
+        assert_eq!(rebound("/data/runner", &map).as_deref(), Some("/mnt/d/runner"));
+        assert_eq!(rebound("/database", &map).as_deref(), Some("/chroot/database"));
+        assert_eq!(rebound("/data/", &m(&[("/data", "/x/")])).as_deref(), Some("/x/"));
+        assert_eq!(rebound("/etc/passwd", &m(&[("/data", "/x")])), None);
+    }
+
+    proptest::proptest! {
+        /// Moving a tree and moving it back gives every path under it back, and paths outside it are untouched.
+        #[test]
+        fn moving_there_and_back_is_the_identity(
+            old in "(/[a-z]{1,3}){1,3}", new in "/new(/[a-z]{1,3}){0,2}", tail in "(/[a-z.]{1,4}){0,3}", other in "/[a-z]{1,3}(/[a-z]{1,3}){0,2}"
+        ) {
+            let p = format!("{old}{tail}");
+            let there = rebound(&p, &m(&[(&old, &new)])).expect("under the prefix");
+            let under_new = there == new || there.starts_with(&(new.clone() + "/"));
+            proptest::prop_assert!(under_new);
+            proptest::prop_assert_eq!(rebound(&there, &m(&[(&new, &old)])), Some(p));
+            let inside = other == old || other.starts_with(&(old.clone() + "/"));
+            proptest::prop_assert_eq!(rebound(&other, &m(&[(&old, &new)])).is_some(), inside);
+        }
+    }
 }
