@@ -291,10 +291,12 @@ mod tests {
     /// takes `prctl_mm_map` only at its own size.
     #[test]
     fn layout() {
-        assert!(WINDOW_START.is_multiple_of(4096) && WINDOW_END <= USER_END);
-        assert!(WINDOW_START < PLAN_ADDR && PLAN_ADDR < SYNC_ADDR && SYNC_ADDR + 4096 == WINDOW_END);
-        assert_eq!(MAX_PLAN as u64, SYNC_ADDR - PLAN_ADDR);
-        assert!(core::mem::size_of::<Sync>() <= 4096);
+        const {
+            assert!(WINDOW_START.is_multiple_of(4096) && WINDOW_END <= USER_END);
+            assert!(WINDOW_START < PLAN_ADDR && PLAN_ADDR < SYNC_ADDR && SYNC_ADDR + 4096 == WINDOW_END);
+            assert!(MAX_PLAN as u64 == SYNC_ADDR - PLAN_ADDR);
+            assert!(core::mem::size_of::<Sync>() <= 4096);
+        }
         for (size, align) in [
             (core::mem::size_of::<JobPlanHead>(), core::mem::align_of::<JobPlanHead>()),
             (core::mem::size_of::<ProcEntry>(), core::mem::align_of::<ProcEntry>()),

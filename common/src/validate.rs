@@ -484,9 +484,10 @@ impl JobImage {
                     let Some(m) = r.shared_memory.map(|m| &self.shared_memory[m as usize]) else {
                         return Err(bad(format!("{rat}.shared_memory"), "shared memory without its object"));
                     };
+                    // The object's own fields are checked after the processes: look, do not index.
                     let size = match m.file {
-                        Some(f) => match &self.files[f as usize].kind {
-                            FileKind::Memory { data, .. } => self.data.get(*data as usize).map_or(0, |d| d.size),
+                        Some(f) => match self.files.get(f as usize).map(|o| &o.kind) {
+                            Some(FileKind::Memory { data, .. }) => self.data.get(*data as usize).map_or(0, |d| d.size),
                             _ => 0,
                         },
                         None => m.size,
@@ -700,6 +701,9 @@ fn check_inet(at: &str, s: &InetSocket) -> R {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     extern crate std;
     use super::*;
@@ -782,6 +786,12 @@ mod tests {
         });
         refused("shared_memory[0].writer", |_, j| j.shared_memory.push(SharedMemory { writer: 1, ..Default::default() }));
         refused("shared_memory[0].file", |_, j| j.shared_memory.push(SharedMemory { file: Some(1), ..Default::default() }));
+        // A region that maps the object is checked first: it must look the file up, not index by it.
+        refused("shared_memory[0].file", |_, j| {
+            j.shared_memory.push(SharedMemory { file: Some(7), ..Default::default() });
+            let r = &mut j.processes[0].regions[1];
+            (r.kind, r.shared, r.shared_memory) = (RegionKind::SharedAnon, true, Some(0));
+        });
         refused("sysv.shm[0].data", |_, j| j.sysv.shm.push(SysvShm { size: 4096, data: 3, ..Default::default() }));
         refused("files[1].kind", |_, j| j.files[1].kind = FileKind::PidFd { pid: 77 });
         refused("sockets[0].peer", |_, j| {
