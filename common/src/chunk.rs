@@ -458,6 +458,13 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
+        /// A map op's region is judged as a page run is (the restorer checks both the same way).
+        #[test]
+        fn regions_are_judged_as_page_runs(addr in addr(), len in length()) {
+            prop_assert_eq!(crate::plan::MapOp { addr, len, ..Default::default() }.end(), PageRun { addr, len }.end());
+        }
+
+
         /// `from_u32` inverts `as u32` and refuses every other number.
         #[test]
         fn kinds_are_their_numbers(v in prop_oneof![0..16u32, any::<u32>()]) {

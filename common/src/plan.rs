@@ -274,7 +274,6 @@ pub unsafe fn bytes_of<T>(v: &T) -> &[u8] {
 mod tests {
     extern crate std;
     use super::*;
-    use crate::chunk::PageRun;
     use proptest::prelude::*;
     use std::format;
     use std::string::String;
@@ -338,12 +337,6 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
-
-        /// A map op's region is judged as a page run is (the restorer checks both the same way).
-        #[test]
-        fn regions_are_judged_as_page_runs(addr in addr(), len in length()) {
-            prop_assert_eq!(MapOp { addr, len, ..Default::default() }.end(), PageRun { addr, len }.end());
-        }
 
         /// For a well-formed region, touching the window means sharing a byte with it.
         #[test]
