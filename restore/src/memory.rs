@@ -147,7 +147,7 @@ fn attach(op: &MapOp) {
     }
 }
 
-/// Anonymous memory holding bytes the plan carries (a copy of the image's vDSO, see launcher/src/vdso.rs).
+/// Anonymous memory holding bytes the plan carries (a copy of the image's vDSO, see launcher/src/resources/vdso.rs).
 fn copy_in(op: &MapOp, plan_buf: &[u8]) {
     if op.data_off.checked_add(op.data_len).is_none_or(|e| e > plan_buf.len() as u64) || op.data_len > op.len {
         fail(Msg::new("vos-restore: plan data out of bounds at ").hex(op.addr));

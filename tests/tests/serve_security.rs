@@ -14,7 +14,7 @@ use vos_tests::hosts::{Host, Net, keygen};
 use vos_tests::*;
 
 const PORT: u16 = 9000;
-/// The protocol as `launcher/src/channel.rs` speaks it, for the tests that play a peer of their own.
+/// The protocol as `launcher/src/migration/channel.rs` speaks it, for the tests that play a peer of their own.
 const MAGIC: &[u8; 8] = b"vOSmig2\n";
 const NOISE: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
 const KIND_BEGIN: u8 = 1;
@@ -554,7 +554,7 @@ fn accept_failing_for_want_of_fds_does_not_spin() {
 
 // ---- A peer that holds the key ----
 
-/// A session of our own with a serve: the protocol of `launcher/src/channel.rs`.
+/// A session of our own with a serve: the protocol of `launcher/src/migration/channel.rs`.
 struct Peer {
     s: TcpStream,
     t: snow::TransportState,
