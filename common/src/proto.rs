@@ -224,3 +224,110 @@ pub fn connect(name: &str) -> Result<i32, Errno> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use alloc::vec;
+    use proptest::collection::vec as vec_of;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    fn text() -> impl Strategy<Value = String> {
+        vec_of(any::<char>(), 0..12).prop_map(|c| c.into_iter().collect())
+    }
+
+    fn error() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of(text())
+    }
+
+    fn ranges() -> impl Strategy<Value = Vec<(u64, u64)>> {
+        vec_of(any::<(u64, u64)>(), 0..4)
+    }
+
+    /// Every message: a variant added to `Msg` fails to compile here until it is generated too.
+    fn msg() -> impl Strategy<Value = Msg> {
+        let _all = |m: Msg| match m {
+            Msg::Hello { .. } | Msg::Quiesced { .. } | Msg::Dumped { .. } | Msg::Resumed | Msg::Tracked { .. } | Msg::ProcFile { .. }
+            | Msg::Begin { .. } | Msg::Dump { .. } | Msg::Track | Msg::Finish { .. } | Msg::Cancel { .. } | Msg::Ready | Msg::Go
+            | Msg::Running | Msg::RestoreFailed { .. } | Msg::Checkpoint { .. } | Msg::SignWith { .. } | Msg::Precopy
+            | Msg::Handoff { .. } | Msg::Written | Msg::MemoryOf { .. } | Msg::CheckpointDone { .. } | Msg::Progress { .. }
+            | Msg::CheckpointFailed { .. } | Msg::Fill { .. } | Msg::PrecopyPlan { .. } | Msg::PrecopyRound { .. }
+            | Msg::PrecopyDone => (),
+        };
+        let trigger = prop_oneof![any::<i32>().prop_map(|sig| Trigger::Signal { sig }), Just(Trigger::Supervisor)];
+        let pages = prop::sample::select(vec![Pages::All, Pages::Precopied, Pages::Lazy]);
+        prop_oneof![
+            (any::<i32>(), trigger).prop_map(|(pid, trigger)| Msg::Hello { pid, trigger }),
+            (error(), vec_of(any::<i32>(), 0..4)).prop_map(|(error, own_fds)| Msg::Quiesced { error, own_fds }),
+            (error(), any::<u64>(), any::<u64>()).prop_map(|(error, next_seq, bytes)| Msg::Dumped { error, next_seq, bytes }),
+            Just(Msg::Resumed),
+            error().prop_map(|error| Msg::Tracked { error }),
+            text().prop_map(|name| Msg::ProcFile { name }),
+            any::<bool>().prop_map(|kill| Msg::Begin { kill }),
+            (any::<u64>(), ranges(), ranges(), any::<bool>()).prop_map(|(first_seq, skip, reuse, lazy)| Msg::Dump { first_seq, skip, reuse, lazy }),
+            Just(Msg::Track),
+            any::<bool>().prop_map(|exit| Msg::Finish { exit }),
+            text().prop_map(|why| Msg::Cancel { why }),
+            Just(Msg::Ready),
+            Just(Msg::Go),
+            Just(Msg::Running),
+            text().prop_map(|why| Msg::RestoreFailed { why }),
+            (any::<[bool; 5]>(), proptest::option::of(text()), pages).prop_map(|(b, to, pages)| Msg::Checkpoint {
+                kill: b[0],
+                to,
+                fd_attached: b[1],
+                bundle: b[2],
+                tcp_established: b[3],
+                handoff: b[4],
+                pages
+            }),
+            vec_of(any::<u8>(), 0..40).prop_map(|k| Msg::SignWith { key: serde_bytes::ByteBuf::from(k) }),
+            Just(Msg::Precopy),
+            any::<bool>().prop_map(|exit| Msg::Handoff { exit }),
+            Just(Msg::Written),
+            any::<(i32, bool)>().prop_map(|(pid, more)| Msg::MemoryOf { pid, more }),
+            (proptest::option::of(text()), any::<u64>(), any::<u64>(), proptest::option::of(text()))
+                .prop_map(|(path, bytes, millis, signed)| Msg::CheckpointDone { path, bytes, millis, signed }),
+            any::<(u64, u64)>().prop_map(|(bytes, total)| Msg::Progress { bytes, total }),
+            text().prop_map(|why| Msg::CheckpointFailed { why }),
+            (any::<i32>(), any::<i32>(), ranges()).prop_map(|(pid, init, runs)| Msg::Fill { pid, init, runs }),
+            any::<(u32, u64)>().prop_map(|(round, bytes)| Msg::PrecopyPlan { round, bytes }),
+            any::<(u32, u64)>().prop_map(|(round, bytes)| Msg::PrecopyRound { round, bytes }),
+            Just(Msg::PrecopyDone),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// A message sent is the message received; a cut one is no message.
+        #[test]
+        fn messages_round_trip(m in msg(), cut in any::<Index>()) {
+            let b = encode(&m);
+            prop_assert!(!b.is_empty() && b.len() <= MAX_MSG);
+            prop_assert_eq!(decode(&b), Some(m));
+            prop_assert_eq!(decode(&b[..cut.index(b.len())]), None);
+        }
+
+        /// A peer's bytes, whatever they are, decode to a message or to none, without panicking.
+        #[test]
+        fn any_bytes_decode_or_fail(b in vec_of(any::<u8>(), 0..64)) {
+            let _ = decode(&b);
+        }
+
+        /// A `CheckpointDone` from a vrun before signed images (no `signed`) reads as not signed.
+        #[test]
+        fn checkpoint_done_without_signed_reads_as_unsigned(path in proptest::option::of(text()), bytes in any::<u64>(), millis in any::<u64>()) {
+            let b = encode(&Msg::CheckpointDone { path: path.clone(), bytes, millis, signed: None });
+            // {"CheckpointDone": {path, bytes, millis, signed}}: drop the last pair of the inner fixmap.
+            let head = [vec![0x81], rmp_serde::to_vec(&"CheckpointDone").unwrap()].concat();
+            let tail = [rmp_serde::to_vec(&"signed").unwrap(), vec![0xc0]].concat();
+            prop_assert!(b.starts_with(&head) && b[head.len()] == 0x84 && b.ends_with(&tail));
+            let mut old = b[..b.len() - tail.len()].to_vec();
+            old[head.len()] = 0x83;
+            prop_assert_eq!(decode(&old), Some(Msg::CheckpointDone { path, bytes, millis, signed: None }));
+        }
+    }
+}
