@@ -76,6 +76,15 @@ fn seen(status: &str) -> Result<Seen> {
 }
 
 /// Host tids of process `host`'s threads, with the ids the job's namespace gives them.
+/// An error reading a job process's /proc files: `Gone` (the checkpoint starts over) when the process has ended
+/// since it was listed (a short-lived process in a build, a daemon's intermediate parent).
+fn vanished(pid: i32, e: std::io::Error) -> anyhow::Error {
+    match e.raw_os_error() {
+        Some(libc::ENOENT | libc::ESRCH) => crate::job::members::Gone(pid).into(),
+        _ => anyhow::Error::from(e).context(format!("pid {pid}: reading /proc")),
+    }
+}
+
 fn threads_of(host: i32) -> Result<Vec<(i32, i32, String)>> {
     let mut out = vec![];
     for e in std::fs::read_dir(format!("/proc/{host}/task"))?.flatten() {
@@ -210,7 +219,10 @@ pub fn precheck(m: &Member, init: nix::unistd::Pid) -> Result<()> {
         bail!("pid {} ({}) is in a user namespace of its own: not supported", m.ids.pid, m.comm);
     }
     let inherited = own_filters();
-    let threads = threads_of(host)?;
+    let threads = threads_of(host).map_err(|e| match e.downcast::<std::io::Error>() {
+        Ok(io) => vanished(m.ids.pid, io),
+        Err(e) => e,
+    })?;
     let counts: Vec<(i32, u32)> = threads
         .iter()
         .filter_map(|(tid, _, status)| {
@@ -323,9 +335,9 @@ pub fn capture(job: &mut JobImage, members: &[Member]) -> Result<()> {
 pub fn proc_files(m: &Member) -> Result<Vec<(&'static str, std::os::fd::OwnedFd)>> {
     use std::os::unix::fs::MetadataExt;
     let host = m.task.as_raw();
-    let status = std::fs::read_to_string(format!("/proc/{host}/status"))?;
+    let status = std::fs::read_to_string(format!("/proc/{host}/status")).map_err(|e| vanished(m.ids.pid, e))?;
     let fsuid: u32 = field(&status, "Uid").and_then(|v| v.split_whitespace().nth(3)?.parse().ok()).unwrap_or(0);
-    let owner = std::fs::metadata(format!("/proc/{host}/pagemap"))?.uid();
+    let owner = std::fs::metadata(format!("/proc/{host}/pagemap")).map_err(|e| vanished(m.ids.pid, e))?.uid();
     if owner == fsuid || fsuid == 0 || !real_root() {
         return Ok(vec![]);
     }
